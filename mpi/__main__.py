@@ -1,0 +1,5 @@
+import sys
+
+from mpi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,468 @@
+"""CLEVR-style scenes: a sampler, a Pillow renderer and a loader for the real CLEVR scene files.
+
+A scene is a plain dict in CLEVR's own JSON schema (`CLEVR_<split>_scenes.json`):
+
+    {"image_index": 0, "image_filename": "...png", "split": "train",
+     "objects": [{"shape": "cube", "color": "red", "size": "large", "material": "metal",
+                  "3d_coords": [x, y, z], "rotation": deg, "pixel_coords": [u, v, depth]}, ...]}
+
+so the same policy and item code runs on rendered scenes and on real CLEVR scenes. Rendered scenes
+add one field per object, `bbox` ([x1, y1, x2, y2] in pixels), used by GTAPolicy's box tools.
+
+The renderer ray-casts each object once into a small shaded sprite (sphere, cylinder and rotated
+cube are exact 3-D primitives seen from above), caches the sprite, and pastes the sprites far to
+near on a CLEVR-gray floor with soft shadows. Rubber is matte (diffuse only); metal has a dark
+body, a sharp sky/floor reflection band and a hot specular spot, so the material reads even at
+56 px. Large objects have twice the radius of small ones, as in CLEVR.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+# CLEVR's ontology (properties.json of the CLEVR generator), with its RGB values.
+SHAPES = ("cube", "sphere", "cylinder")
+COLORS = ("gray", "red", "blue", "green", "brown", "purple", "cyan", "yellow")
+SIZES = ("small", "large")
+MATERIALS = ("rubber", "metal")
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "shape": SHAPES,
+    "color": COLORS,
+    "size": SIZES,
+    "material": MATERIALS,
+}
+COLOR_RGB = {
+    "gray": (87, 87, 87),
+    "red": (173, 35, 35),
+    "blue": (42, 75, 215),
+    "green": (29, 105, 20),
+    "brown": (129, 74, 25),
+    "purple": (129, 38, 192),
+    "cyan": (41, 208, 208),
+    "yellow": (255, 238, 51),
+}
+SIZE_RADIUS = {"small": 0.35, "large": 0.7}  # CLEVR's world radii; large = 2 x small
+
+# Camera: perspective for where things are, orthographic per sprite for how they look.
+_ELEV = math.radians(35.0)
+_CAM_DIST = 12.0
+_FOCAL = 1.6
+_WORLD_SCALE = 1.25  # CLEVR radii are small for a 56-112 px image; enlarge the objects, not the floor
+_GROUND = 3.0  # objects sit in [-3, 3]^2 on the floor, as in CLEVR
+_LIGHT = np.array([-0.55, 0.75, 0.45])
+_LIGHT = _LIGHT / np.linalg.norm(_LIGHT)
+
+
+class SceneError(ValueError):
+    """A scene file or image folder that does not match the CLEVR schema."""
+
+
+# ----------------------------------------------------------------------------- sampling
+def _project(x: float, z: float, height: float) -> tuple[float, float, float]:
+    """World point (x right, height up, z toward the camera) -> (s, t, depth) in focal units."""
+    sin_e, cos_e = math.sin(_ELEV), math.cos(_ELEV)
+    # camera at (0, D sin e, D cos e) looking at the origin
+    wx, wy, wz = x, height - _CAM_DIST * sin_e, z - _CAM_DIST * cos_e
+    depth = -(wy * sin_e + wz * cos_e)
+    up = wy * cos_e - wz * sin_e
+    return _FOCAL * wx / depth, _FOCAL * up / depth, depth
+
+
+def _to_pixels(s: float, t: float, image_size: int) -> tuple[float, float]:
+    return image_size * (0.5 + s), image_size * (0.56 - t)
+
+
+def sample_object(rng: random.Random, **fixed: str) -> dict[str, Any]:
+    """Attributes of one object, uniform over CLEVR's values unless fixed by keyword."""
+    obj = {attr: fixed.get(attr) or rng.choice(values) for attr, values in ATTRIBUTES.items()}
+    for attr, value in fixed.items():
+        check_attribute(attr, value, where="sample_object")
+    return obj
+
+
+def check_attribute(attr: str, value: Any, where: str) -> None:
+    if attr not in ATTRIBUTES:
+        raise SceneError(f"{where}: unknown attribute field '{attr}'; CLEVR has {list(ATTRIBUTES)}")
+    if value not in ATTRIBUTES[attr]:
+        raise SceneError(
+            f"{where}: field '{attr}' has unknown value {value!r}; expected one of {list(ATTRIBUTES[attr])}"
+        )
+
+
+def place_objects(
+    rng: random.Random, objects: list[dict[str, Any]], image_size: int = 224, max_restarts: int = 200
+) -> list[dict[str, Any]]:
+    """Give each object a floor position and rotation, with no 3-D contact and little 2-D overlap.
+
+    Like CLEVR's generator: rejection-sample positions, restart the whole layout when stuck.
+    """
+    for restart in range(max_restarts):
+        # Relax the 2-D overlap rule slowly if a crowded scene keeps failing.
+        min_sep = max(0.45, 0.8 - 0.01 * restart)
+        placed: list[dict[str, Any]] = []
+        for obj in objects:
+            radius = SIZE_RADIUS[obj["size"]] * _WORLD_SCALE
+            for _ in range(60):
+                x, z = rng.uniform(-_GROUND, _GROUND), rng.uniform(-_GROUND, _GROUND)
+                s, t, depth = _project(x, z, radius)
+                r_px = image_size * _FOCAL * radius / depth
+                u, v = _to_pixels(s, t, image_size)
+                # Keep the whole object inside the frame.
+                ok = (u - 1.05 * r_px >= 0 and u + 1.05 * r_px <= image_size
+                      and v - 1.15 * r_px >= 0 and v + 1.2 * r_px <= image_size)
+                for other in placed if ok else ():
+                    ox, _, oz = other["3d_coords"]
+                    if math.hypot(x - ox, z - oz) < radius + other["_r"] + 0.1:
+                        ok = False
+                        break
+                    ou, ov, _ = other["pixel_coords"]
+                    if math.hypot(u - ou, v - ov) < min_sep * (r_px + other["_rpx"]):
+                        ok = False
+                        break
+                if ok:
+                    new = dict(obj)
+                    new["3d_coords"] = [round(x, 4), round(z, 4), round(radius, 4)]
+                    new["rotation"] = round(rng.uniform(0.0, 360.0), 3)
+                    new["pixel_coords"] = [round(u, 2), round(v, 2), round(depth, 4)]
+                    new["_r"], new["_rpx"] = radius, r_px
+                    placed.append(new)
+                    break
+            else:
+                break
+        if len(placed) == len(objects):
+            for obj in placed:
+                r_px = obj.pop("_rpx")
+                obj.pop("_r")
+                u, v, _ = obj["pixel_coords"]
+                x1, y1, x2, y2 = _sprite_extent(obj["shape"])
+                obj["bbox"] = [
+                    max(0, int(round(u + x1 * r_px))),
+                    max(0, int(round(v + y1 * r_px))),
+                    min(image_size, int(round(u + x2 * r_px))),
+                    min(image_size, int(round(v + y2 * r_px))),
+                ]
+            return placed
+    raise RuntimeError(f"could not place {len(objects)} objects without overlap; use fewer objects")
+
+
+def sample_scene(
+    rng: random.Random,
+    image_size: int = 224,
+    n_objects: tuple[int, int] = (3, 10),
+    objects: list[dict[str, str]] | None = None,
+    index: int = 0,
+    split: str = "rendered",
+) -> dict[str, Any]:
+    """A CLEVR-schema scene: 3-10 random objects (or the given attribute dicts), placed on the floor."""
+    if objects is None:
+        n = rng.randint(*n_objects)
+        objects = [sample_object(rng) for _ in range(n)]
+    return {
+        "image_index": index,
+        "image_filename": f"MPI_{split}_{index:06d}.png",
+        "split": split,
+        "image_size": image_size,
+        "objects": place_objects(rng, objects, image_size),
+    }
+
+
+# ----------------------------------------------------------------------------- rendering
+def _camera_rays(n: int, extent: float) -> tuple[np.ndarray, np.ndarray]:
+    """Orthographic rays through an n x n grid covering [-extent, extent]^2 (object units)."""
+    sin_e, cos_e = math.sin(_ELEV), math.cos(_ELEV)
+    view = np.array([0.0, -sin_e, -cos_e])
+    right = np.array([1.0, 0.0, 0.0])
+    up = np.array([0.0, cos_e, -sin_e])
+    coords = (np.arange(n) + 0.5) / n * 2 * extent - extent
+    s, t = np.meshgrid(coords, -coords)  # row 0 is the top of the sprite
+    origin = s[..., None] * right + t[..., None] * up - 10.0 * view
+    return origin, np.broadcast_to(view, origin.shape)
+
+
+def _hit_sphere(o: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    b = (o * d).sum(-1)
+    c = (o * o).sum(-1) - 1.0
+    disc = b * b - c
+    hit = disc > 0
+    lam = -b - np.sqrt(np.where(hit, disc, 0.0))
+    p = o + lam[..., None] * d
+    return hit, p  # normal = p
+
+
+def _hit_cylinder(o: np.ndarray, d: np.ndarray, radius: float = 0.9, top: float = 0.85) -> tuple:
+    # side: x^2 + z^2 = r^2, -1 <= y <= top ; cap: y = top
+    a = d[..., 0] ** 2 + d[..., 2] ** 2
+    b = o[..., 0] * d[..., 0] + o[..., 2] * d[..., 2]
+    c = o[..., 0] ** 2 + o[..., 2] ** 2 - radius**2
+    disc = b * b - a * c
+    lam_side = (-b - np.sqrt(np.maximum(disc, 0.0))) / a
+    p_side = o + lam_side[..., None] * d
+    side = (disc > 0) & (p_side[..., 1] >= -1.0) & (p_side[..., 1] <= top)
+    lam_cap = (top - o[..., 1]) / d[..., 1]
+    p_cap = o + lam_cap[..., None] * d
+    cap = (p_cap[..., 0] ** 2 + p_cap[..., 2] ** 2) <= radius**2
+    use_cap = cap & (~side | (lam_cap < lam_side))
+    normal = np.where(use_cap[..., None], np.array([0.0, 1.0, 0.0]), p_side * np.array([1, 0, 1]) / radius)
+    point = np.where(use_cap[..., None], p_cap, p_side)
+    return side | cap, normal, point
+
+
+def _hit_cube(o: np.ndarray, d: np.ndarray, rotation: float, half: float = 0.8) -> tuple:
+    # Box [-half, half] x [-1, -1 + 2 half] x [-half, half], rotated about the vertical axis.
+    th = math.radians(rotation)
+    rot = np.array([[math.cos(th), 0, -math.sin(th)], [0, 1, 0], [math.sin(th), 0, math.cos(th)]])
+    ol, dl = o @ rot, d @ rot  # into box coordinates
+    lo = np.array([-half, -1.0, -half])
+    hi = np.array([half, -1.0 + 2 * half, half])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t1, t2 = (lo - ol) / dl, (hi - ol) / dl
+    tmin = np.minimum(t1, t2)
+    tmax = np.maximum(t1, t2)
+    t_near = tmin.max(-1)
+    t_far = tmax.min(-1)
+    hit = t_near < t_far
+    axis = tmin.argmax(-1)
+    sign = -np.sign(np.take_along_axis(dl, axis[..., None], -1)[..., 0])
+    normal_local = np.zeros_like(ol)
+    np.put_along_axis(normal_local, axis[..., None], sign[..., None], -1)
+    point = o + np.where(hit, t_near, 0.0)[..., None] * d
+    return hit, normal_local @ rot.T, point
+
+
+def _shade_maps(normal: np.ndarray, point: np.ndarray, material: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel (A, B) so that the shaded colour is clip(rgb * A + B): colour-independent, cacheable."""
+    sin_e, cos_e = math.sin(_ELEV), math.cos(_ELEV)
+    view = np.array([0.0, -sin_e, -cos_e])
+    ndotl = np.clip((normal * _LIGHT).sum(-1), 0.0, 1.0)
+    half = _LIGHT - view
+    half = half / np.linalg.norm(half)
+    ndoth = np.clip((normal * half).sum(-1), 0.0, 1.0)
+    if material == "rubber":
+        return 0.3 + 0.8 * ndotl, 0.05 * ndoth**4
+    # Metal: a mirror of a bright sky over a light floor with a dark band at the horizon, plus a
+    # hot highlight and a vertical highlight stripe, so flat cube faces and cylinder sides shine too.
+    refl = view - 2.0 * (normal * view).sum(-1, keepdims=True) * normal
+    with np.errstate(divide="ignore", invalid="ignore"):
+        floor_dist = np.where(refl[..., 1] < 0, (point[..., 1] + 1.0) / -refl[..., 1], np.inf)
+    env = np.where(refl[..., 1] > 0.02, 1.0, np.where(floor_dist < 1.1, 0.55, 0.05))
+    nh = normal[..., [0, 2]]
+    nh = nh / np.maximum(np.linalg.norm(nh, axis=-1, keepdims=True), 1e-6)
+    lh = np.array([half[0], half[2]]) / np.linalg.norm([half[0], half[2]])
+    stripe = np.clip((nh * lh).sum(-1), 0, 1) ** 40 * (1 - np.abs(normal[..., 1]))
+    return 0.1 + 0.2 * ndotl + 0.85 * env, 1.2 * ndoth**50 + 0.7 * stripe
+
+
+def _extent(shape: str) -> float:
+    return 1.35
+
+
+@functools.lru_cache(maxsize=2048)
+def _sprite_maps(shape: str, material: str, n_px: int, rot_bucket: int) -> tuple[np.ndarray, ...]:
+    """Ray-cast one primitive (radius 1) at 2x and return premultiplied (A, B, alpha), n_px x n_px."""
+    ss = 2
+    o, d = _camera_rays(n_px * ss, _extent(shape))
+    if shape == "sphere":
+        hit, normal = _hit_sphere(o, d)
+        point = normal
+    elif shape == "cylinder":
+        hit, normal, point = _hit_cylinder(o, d)
+    else:
+        hit, normal, point = _hit_cube(o, d, rotation=rot_bucket * 90.0 / 8 + 5.0)
+    a, b = _shade_maps(normal, point, material)
+    alpha = hit.astype(np.float64)
+    def down(x: np.ndarray) -> np.ndarray:
+        return x.reshape(n_px, ss, n_px, ss).mean((1, 3))
+    return down(a * alpha), down(b * alpha), down(alpha)
+
+
+_MASTER_PX = 192  # every sprite is resized from one ray-cast master per look
+
+
+@functools.lru_cache(maxsize=512)
+def _master_sprite(shape: str, color: str, material: str, rot_bucket: int) -> Image.Image:
+    a, b, alpha = _sprite_maps(shape, material, _MASTER_PX, rot_bucket)
+    col = np.array(COLOR_RGB[color], dtype=np.float64) / 255.0
+    safe = np.maximum(alpha, 1e-6)[..., None]
+    rgb = np.clip((a[..., None] * col + b[..., None]) / safe, 0.0, 1.0)
+    rgba = np.concatenate([rgb, alpha[..., None]], -1)
+    return Image.fromarray((rgba * 255 + 0.5).astype(np.uint8), "RGBA")
+
+
+@functools.lru_cache(maxsize=8192)
+def _sprite(shape: str, color: str, material: str, n_px: int, rot_bucket: int) -> Image.Image:
+    """RGBA sprite of one object (anti-aliased), n_px x n_px, resized from its cached master."""
+    master = _master_sprite(shape, color, material, rot_bucket)
+    if n_px == _MASTER_PX:
+        return master
+    # Resize premultiplied so that transparent black does not darken the rim.
+    return master.convert("RGBa").resize((n_px, n_px), Image.Resampling.BOX
+                                         if n_px < _MASTER_PX else Image.Resampling.BICUBIC).convert("RGBA")
+
+
+@functools.lru_cache(maxsize=8)
+def _sprite_extent(shape: str) -> tuple[float, float, float, float]:
+    """Tight box of a shape's sprite around its centre, in units of its radius in pixels."""
+    n = 64
+    alpha = np.asarray(_sprite(shape, "gray", "rubber", n, 0))[..., 3]
+    ys, xs = np.nonzero(alpha > 40)
+    scale = 2 * _extent(shape) / n
+    return (xs.min() * scale - _extent(shape), ys.min() * scale - _extent(shape),
+            (xs.max() + 1) * scale - _extent(shape), (ys.max() + 1) * scale - _extent(shape))
+
+
+@functools.lru_cache(maxsize=16)
+def _background(size: int) -> Image.Image:
+    # CLEVR's floor: a light gray that darkens toward the back.
+    ramp = np.linspace(0.78, 0.56, size)[:, None] * np.ones((1, size))
+    rgb = np.stack([ramp * 0.97, ramp * 0.97, ramp], -1)
+    return Image.fromarray((rgb * 255).astype(np.uint8), "RGB")
+
+
+def _supersample(image_size: int) -> int:
+    return 2 if image_size >= 160 else (3 if image_size >= 80 else 4)
+
+
+def render_scene(scene: dict[str, Any], image_size: int | None = None) -> Image.Image:
+    """Draw a scene (with `pixel_coords`) into an RGB image of `image_size` pixels (square)."""
+    size = int(image_size or scene.get("image_size", 224))
+    native = scene.get("image_size", size)
+    ss = _supersample(size)
+    big = size * ss
+    scale = big / native
+    canvas = _background(big).copy()
+    objects = sorted(scene["objects"], key=lambda o: -o["pixel_coords"][2])  # far to near
+    # Soft shadows first, thrown away from the light (to the right and back).
+    shadow = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(shadow)
+    for obj in objects:
+        u, v, depth = obj["pixel_coords"]
+        radius = obj["3d_coords"][2] if len(obj.get("3d_coords", [])) == 3 else SIZE_RADIUS[obj["size"]]
+        r = native * _FOCAL * radius / depth * scale
+        cx, cy = u * scale + 0.45 * r, v * scale + 0.75 * r
+        draw.ellipse([cx - 1.15 * r, cy - 0.5 * r, cx + 1.15 * r, cy + 0.5 * r], fill=110)
+    shadow = shadow.filter(ImageFilter.GaussianBlur(max(1.0, big / 90)))
+    canvas.paste((30, 30, 35), (0, 0), shadow)
+    for obj in objects:
+        u, v, depth = obj["pixel_coords"]
+        radius = obj["3d_coords"][2] if len(obj.get("3d_coords", [])) == 3 else SIZE_RADIUS[obj["size"]]
+        r = native * _FOCAL * radius / depth * scale
+        n_px = max(4, int(round(2 * _extent(obj["shape"]) * r)))
+        bucket = int(obj.get("rotation", 0.0) % 90.0 // (90.0 / 8)) if obj["shape"] == "cube" else 0
+        sprite = _sprite(obj["shape"], obj["color"], obj["material"], n_px, bucket)
+        canvas.paste(sprite, (int(round(u * scale - n_px / 2)), int(round(v * scale - n_px / 2))), sprite)
+    return canvas.resize((size, size), Image.Resampling.LANCZOS) if ss > 1 else canvas
+
+
+def render_object(obj: dict[str, str], image_size: int = 64, rotation: float = 30.0) -> Image.Image:
+    """One object alone on the floor, filling the frame: the image crop that an -M policy shows."""
+    ss = 3
+    big = image_size * ss
+    canvas = _background(big).copy()
+    n_px = int(big * 0.82)
+    bucket = int(rotation % 90.0 // (90.0 / 8)) if obj["shape"] == "cube" else 0
+    sprite = _sprite(obj["shape"], obj["color"], obj["material"], n_px, bucket)
+    # Large objects fill the crop, small ones are drawn at half the size so size stays readable.
+    if obj["size"] == "small":
+        sprite = sprite.resize((n_px // 2, n_px // 2), Image.Resampling.LANCZOS)
+    w = sprite.size[0]
+    canvas.paste(sprite, ((big - w) // 2, (big - w) // 2), sprite)
+    return canvas.resize((image_size, image_size), Image.Resampling.LANCZOS)
+
+
+def crop_object(image: Image.Image, obj: dict[str, Any], scene_size: int | None = None, pad: float = 0.25) -> Image.Image:
+    """Crop one object out of a scene image (works for real CLEVR images via `pixel_coords`)."""
+    scale = image.size[0] / float(scene_size or image.size[0])
+    if "bbox" in obj:
+        x1, y1, x2, y2 = (c * scale for c in obj["bbox"])
+    else:  # real CLEVR: a box around the projected centre, sized from the depth
+        u, v, depth = obj["pixel_coords"]
+        r = 0.09 * image.size[1] * (2 if obj["size"] == "large" else 1) * 10.0 / max(depth, 1.0)
+        x1, y1, x2, y2 = u * scale - r, v * scale - r, u * scale + r, v * scale + r
+    w, h = x2 - x1, y2 - y1
+    side = max(w, h) * (1 + 2 * pad)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    return image.crop((int(cx - side / 2), int(cy - side / 2), int(cx + side / 2), int(cy + side / 2)))
+
+
+# ----------------------------------------------------------------------------- real CLEVR
+def validate_scene(scene: dict[str, Any], where: str = "scene") -> None:
+    """Raise SceneError naming the field if a scene does not follow CLEVR's object schema."""
+    if not isinstance(scene.get("objects"), list):
+        raise SceneError(f"{where}: missing field 'objects' (a list of CLEVR objects)")
+    for k, obj in enumerate(scene["objects"]):
+        for attr in ATTRIBUTES:
+            if attr not in obj:
+                raise SceneError(f"{where} object {k}: missing field '{attr}'")
+            check_attribute(attr, obj[attr], where=f"{where} object {k}")
+        if "pixel_coords" not in obj:
+            raise SceneError(f"{where} object {k}: missing field 'pixel_coords' ([x, y, depth] in pixels)")
+
+
+def load_clevr_scenes(
+    scenes_json: str | Path, image_dir: str | Path | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """Load a real `CLEVR_<split>_scenes.json`; with `image_dir`, check that every image is there.
+
+    Each returned scene gets `image_path` (when `image_dir` is given) so that items can load the
+    real picture instead of rendering one. Errors name the scene, object and field at fault.
+    """
+    scenes_json = Path(scenes_json)
+    if not scenes_json.is_file():
+        raise SceneError(f"scenes_json: no file at {scenes_json} (expected CLEVR_<split>_scenes.json)")
+    data = json.loads(scenes_json.read_text())
+    scenes = data["scenes"] if isinstance(data, dict) and "scenes" in data else data
+    if not isinstance(scenes, list):
+        raise SceneError(f"{scenes_json}: expected a top-level field 'scenes' holding a list")
+    scenes = scenes[:limit] if limit else scenes
+    for i, scene in enumerate(scenes):
+        validate_scene(scene, where=f"{scenes_json.name} scene {i} ({scene.get('image_filename', '?')})")
+    if image_dir is not None:
+        image_dir = Path(image_dir)
+        if not image_dir.is_dir():
+            raise SceneError(f"image_dir: {image_dir} is not a folder")
+        missing = [s.get("image_filename", f"<scene {i} has no image_filename>") for i, s in enumerate(scenes)
+                   if not (image_dir / str(s.get("image_filename", ""))).is_file()]
+        if missing:
+            raise SceneError(
+                f"image_dir {image_dir} does not match {scenes_json.name}: {len(missing)} of {len(scenes)} "
+                f"'image_filename' entries are missing (first: {missing[:3]}); pass the folder of the same split"
+            )
+        for scene in scenes:
+            scene["image_path"] = str(image_dir / scene["image_filename"])
+    return scenes
+
+
+def scene_image(scene: dict[str, Any], image_size: int) -> Image.Image:
+    """The scene's picture: the real CLEVR file when the scene has one, else a rendering."""
+    if scene.get("image_path"):
+        with Image.open(scene["image_path"]) as img:
+            img = img.convert("RGB")
+            # Real CLEVR is 480x320: centre-crop to a square, then resize.
+            w, h = img.size
+            side = min(w, h)
+            img = img.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
+            return img.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return render_scene(scene, image_size)
+
+
+def describe_object(obj: dict[str, Any]) -> str:
+    """'small cyan metal sphere' — CLEVR's word order."""
+    return f"{obj['size']} {obj['color']} {obj['material']} {obj['shape']}"
+
+
+def public_scene(scene: dict[str, Any]) -> dict[str, Any]:
+    """The scene graph as stored in an item's `extra` (CLEVR fields only, no local paths)."""
+    keep = ("shape", "color", "size", "material", "3d_coords", "rotation", "pixel_coords", "bbox")
+    return {
+        "image_index": scene.get("image_index", 0),
+        "image_filename": scene.get("image_filename", ""),
+        "objects": [{k: o[k] for k in keep if k in o} for o in scene["objects"]],
+    }
