@@ -14,6 +14,7 @@ it with the same `from_pretrained` calls a hub checkpoint goes through.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -106,13 +107,18 @@ def _fallback_corpus() -> list[str]:
     return lines
 
 
-def domain_corpus() -> list[str]:
-    """The text the toy tokenizer is trained on: the project's own prompts, policies and answers."""
+@functools.lru_cache(maxsize=1)
+def _domain_corpus() -> tuple[str, ...]:
     try:
         from mpi.data import tokenizer_corpus  # noqa: PLC0415 - optional until the data module exists
     except ImportError:
-        return _fallback_corpus()
-    return list(tokenizer_corpus(seed=0)) + _fallback_corpus()
+        return tuple(_fallback_corpus())
+    return tuple(tokenizer_corpus(seed=0)) + tuple(_fallback_corpus())
+
+
+def domain_corpus() -> list[str]:
+    """The text the toy tokenizer is trained on: the project's own prompts, policies and answers."""
+    return list(_domain_corpus())
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int):

@@ -1,0 +1,61 @@
+"""Presets, tokenizer corpus, token report and the committed samples."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from mpi.data import COLUMNS, PRESETS, get_data_config, load_samples, token_report, tokenizer_corpus
+from mpi.data.samples import DEFAULT_ROOT
+
+
+def test_presets_and_unknown_fields():
+    paper = get_data_config("paper")
+    assert (paper.n_policies, paper.n_train_per_policy, paper.n_test, paper.depths) == (10, 2000, 2000, (2, 4, 6))
+    assert (paper.n_gta_train, paper.n_gta_test) == (451, 106)
+    assert get_data_config("toy").image_size == 56 and get_data_config("small").image_size == 112
+    assert set(PRESETS) == {"toy", "small", "paper"}
+    with pytest.raises(ValueError, match="n_polices"):
+        get_data_config("toy", n_polices=3)
+    with pytest.raises(ValueError, match="variant"):
+        get_data_config("toy", variant="X")
+
+
+def test_tokenizer_corpus_is_deterministic_and_covers_both_datasets():
+    a, b = tokenizer_corpus(seed=0, n=300), tokenizer_corpus(seed=0, n=300)
+    assert a == b and len(a) == 300
+    text = "\n".join(a)
+    for needle in ("# Condition 1.1", "According to the Policy:", "<think>", "\\boxed{Case", "OCR_v", '"arguments"',
+                   "Suppose we have an updated Policy", "<image>", "account_type"):
+        assert needle in text, needle
+    assert tokenizer_corpus(seed=1, n=300) != a
+
+
+class WordTokenizer:
+    """A stand-in tokenizer: one token per word or punctuation mark."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": re.findall(r"\w+|[^\w\s]", text)}
+
+
+def test_token_report_counts_what_the_policy_adds():
+    rows = token_report(tokenizers={"words": WordTokenizer()}, depths=(2, 4), n_items=4)
+    by = {(r["dataset"], r["variant"], r["N"]): r for r in rows}
+    assert set(by) == {("clevr", "T", 2), ("clevr", "M", 2), ("clevr", "T", 4), ("clevr", "M", 4), ("gta", "gta", 0)}
+    # a full binary tree of N layers has 2**N - 1 sections; 4 layers cost far more than 2
+    assert by[("clevr", "T", 4)]["policy_tokens"] > 3 * by[("clevr", "T", 2)]["policy_tokens"]
+    for r in rows:
+        assert r["policy_tokens"] > r["query_tokens"] > 0
+        assert r["ratio"] == pytest.approx(round(r["policy_tokens"] / r["query_tokens"], 1), abs=0.06)
+    assert by[("clevr", "M", 2)]["n_policy_images"] >= 1 and by[("clevr", "T", 2)]["n_policy_images"] == 0
+
+
+@pytest.mark.skipif(not (DEFAULT_ROOT / "clevr" / "items.jsonl").is_file(), reason="data_samples/ not written")
+def test_committed_samples_load_with_the_schema():
+    clevr, gta = load_samples("clevr"), load_samples("gta")
+    assert list(clevr.column_names) == list(COLUMNS) == list(gta.column_names)
+    assert len(clevr) >= 24 and len(gta) >= 24
+    assert {"T", "M"} <= set(clevr["variant"]) and any(clevr["override"]) and any(gta["override"])
+    m = clevr[clevr["variant"].index("M")]
+    assert m["policy_text"].count("<image>") == len(m["policy_images"]) >= 1
