@@ -54,6 +54,8 @@ class RunConfig:
     num_generations: int = 4  # G per origin; PolicyRollout doubles the group to 2G. Reduce if OOM.
     max_completion_length: int = 48  # reduce if out of memory
     prompts_per_step: int = 4
+    micro_batch_size: int | None = None  # RL: sequences per scoring forward/backward (None = whole step). Lower if OOM.
+    gradient_checkpointing: bool = False  # recompute activations in backward: far less memory, ~30% slower
 
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -77,11 +79,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                      image_size=224, depths=(2, 4, 6), lora_r=8, lora_alpha=16, lora_dropout=0.05,
                      max_length=2048, batch_size=1, grad_accum_steps=8,
                      cpt_learning_rate=1e-4, sft_learning_rate=1e-4, rl_learning_rate=1e-6,
-                     num_generations=4, max_completion_length=256, prompts_per_step=2, rl_steps=200),
+                     num_generations=4, max_completion_length=256, prompts_per_step=1, rl_steps=200,
+                     gradient_checkpointing=True, micro_batch_size=4),
     # The paper's setting (Qwen2.5-VL-7B, 8 GPUs); LoRA here where the paper trains all weights in CPT.
     "paper": dict(model="Qwen/Qwen2.5-VL-7B-Instruct", quantization=None, data_preset="paper",
                   image_size=448, depths=(2, 4, 6), datasets=("clevr", "gta"), lora_r=8, lora_alpha=16,
-                  lora_dropout=0.05, max_length=8192, batch_size=4, grad_accum_steps=4,
+                  lora_dropout=0.05, max_length=8192, batch_size=2, grad_accum_steps=8,
+                  gradient_checkpointing=True, micro_batch_size=5,
                   cpt_epochs=5, cpt_learning_rate=1e-5, sft_epochs=5, sft_learning_rate=1e-4,
                   rl_learning_rate=1e-6, num_generations=5, max_completion_length=1024,
                   prompts_per_step=8, rl_steps=500),

@@ -34,7 +34,8 @@ def get_device(prefer: str | None = None) -> torch.device:
     if prefer:
         return torch.device(prefer)
     if torch.cuda.is_available():
-        return torch.device("cuda")
+        # Under `accelerate launch`/torchrun each process owns the GPU of its local rank.
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")

@@ -85,7 +85,8 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     """Per-token entropy of softmax(logits / T), in nats."""
     logits = logits.float() / temperature
     logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    # tokens masked to -inf (suppressed ids) have p = 0 and contribute 0, not 0 * -inf = NaN
+    return -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
 
 
 def chunked_log_probs_and_entropy(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,

@@ -100,7 +100,7 @@ def gta_accuracy(prediction: str | None, gold: str) -> float:
     """GTAPolicy's score (0.5 tool accuracy + 0.5 argument score) from the data module's scorer."""
     if prediction is None:
         return 0.0
-    from mpi.data import score_tool_call
+    from mpi.data.scoring import score_tool_call
 
     try:
         score = score_tool_call(prediction, gold)

@@ -168,3 +168,9 @@ def test_shaped_offpolicy_loss():
     assert torch.allclose(loss, torch.tensor([[-1.0]]))
     loss.sum().backward()
     assert torch.allclose(logp.grad, torch.tensor([[-0.5]]))  # -A * 0.25
+
+
+def test_entropy_with_suppressed_tokens():
+    # a -inf logit (suppressed token) has probability 0: entropy of the rest, here ln 2
+    logits = torch.tensor([[[0.0, 0.0, float("-inf")]]])
+    assert torch.allclose(token_entropy(logits), torch.tensor([[math.log(2)]]))

@@ -56,3 +56,14 @@ def test_combined_rewards_weights():
     assert out["reward"] == pytest.approx([1.0, 0.9, 0.1])
     with pytest.raises(ValueError, match="one item per completion"):
         combined_rewards([item], [GOOD, GOOD])
+
+
+def test_gta_accuracy_is_tool_call_score():
+    gold = '{"name": "OCR_v1", "arguments": {"image": "image/image_203.jpg"}}'
+    item = {"id": "g1", "dataset": "gta", "answer": gold}
+    assert accuracy_reward(item, "<think>credits 900, age 30</think>\n\\boxed{" + gold + "}") == 1.0
+    # right arguments, wrong version: 0.5 * tool(0) + 0.5 * args(1) = 0.5
+    wrong = '{"name": "OCR_v2", "arguments": {"image": "image/image_203.jpg"}}'
+    assert accuracy_reward(item, "\\boxed{" + wrong + "}") == 0.5
+    assert accuracy_reward(item, "\\boxed{not json}") == 0.0
+    assert accuracy_reward(item, "\\boxed{{\"name\": 3}}") == 0.0

@@ -1,0 +1,599 @@
+"""`python -m mpi`: data -> toy base (cached) -> every method -> evaluation -> the paper's table.
+
+    python -m mpi                                   # toy preset: in-context vs CoT SFT vs TriMPI, ClevrPolicy N=2
+    python -m mpi --all                             # all eight methods, seeds 0 1 2
+    python -m mpi --preset tiny --name ci           # CI-sized, a minute or two
+    python -m mpi --methods cot-sft,trimpi-dapo --datasets clevr,gta --seeds 0,1
+    python -m mpi report runs/toy                   # redraw report.md and the plots of a run
+
+Every stage writes its directory atomically with a `done.json`; a rerun skips finished stages, so an
+interrupted run continues where it stopped. Layout of `runs/<name>/`:
+
+    run.json                     the config (a rerun with a different config needs a new --name)
+    data/<dataset>/<split>/      the datasets (clevr-T-N2, gta, ...)
+    stages/<dataset>/seed<k>/<chain>/   one trained adapter per training chain (cpt, cpt+sft-cot, ...)
+    eval/<dataset>/seed<k>/<method>/    results.json per method
+    cost/<dataset>/              tokens and prefill with and without the policy
+    report.md, metrics.json, *.png
+
+Training chains share prefixes: CoT SFT, CoT SFT + GRPO and CoT SFT + DAPO start from one CoT SFT
+adapter; VM-CPT + CoT SFT and both TriMPI runs share the VM-CPT and the SFT stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from mpi.atomic import atomic_directory, atomic_write_json
+from mpi.config import PRESETS, RunConfig, get_config
+
+# method -> its training chain (each element one stage, trained on top of the previous one)
+METHODS: dict[str, tuple[str, ...]] = {
+    "in-context": (),
+    "direct-sft": ("sft-direct",),
+    "cot-sft": ("sft-cot",),
+    "vmcpt-cot-sft": ("cpt", "sft-cot"),
+    "cot-sft-grpo": ("sft-cot", "grpo"),
+    "cot-sft-dapo": ("sft-cot", "dapo"),
+    "trimpi-grpo": ("cpt", "sft-cot", "poro-grpo"),
+    "trimpi-dapo": ("cpt", "sft-cot", "poro-dapo"),
+}
+METHOD_LABELS = {
+    "in-context": "in-context policy (zero-shot)",
+    "direct-sft": "direct SFT",
+    "cot-sft": "CoT SFT",
+    "vmcpt-cot-sft": "VM-CPT + CoT SFT",
+    "cot-sft-grpo": "CoT SFT + GRPO",
+    "cot-sft-dapo": "CoT SFT + DAPO",
+    "trimpi-grpo": "TriMPI (PoRo-GRPO)",
+    "trimpi-dapo": "TriMPI (PoRo-DAPO)",
+}
+DEFAULT_METHODS = ("in-context", "cot-sft", "trimpi-grpo")
+RL_STAGES = ("grpo", "dapo", "poro-grpo", "poro-dapo")
+
+# Evaluation knobs per preset (RunConfig.extra overrides them by the same names). "grpo" holds
+# GRPOConfig overrides for the RL stages: on tiny, DAPO's dynamic sampling would retry 20 times per step
+# (a model that has learned nothing gives only all-equal groups), which proves nothing but costs minutes.
+EVAL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(eval_limit=8, eval_batch_size=8, eval_max_new_tokens=24, prefill_items=2, toy_base="tiny",
+                 grpo={"max_resample_tries": 2}),
+    # A ClevrPolicy N=2 CoT is ~80 toy tokens: RL completions must fit one, or every reward is 0.
+    "toy": dict(eval_limit=64, eval_batch_size=16, eval_max_new_tokens=160, prefill_items=8, toy_base="toy",
+                grpo={"max_completion_length": 112}),
+    "colab-t4": dict(eval_limit=200, eval_batch_size=4, eval_max_new_tokens=512, prefill_items=8, toy_base=None),
+    "paper": dict(eval_limit=None, eval_batch_size=8, eval_max_new_tokens=1024, prefill_items=16, toy_base=None),
+}
+
+
+class PipelineError(ValueError):
+    """A bad argument or a run directory that does not match the requested config."""
+
+
+# =========================================================================== plan
+
+
+@dataclass
+class Plan:
+    cfg: RunConfig
+    name: str
+    run_dir: Path
+    methods: tuple[str, ...]
+    dataset_keys: tuple[str, ...]
+    seeds: tuple[int, ...]
+    opts: dict[str, Any]
+
+    def stage_dir(self, key: str, seed: int, chain: Sequence[str]) -> Path:
+        return self.run_dir / "stages" / key / f"seed{seed}" / "+".join(chain)
+
+    def eval_dir(self, key: str, seed: int, method: str) -> Path:
+        return self.run_dir / "eval" / key / f"seed{seed}" / method
+
+    def data_dir(self, key: str, split: str) -> Path:
+        return self.run_dir / "data" / key / split
+
+
+def dataset_keys(datasets: Sequence[str], depths: Sequence[int], variant: str = "T") -> tuple[str, ...]:
+    keys = []
+    for ds in datasets:
+        if ds == "clevr":
+            keys += [f"clevr-{variant}-N{d}" for d in depths]
+        elif ds == "gta":
+            keys.append("gta")
+        else:
+            raise PipelineError(f"--datasets: unknown dataset {ds!r}; choose from clevr, gta")
+    return tuple(keys)
+
+
+def eval_options(cfg: RunConfig) -> dict[str, Any]:
+    opts = dict(EVAL_DEFAULTS.get(cfg.preset, EVAL_DEFAULTS["toy"]))
+    opts.update({k: v for k, v in cfg.extra.items() if k in opts or k.startswith("eval_") or k.startswith("toy_base")})
+    opts["grpo"] = {**EVAL_DEFAULTS.get(cfg.preset, {}).get("grpo", {}), **cfg.extra.get("grpo", {})}
+    return opts
+
+
+def make_plan(cfg: RunConfig, *, name: str | None = None, methods: Sequence[str] | None = None,
+              seeds: Sequence[int] | None = None) -> Plan:
+    methods = tuple(methods or DEFAULT_METHODS)
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise PipelineError(f"--methods: unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    seeds = tuple(int(s) for s in (seeds if seeds is not None else (cfg.seed,)))
+    if not seeds:
+        raise PipelineError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
+    name = name or cfg.preset
+    if not name or "/" in name or name.startswith("."):
+        raise PipelineError(f"--name must be a plain directory name, got {name!r}")
+    keys = dataset_keys(cfg.datasets, cfg.depths, cfg.extra.get("variant", "T"))
+    return Plan(cfg=cfg, name=name, run_dir=Path(cfg.out_dir) / name, methods=methods, dataset_keys=keys,
+                seeds=seeds, opts=eval_options(cfg))
+
+
+# =========================================================================== stage bookkeeping
+
+
+def is_done(path: Path) -> bool:
+    return (path / "done.json").exists()
+
+
+def read_done(path: Path) -> dict[str, Any]:
+    return json.loads((path / "done.json").read_text())
+
+
+class Timer:
+    """Wall time per stage, kept in the run directory (so a resumed run reports every stage)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "timings.json"
+        self.rows: dict[str, dict[str, Any]] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def record(self, stage: str, seconds: float, skipped: bool) -> None:
+        if self.path.exists():  # another process (another seed) may have recorded stages meanwhile
+            self.rows = {**self.rows, **json.loads(self.path.read_text())}
+        if skipped and stage in self.rows:
+            self.rows[stage]["skipped_last_run"] = True
+        else:
+            self.rows[stage] = {"seconds": seconds, "skipped_last_run": skipped}
+        atomic_write_json(self.path, self.rows)
+
+
+def run_stage(plan: Plan, timer: Timer, stage: str, path: Path, fn: Callable[[Path], dict[str, Any]],
+              log: Callable[[str], None]) -> dict[str, Any]:
+    """Run `fn(tmp_dir)` into `path` atomically unless `path` is already done; return its done.json."""
+    if is_done(path):
+        log(f"[skip] {stage} (done)")
+        timer.record(stage, 0.0, skipped=True)
+        return read_done(path)
+    log(f"[run ] {stage}")
+    t0 = time.perf_counter()
+    with atomic_directory(path) as tmp:
+        result = fn(tmp) or {}
+        result = {**result, "stage": stage, "seconds": time.perf_counter() - t0}
+        atomic_write_json(tmp / "done.json", result)
+    timer.record(stage, result["seconds"], skipped=False)
+    log(f"[done] {stage} in {result['seconds']:.1f}s")
+    return result
+
+
+# =========================================================================== data
+
+
+def data_config(cfg: RunConfig, key: str):
+    from mpi.data import get_data_config
+
+    overrides: dict[str, Any] = {"image_size": cfg.image_size, "seed": int(cfg.extra.get("data_seed", 0))}
+    if key.startswith("clevr"):
+        _, variant, n = key.split("-")
+        overrides.update(depths=(int(n[1:]),), variant=variant)
+    for k, v in cfg.extra.get("data", {}).items():
+        overrides[k] = v
+    return get_data_config(cfg.data_preset, **overrides)
+
+
+def build_data(plan: Plan, key: str, tmp: Path) -> dict[str, Any]:
+    from mpi.data import build_split, save_dataset
+    from mpi.evaluate import majority_baseline
+
+    dcfg = data_config(plan.cfg, key)
+    dataset = "gta" if key == "gta" else "clevr"
+    sizes = {}
+    for split in ("train", "test", "override"):
+        ds = build_split(dcfg, dataset, split)
+        save_dataset(ds, tmp / split)
+        sizes[split] = len(ds)
+        if split == "test":
+            chance = majority_baseline([{k: ds[i][k] for k in ("dataset", "answer", "policy_name")} for i in range(len(ds))])
+    return {"sizes": sizes, "chance": chance["accuracy"], "data_config": dataclasses.asdict(dcfg)}
+
+
+def load_split(plan: Plan, key: str, split: str):
+    from mpi.data import load_dataset_dir
+
+    return load_dataset_dir(plan.run_dir / "data" / key / split)
+
+
+def with_cot_only(ds):
+    """CoT SFT trains on the items that have a CoT (all ClevrPolicy items here; GTA items carry one too)."""
+    return ds.filter(lambda row: bool(row["cot"]), keep_in_memory=True)
+
+
+# =========================================================================== models
+
+
+def base_model_path(plan: Plan) -> str:
+    """The starting checkpoint of every method: the cached toy base for toy models, else the model id."""
+    from mpi.toy import is_toy
+
+    if not is_toy(plan.cfg.model):
+        return plan.cfg.model
+    return str(toy_base_dir(plan))
+
+
+def toy_base_cfg(plan: Plan):
+    from mpi.toy_base import toy_base_config
+
+    preset = plan.opts.get("toy_base") or ("tiny" if plan.cfg.model == "toy-tiny" else "toy")
+    overrides = dict(plan.cfg.extra.get("toy_base_overrides", {}))
+    overrides.setdefault("model", plan.cfg.model)
+    overrides.setdefault("seed", int(plan.cfg.extra.get("toy_base_seed", 0)))
+    return toy_base_config(preset, **overrides)
+
+
+def toy_base_dir(plan: Plan) -> Path:
+    from mpi.toy_base import toy_base_path
+
+    return toy_base_path(toy_base_cfg(plan))
+
+
+def lora_settings(cfg: RunConfig):
+    from mpi.modeling import LoraSettings
+
+    if cfg.lora_r is None:
+        return None
+    return LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+
+
+def load_for_stage(plan: Plan, seed: int, adapter: Path | None, trainable: bool):
+    """Base + adapter (continue a chain), base + fresh LoRA (first stage), or the base alone (eval).
+
+    With lora_r=None (full fine-tuning) a stage saves the whole model and the next stage loads it."""
+    from mpi.modeling import load_model_and_processor
+
+    cfg = plan.cfg
+    common = dict(quantization=cfg.quantization, device=cfg.device, seed=seed, trainable=trainable,
+                  gradient_checkpointing=bool(getattr(cfg, "gradient_checkpointing", False)) and trainable)
+    if adapter is not None and (adapter / "config.json").exists():  # a full model directory
+        return load_model_and_processor(str(adapter), lora=None, **common)
+    if adapter is not None:
+        return load_model_and_processor(base_model_path(plan), adapter=str(adapter), **common)
+    lora = lora_settings(cfg) if trainable else None
+    if trainable and lora is None and cfg.quantization:
+        raise PipelineError("full fine-tuning (lora_r=None) of a quantized model is not possible; set lora_r")
+    return load_model_and_processor(base_model_path(plan), lora=lora, **common)
+
+
+def save_model(model, processor, out: Path, base_path: str) -> Path:
+    """An adapter directory (LoRA) or, for full fine-tuning, a loadable model directory."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if not hasattr(model, "peft_config"):
+        processor.save_pretrained(out)
+        processor.tokenizer.save_pretrained(out)
+        spec = Path(base_path) / "toy_spec.json"
+        if spec.is_file():  # the toy processor is rebuilt from its spec
+            shutil.copy(spec, out / "toy_spec.json")
+    return out
+
+
+# =========================================================================== training stages
+
+
+def supervised_config(plan: Plan, stage: str, seed: int):
+    """The supervised stage's config (mpi.supervised) from the RunConfig fields; progress lines on."""
+    from mpi.supervised import SupervisedConfig
+
+    mode = {"cpt": "cpt", "sft-cot": "sft_cot", "sft-direct": "sft_direct"}[stage]
+    return SupervisedConfig.from_run_config(plan.cfg, mode, seed=seed)
+
+
+def train_stage(plan: Plan, key: str, seed: int, chain: tuple[str, ...], tmp: Path) -> dict[str, Any]:
+    """Train the last stage of `chain` on top of the adapter of `chain[:-1]`; save into tmp/model."""
+    from mpi.device import seed_everything
+
+    stage = chain[-1]
+    parent = plan.stage_dir(key, seed, chain[:-1]) / "model" if len(chain) > 1 else None
+    seed_everything(seed)
+    model, processor = load_for_stage(plan, seed, parent, trainable=True)
+    train = load_split(plan, key, "train")
+    work = tmp / "work"
+    if stage in ("cpt", "sft-cot", "sft-direct"):
+        from mpi.supervised import train_supervised
+
+        data = with_cot_only(train) if stage == "sft-cot" else train
+        result = train_supervised(model, processor, data, supervised_config(plan, stage, seed), work, resume=False)
+        model = result.pop("model")
+    elif stage in RL_STAGES:
+        from mpi.poro import grpo_config_from_run, train_poro
+
+        overrides = dict(plan.opts["grpo"])
+        if getattr(plan.cfg, "micro_batch_size", None) is not None:  # RunConfig's OOM knob for the RL step
+            overrides.setdefault("micro_batch_size", plan.cfg.micro_batch_size)
+        gcfg = grpo_config_from_run(plan.cfg, stage, seed=seed, **overrides)
+        result = train_poro(model, processor, train, gcfg, work, save_adapter=False)
+    else:
+        raise PipelineError(f"unknown training stage {stage!r}")
+    save_model(model, processor, tmp / "model", base_model_path(plan))
+    summary = _result_summary(result, work)
+    # Keep the training logs next to the model; drop bulky checkpoints the next stage does not need.
+    for sub in ("checkpoints", "adapter"):
+        shutil.rmtree(work / sub, ignore_errors=True)
+    return {"chain": list(chain), "dataset": key, "seed": seed, **summary}
+
+
+def _result_summary(result: Any, work: Path) -> dict[str, Any]:
+    rows = getattr(result, "rows", None)
+    if rows is None and isinstance(result, dict):
+        rows = result.get("rows")
+    if rows is None and (work / "metrics.jsonl").exists():
+        from mpi.metrics import read_metrics
+
+        rows = read_metrics(work)
+    if not rows:
+        return {"steps": 0}
+    last = rows[-1]
+    return {"steps": last.get("step", len(rows)),
+            "last": {k: v for k, v in last.items() if isinstance(v, (int, float))}}
+
+
+# =========================================================================== evaluation stages
+
+
+def evaluate_method(plan: Plan, key: str, seed: int, method: str, tmp: Path) -> dict[str, Any]:
+    """Policy-free accuracy, policy back in context, override, referral and forgetting for one method."""
+    from mpi.device import seed_everything
+    from mpi.evaluate import evaluate_accuracy, strip_for_json
+
+    seed_everything(seed)
+    chain = METHODS[method]
+    adapter = plan.stage_dir(key, seed, chain) / "model" if chain else None
+    model, processor = load_for_stage(plan, seed, adapter, trainable=False)
+    opts = plan.opts
+    kw = dict(batch_size=opts["eval_batch_size"], max_new_tokens=opts["eval_max_new_tokens"],
+              limit=opts["eval_limit"], progress=True)
+    test = load_split(plan, key, "test")
+    override = load_split(plan, key, "override")
+    results = {
+        "policy_free": evaluate_accuracy(model, processor, test, with_policy=False, desc=f"{method} policy-free", **kw),
+        "with_policy": evaluate_accuracy(model, processor, test, with_policy=True, desc=f"{method} policy in context", **kw),
+        "override": evaluate_accuracy(model, processor, override, with_policy=True, desc=f"{method} override", **kw),
+    }
+    out = {name: strip_for_json(r) for name, r in results.items()}
+    out["forgetting"] = general_skills(plan, model, processor)
+    out["method"], out["dataset"], out["seed"] = method, key, seed
+    # the headline number: what the method is used for at inference
+    out["accuracy"] = out["with_policy" if method == "in-context" else "policy_free"]["accuracy"]
+    examples = [{"id": i, "text": t} for i, t in zip(results["policy_free"]["ids"][:8], results["policy_free"]["predictions"][:8])]
+    (tmp / "examples.json").write_text(json.dumps(examples, indent=2))
+    return out
+
+
+def general_skills(plan: Plan, model, processor) -> dict[str, Any] | None:
+    """General-skill accuracy (the forgetting measure) on the toy base's held-out questions."""
+    from mpi.toy import is_toy
+
+    if not is_toy(plan.cfg.model):
+        return None  # a hub model's forgetting is measured on MMMU-Pro / MMLU-Pro, outside this toy
+    from mpi.toy_base import general_skill_accuracy, general_skill_items
+
+    tb = toy_base_cfg(plan)
+    items = general_skill_items(tb.model, tb.n_eval, seed=tb.seed)
+    # the attribute list runs to ~40 tokens: decode far enough that it can be complete
+    r = general_skill_accuracy(model, processor, items, batch_size=plan.opts["eval_batch_size"],
+                               max_new_tokens=max(tb.max_new_tokens, 64))
+    return {"accuracy": r["accuracy"], "per_task": r["per_task"], "n": r["n"]}
+
+
+def measure_cost(plan: Plan, key: str, tmp: Path) -> dict[str, Any]:
+    """Prompt tokens with and without the policy (all test items) and measured prefill on the base model."""
+    from mpi.evaluate import measure_prefill, token_cost_table
+
+    model, processor = load_for_stage(plan, plan.seeds[0], None, trainable=False)
+    test = load_split(plan, key, "test")
+    tokens = token_cost_table(processor, test, limit=None)
+    n = min(plan.opts["prefill_items"], len(test))
+    prefill = measure_prefill(model, processor, [test[i] for i in range(n)])
+    return {"tokens": tokens, "prefill": prefill}
+
+
+# =========================================================================== run
+
+
+def run(plan: Plan, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every stage of `plan` (skipping finished ones), then write the report."""
+    from mpi.toy import is_toy
+
+    check_run_dir(plan)
+    timer = Timer(plan.run_dir)
+    t_start = time.perf_counter()
+    for key in plan.dataset_keys:
+        run_stage(plan, timer, f"data/{key}", plan.run_dir / "data" / key, lambda tmp, k=key: build_data(plan, k, tmp), log)
+    if is_toy(plan.cfg.model):
+        ensure_toy_base(plan, timer, log)
+    for key in plan.dataset_keys:
+        run_stage(plan, timer, f"cost/{key}", plan.run_dir / "cost" / key, lambda tmp, k=key: measure_cost(plan, k, tmp), log)
+    for seed in plan.seeds:
+        for key in plan.dataset_keys:
+            for chain in training_chains(plan.methods):
+                name = f"train/{key}/seed{seed}/{'+'.join(chain)}"
+                run_stage(plan, timer, name, plan.stage_dir(key, seed, chain),
+                          lambda tmp, k=key, s=seed, c=chain: train_stage(plan, k, s, c, tmp), log)
+            for method in plan.methods:
+                name = f"eval/{key}/seed{seed}/{method}"
+                run_stage(plan, timer, name, plan.eval_dir(key, seed, method),
+                          lambda tmp, k=key, s=seed, m=method: evaluate_method(plan, k, s, m, tmp), log)
+    from mpi.report import write_report
+
+    metrics = write_report(plan.run_dir, wall_seconds=time.perf_counter() - t_start)
+    log(f"report: {plan.run_dir / 'report.md'}")
+    return metrics
+
+
+def training_chains(methods: Sequence[str]) -> list[tuple[str, ...]]:
+    """Every prefix of every method's chain, once, parents before children."""
+    chains: list[tuple[str, ...]] = []
+    for m in methods:
+        chain = METHODS[m]
+        for i in range(1, len(chain) + 1):
+            if chain[:i] not in chains:
+                chains.append(chain[:i])
+    return sorted(chains, key=len)
+
+
+def ensure_toy_base(plan: Plan, timer: Timer, log: Callable[[str], None]) -> None:
+    """Build (or reuse) the cached toy base and record its info in the run."""
+    from mpi.toy_base import build_toy_base, load_toy_base_info
+
+    path = toy_base_dir(plan)
+    cached = (path / "toy_base.json").exists()
+    log(f"[{'skip' if cached else 'run '}] toy base -> {path}{' (cached)' if cached else ' (once, tens of minutes on toy-small)'}")
+    t0 = time.perf_counter()
+    build_toy_base(toy_base_cfg(plan), device=plan.cfg.device)
+    timer.record("toy_base", time.perf_counter() - t0, skipped=cached)
+    info = load_toy_base_info(path)
+    info["path"] = str(path)
+    atomic_write_json(plan.run_dir / "toy_base.json", {k: v for k, v in info.items() if k != "log"})
+
+
+def check_run_dir(plan: Plan) -> None:
+    """A run directory holds one config: refuse to mix stages made with another one."""
+    record = {"config": plan.cfg.to_dict(), "opts": plan.opts}
+    path = plan.run_dir / "run.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        old_cfg = {k: v for k, v in old.get("config", {}).items() if k not in ("seed", "datasets", "depths")}
+        new_cfg = json.loads(json.dumps({k: v for k, v in record["config"].items()
+                                         if k not in ("seed", "datasets", "depths")}, default=str))
+        if old_cfg != new_cfg or old.get("opts") != json.loads(json.dumps(plan.opts, default=str)):
+            diff = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
+            raise PipelineError(
+                f"{plan.run_dir} was made with a different config (fields {diff or ['eval options']}); "
+                f"pass --name <new name> for a new run, or delete the directory to start over")
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    record["methods"], record["seeds"], record["dataset_keys"] = list(plan.methods), list(plan.seeds), list(plan.dataset_keys)
+    if path.exists():  # remember the union of what was asked for, so the report covers every stage run
+        old = json.loads(path.read_text())
+        for field_name in ("methods", "seeds", "dataset_keys"):
+            merged = list(old.get(field_name, []))
+            merged += [v for v in record[field_name] if v not in merged]
+            record[field_name] = merged
+    atomic_write_json(path, record)
+
+
+# =========================================================================== CLI
+
+
+def _csv(kind: Callable[[str], Any]) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        try:
+            return [kind(x.strip()) for x in text.split(",") if x.strip()]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r} ({err})") from err
+    return parse
+
+
+def _set_value(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--set expects field=value, got {text!r}")
+    k, v = text.split("=", 1)
+    try:
+        value = json.loads(v)
+    except json.JSONDecodeError:
+        value = v
+    return k.strip(), value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mpi", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", nargs="?", default="run", choices=("run", "report", "toy-base", "smoke"),
+                   help="run (default): the whole pipeline; report RUN_DIR: redraw a run's report; "
+                        "toy-base: build the cached toy base only; smoke: build the toy VLM, one forward")
+    p.add_argument("run_dir", nargs="?", help="for `report`: the run directory")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: $MPI_PRESET or toy")
+    p.add_argument("--name", default=None, help="run name: results go to <out-dir>/<name> (default: the preset)")
+    p.add_argument("--out-dir", default=None, help="parent directory of runs (default: runs)")
+    p.add_argument("--methods", type=_csv(str), default=None,
+                   help=f"comma-separated, from: {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--datasets", type=_csv(str), default=None, help="clevr, gta (default: the preset's)")
+    p.add_argument("--depths", type=_csv(int), default=None, help="ClevrPolicy tree depths N, e.g. 2,4")
+    p.add_argument("--seeds", type=_csv(int), default=None, help="e.g. 0,1,2 (default: 0)")
+    p.add_argument("--all", action="store_true", help="all eight methods and seeds 0,1,2 (unless given)")
+    p.add_argument("--set", type=_set_value, action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a RunConfig field (JSON value), e.g. --set rl_steps=60; "
+                        "unknown names go to RunConfig.extra (e.g. eval_limit=200)")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    overrides: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for k, v in args.set:
+        if k in names:
+            overrides[k] = tuple(v) if isinstance(v, list) else v
+        else:
+            extra[k] = v
+    if args.datasets:
+        overrides["datasets"] = tuple(args.datasets)
+    if args.depths:
+        overrides["depths"] = tuple(args.depths)
+    if args.out_dir:
+        overrides["out_dir"] = args.out_dir
+    cfg = get_config(args.preset, **overrides)
+    cfg.extra = {**cfg.extra, **extra}
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "smoke":
+            from mpi.cli import smoke
+
+            smoke()
+            return 0
+        if args.command == "report":
+            if not args.run_dir:
+                raise PipelineError("report needs the run directory: python -m mpi report runs/toy")
+            from mpi.report import write_report
+
+            write_report(Path(args.run_dir))
+            print(f"report: {Path(args.run_dir) / 'report.md'}")
+            return 0
+        cfg = config_from_args(args)
+        if args.command == "toy-base":
+            from mpi.toy_base import build_toy_base
+
+            plan = make_plan(cfg, name=args.name)
+            print(build_toy_base(toy_base_cfg(plan), device=cfg.device))
+            return 0
+        methods = args.methods or (tuple(METHODS) if args.all else None)
+        seeds = args.seeds or ([0, 1, 2] if args.all else None)
+        plan = make_plan(cfg, name=args.name, methods=methods, seeds=seeds)
+        print(f"run {plan.run_dir} | preset {cfg.preset} | model {cfg.model} | methods {', '.join(plan.methods)} | "
+              f"datasets {', '.join(plan.dataset_keys)} | seeds {', '.join(map(str, plan.seeds))}")
+        run(plan)
+        return 0
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

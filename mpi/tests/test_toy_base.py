@@ -1,0 +1,111 @@
+"""The toy base's examples are right by construction, its labels cover only answers, its cache key is honest."""
+
+import random
+
+import pytest
+
+from mpi.toy_base import (
+    ToyBaseConfig,
+    describe_target,
+    encode_examples,
+    policy_example,
+    render,
+    skill_example,
+    toy_base_config,
+    toy_base_key,
+    training_pool,
+)
+
+
+def test_describe_target_hand_written():
+    objects = [
+        {"shape": "sphere", "color": "blue", "size": "small", "material": "metal"},
+        {"shape": "cube", "color": "red", "size": "small", "material": "rubber"},
+        {"shape": "cube", "color": "red", "size": "large", "material": "rubber"},
+    ]
+    # ontology order (colors: gray red blue ...; shapes: cube sphere cylinder), no repeats
+    assert describe_target(objects) == ("colors: red, blue. shapes: cube, sphere. sizes: small, large. "
+                                        "materials: rubber, metal.")
+
+
+@pytest.mark.parametrize("task", ["exists", "count"])
+def test_skill_answers_match_the_scene(task):
+    rng = random.Random(0)
+    answers = []
+    for k in range(60):
+        ex = skill_example(rng, task, 56, max_objects=10, min_objects=1, index=k)
+        q, objects = ex["question"], ex["scene"]["objects"]
+        # recover (attr, value) from the question independently of the generator
+        from mpi.data.scenes import ATTRIBUTES
+
+        hits = [(a, v) for a, vals in ATTRIBUTES.items() for v in vals if f" {v} " in f" {q} " or f" {v}s " in q
+                or (v == "sphere" and "spheres" in q) or (v == "cube" and "cubes" in q)]
+        assert len(hits) == 1, q
+        attr, value = hits[0]
+        n = sum(o[attr] == value for o in objects)
+        if task == "exists":
+            assert ex["answer"] == ("yes" if n > 0 else "no")
+        else:
+            assert ex["answer"] == str(n)
+        answers.append(ex["answer"])
+    if task == "exists":  # balanced: a blind model cannot beat 50% by much
+        assert 20 <= answers.count("yes") <= 40
+
+
+def test_policy_examples_are_not_the_evaluation_policies():
+    from mpi.data import clevr_policies
+
+    rng = random.Random("toy_base/0/train")
+    mine = {policy_example(rng, d, 56, cot=True)["policy_text"] for d in (1, 2) for _ in range(10)}
+    for depth in (1, 2):
+        for seed in (0, 1):
+            evaluation = {p.render_text() for p in clevr_policies(depth, 10, seed=seed)}
+            assert not (mine & evaluation)
+
+
+def test_policy_example_answer_follows_its_tree():
+    rng = random.Random(3)
+    ex = policy_example(rng, 2, 56, cot=True)
+    assert ex["answer"] in ex["cot"] and ex["gold_path"][0] == "1"
+    assert f"Policy: {ex['policy_name']}" in ex["policy_text"]
+
+
+def test_labels_cover_exactly_the_answer(toy_model_and_processor):
+    model, processor = toy_model_and_processor
+    rng = random.Random(1)
+    examples = [render(skill_example(rng, "exists", 56, 4, index=0), 56),
+                render(skill_example(rng, "describe", 56, 3, index=1), 56),
+                render(policy_example(rng, 1, 56, cot=False), 56)]
+    batch = encode_examples(processor, examples, model.config.image_token_id)
+    tok = processor.tokenizer
+    for row, ex in enumerate(examples):
+        ids = batch["input_ids"][row][batch["labels"][row] != -100]
+        expected = ex["answer"] if ex["task"] != "policy" else "\\boxed{" + ex["answer"] + "}"
+        assert tok.decode(ids) == expected + "<|im_end|>\n"
+
+
+def test_pool_batches_hold_one_kind_and_are_deterministic():
+    cfg = toy_base_config("tiny", pool_size=8, batch_size=4)
+    pool = training_pool(cfg)
+    kinds = [{e["task"] == "policy" for e in pool[i:i + 4]} for i in range(0, 8, 4)]
+    assert all(len(k) == 1 for k in kinds)
+    again = training_pool(cfg)
+    assert [e["answer"] for e in pool] == [e["answer"] for e in again]
+    assert [e["images"][0].tobytes() for e in pool] == [e["images"][0].tobytes() for e in again]
+
+
+def test_cache_key_changes_with_recipe_and_seed():
+    a = toy_base_config("tiny")
+    assert toy_base_key(a) == toy_base_key(toy_base_config("tiny"))
+    assert toy_base_key(a) != toy_base_key(toy_base_config("tiny", seed=1))
+    assert toy_base_key(a) != toy_base_key(toy_base_config("tiny", steps=13))
+    assert toy_base_key(a) == toy_base_key(toy_base_config("tiny", progress=False))  # bookkeeping only
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(ValueError, match="pool_size"):
+        ToyBaseConfig(model="toy-tiny", pool_size=10, batch_size=4).validate()
+    with pytest.raises(ValueError, match="toy model"):
+        ToyBaseConfig(model="Qwen/Qwen2.5-VL-3B-Instruct").validate()
+    with pytest.raises(ValueError, match="unknown ToyBaseConfig"):
+        toy_base_config("tiny", stepz=3)

@@ -1,0 +1,481 @@
+"""The toy base: a toy VLM pretrained offline on general visual skills and on in-context policies.
+
+The paper starts from an instruction-tuned VLM that already sees colors and shapes and can follow a
+policy given in its prompt. A random-init toy has neither, so before any MPI method runs, the toy is
+pretrained here on
+
+1. general visual skills over rendered CLEVR-style scenes: "Is there a red object?" (yes/no),
+   "How many cubes are there?" and a short description listing the colors, shapes, sizes and
+   materials in view (one dense target that supervises every attribute at once);
+2. following *randomly generated* policies given in context (policy in the prompt, forward CoT or a
+   direct answer as the target), drawn from their own random stream, never the evaluation policies.
+
+Perception is what a random toy lacks, so the recipe makes it cheap to learn: a curriculum over the
+number of objects per scene (few objects first), a larger learning rate on the vision tower, and the
+output layer computed only at supervised positions.
+
+    path = build_toy_base(ToyBaseConfig(model="toy-small", seed=0))   # cached, deterministic per seed
+    model, processor = load_model_and_processor(str(path), quantization=None, lora=...)
+    general_skill_accuracy(model, processor, eval_items)   # the forgetting baseline
+
+The checkpoint is a normal model directory (plus `toy_base.json` with the config and the held-out
+general-skill accuracy), written atomically under `mpi.toy.cache_root()/toy_base/<model>-s<seed>-<key>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from mpi.atomic import atomic_directory
+
+TOY_BASE_VERSION = 1  # bump when the recipe changes so old caches are not reused
+TASKS = ("describe", "exists", "count", "policy")
+
+
+@dataclass
+class ToyBaseConfig:
+    """Every knob of the toy base. Sizes in steps (not seconds) so that a seed gives one checkpoint."""
+
+    model: str = "toy-small"
+    seed: int = 0
+    steps: int = 400
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    vision_lr_mult: float = 2.0  # the vision tower starts from nothing; let it move faster
+    min_lr_ratio: float = 0.05  # cosine decays to this fraction of the peak
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    # sampling weights of the four tasks
+    task_weights: dict[str, float] = field(default_factory=lambda: {"describe": 1.0, "exists": 2.0, "count": 0.5,
+                                                                      "policy": 2.0})
+    policy_depths: tuple[int, ...] = (1, 2)  # depths of the random in-context policies
+    policy_cot_fraction: float = 0.5  # share of policy targets with the forward CoT (else a direct answer)
+    curriculum_steps: int = 150  # objects per scene ramp from `min_objects` to 10 over these steps
+    min_objects: int = 1
+    pool_size: int = 6144  # pre-rendered training examples (re-drawn in order; rendering is the slow part)
+    n_eval: int = 96  # held-out general-skill questions (the forgetting baseline)
+    max_new_tokens: int = 32
+    log_every: int = 50
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "ToyBaseConfig":
+        from mpi.toy import TOY_SPECS
+
+        if self.model not in TOY_SPECS:
+            raise ValueError(f"ToyBaseConfig.model must be a toy model ({sorted(TOY_SPECS)}), got {self.model!r}; "
+                             "a hub model is already a base and needs no toy base")
+        unknown = sorted(set(self.task_weights) - set(TASKS))
+        if unknown:
+            raise ValueError(f"ToyBaseConfig.task_weights: unknown task(s) {unknown}; tasks are {TASKS}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("ToyBaseConfig.steps and batch_size must be >= 1")
+        if self.pool_size % self.batch_size:
+            raise ValueError(f"ToyBaseConfig.pool_size ({self.pool_size}) must be a multiple of batch_size "
+                             f"({self.batch_size}) so that every batch holds one kind of example")
+        if not 0 <= self.policy_cot_fraction <= 1:
+            raise ValueError("ToyBaseConfig.policy_cot_fraction must be in [0, 1]")
+        return self
+
+
+TOY_BASE_PRESETS: dict[str, dict[str, Any]] = {
+    # CI: seconds. Proves the code path; learns close to nothing.
+    "tiny": dict(model="toy-tiny", steps=12, batch_size=4, pool_size=48, n_eval=12, curriculum_steps=4,
+                 warmup_steps=2, max_new_tokens=16, log_every=4),
+    # The laptop toy: tens of minutes once, cached.
+    "toy": dict(model="toy-small"),
+}
+
+
+def toy_base_config(preset: str = "toy", **overrides: Any) -> ToyBaseConfig:
+    if preset not in TOY_BASE_PRESETS:
+        raise ValueError(f"unknown toy-base preset {preset!r}; choose one of {sorted(TOY_BASE_PRESETS)}")
+    names = {f.name for f in dataclasses.fields(ToyBaseConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown ToyBaseConfig field(s) {unknown}; valid: {', '.join(sorted(names))}")
+    return ToyBaseConfig(**{**TOY_BASE_PRESETS[preset], **overrides}).validate()
+
+
+# =========================================================================== examples
+
+
+def _rng(*parts: Any) -> random.Random:
+    return random.Random("/".join(str(p) for p in ("toy_base",) + parts))
+
+
+def _image_size(model: str) -> int:
+    from mpi.toy import TOY_SPECS
+
+    return TOY_SPECS[model].image_size
+
+
+def _present(objects: Sequence[dict[str, Any]], attr: str) -> list[str]:
+    from mpi.data.scenes import ATTRIBUTES
+
+    seen = {o[attr] for o in objects}
+    return [v for v in ATTRIBUTES[attr] if v in seen]  # fixed ontology order: a deterministic target
+
+
+def describe_target(objects: Sequence[dict[str, Any]]) -> str:
+    """'colors: red, blue. shapes: cube. sizes: large. materials: metal, rubber.' (ontology order)."""
+    parts = [f"{name}: {', '.join(_present(objects, attr))}." for attr, name in
+             (("color", "colors"), ("shape", "shapes"), ("size", "sizes"), ("material", "materials"))]
+    return " ".join(parts)
+
+
+DESCRIBE_QUESTION = "List the colors, shapes, sizes and materials of the objects in the image."
+
+
+def _noun(attr: str, value: str) -> str:
+    return f"{value}" if attr == "shape" else f"{value} object"
+
+
+def _plural_noun(attr: str, value: str) -> str:
+    return {"cube": "cubes", "sphere": "spheres", "cylinder": "cylinders"}[value] if attr == "shape" else f"{value} objects"
+
+
+def skill_example(rng: random.Random, task: str, image_size: int, max_objects: int, min_objects: int = 1,
+                  index: int = 0) -> dict[str, Any]:
+    """One general-skill example: {"task", "question", "answer", "scene"} (scene not yet rendered)."""
+    from mpi.data.scenes import ATTRIBUTES, sample_object, sample_scene
+
+    lo = max(1, min(min_objects, max_objects))
+    if task == "describe":
+        scene = sample_scene(rng, image_size, n_objects=(lo, max_objects), index=index, split="toybase")
+        return {"task": task, "question": DESCRIBE_QUESTION, "answer": describe_target(scene["objects"]), "scene": scene}
+    attr = rng.choice(list(ATTRIBUTES))
+    value = rng.choice(ATTRIBUTES[attr])
+    if task == "exists":
+        want = rng.random() < 0.5  # balanced yes/no: a model that ignores the image scores 50%
+        n = rng.randint(lo, max_objects)
+        objects = []
+        for k in range(n):
+            if want and k == 0:
+                objects.append(sample_object(rng, **{attr: value}))
+            else:
+                others = [v for v in ATTRIBUTES[attr] if v != value] if not want else list(ATTRIBUTES[attr])
+                objects.append(sample_object(rng, **{attr: rng.choice(others)}))
+        rng.shuffle(objects)
+        scene = sample_scene(rng, image_size, objects=objects, index=index, split="toybase")
+        return {"task": task, "question": f"Is there a {_noun(attr, value)} in the image? Answer yes or no.",
+                "answer": "yes" if want else "no", "scene": scene}
+    if task == "count":
+        scene = sample_scene(rng, image_size, n_objects=(lo, max_objects), index=index, split="toybase")
+        count = sum(o[attr] == value for o in scene["objects"])
+        return {"task": task, "question": f"How many {_plural_noun(attr, value)} are there? Answer with a number.",
+                "answer": str(count), "scene": scene}
+    raise ValueError(f"unknown skill task {task!r}; tasks are {TASKS}")
+
+
+def policy_example(rng: random.Random, depth: int, image_size: int, index: int = 0, cot: bool = True) -> dict[str, Any]:
+    """A random policy (never an evaluation one: its own random stream) with a balanced scene, as an mpi.data item."""
+    from mpi.data.clevr import QUERY, forward_cot, sample_scene_for
+    from mpi.data.policies import generate_policy, policy_name
+
+    policy = generate_policy(rng, depth, policy_name(rng, depth))
+    target = rng.choice(policy.outcomes())
+    scene = sample_scene_for(rng, policy, target, image_size, index=index)
+    outcome, path, _ = policy.evaluate(scene)
+    return {"task": "policy", "id": f"toybase-{index}", "dataset": "clevr", "variant": "T", "depth": depth,
+            "policy_name": policy.name, "policy_text": policy.render_text(), "policy_images": [],
+            "query": QUERY.format(name=policy.name), "cot": forward_cot(policy, scene) if cot else "",
+            "answer": outcome, "gold_path": path, "override": False, "extra": "{}", "scene": scene}
+
+
+def render(example: dict[str, Any], image_size: int) -> dict[str, Any]:
+    from mpi.data.scenes import scene_image
+
+    out = dict(example)
+    out["images"] = [scene_image(example["scene"], image_size)]
+    return out
+
+
+def example_messages(example: dict[str, Any], with_answer: bool = True):
+    """Chat messages and images for one rendered example (policy examples go through mpi.data's builder)."""
+    if example["task"] == "policy":
+        from mpi.data.messages import build_messages, format_response
+
+        response = format_response(example["cot"] or None, example["answer"]) if with_answer else None
+        return build_messages(example, with_policy=True, response=response)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": example["question"]}]}]
+    if with_answer:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": example["answer"]}]})
+    return messages, list(example["images"])
+
+
+def _max_objects(step: int, cfg: ToyBaseConfig) -> int:
+    if cfg.curriculum_steps <= 0:
+        return 10
+    frac = min(1.0, step / cfg.curriculum_steps)
+    return int(round(cfg.min_objects + frac * (10 - cfg.min_objects)))
+
+
+def training_pool(cfg: ToyBaseConfig) -> list[dict[str, Any]]:
+    """`pool_size` rendered examples in training order, one batch after another.
+
+    A batch is either all policy examples (~300 tokens: the policy is in the prompt) or all skill
+    examples (~40 tokens), so short examples are never padded to policy length. Examples are made
+    for the curriculum stage they are first seen at, so early scenes have few objects."""
+    image_size = _image_size(cfg.model)
+    rng = _rng(cfg.seed, "train")
+    skills = [t for t in TASKS if t != "policy" and cfg.task_weights.get(t, 0) > 0]
+    skill_weights = [cfg.task_weights[t] for t in skills]
+    total = sum(cfg.task_weights.get(t, 0) for t in TASKS)
+    p_policy = cfg.task_weights.get("policy", 0) / total if total else 0.0
+    pool: list[dict[str, Any]] = []
+    step = 0
+    while len(pool) < cfg.pool_size:
+        policy_batch = rng.random() < p_policy or not skills
+        for _ in range(min(cfg.batch_size, cfg.pool_size - len(pool))):
+            k = len(pool)
+            if policy_batch:
+                ex = policy_example(rng, rng.choice(cfg.policy_depths), image_size, index=k,
+                                    cot=rng.random() < cfg.policy_cot_fraction)
+            else:
+                task = rng.choices(skills, skill_weights)[0]
+                ex = skill_example(rng, task, image_size, _max_objects(step, cfg), cfg.min_objects, index=k)
+            pool.append(render(ex, image_size))
+        step += 1
+    return pool
+
+
+def general_skill_items(model: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Held-out general-skill questions (exists, count, describe), full 3-10-object scenes.
+
+    The stream is fixed by `seed` and named 'eval', so it never overlaps the training pool."""
+    image_size = _image_size(model)
+    rng = _rng(seed, "eval")
+    order = ("exists", "exists", "count", "describe")
+    return [render(skill_example(rng, order[k % len(order)], image_size, 10, 3, index=k), image_size) for k in range(n)]
+
+
+def policy_items(model: str, n: int, seed: int = 0, depths: Sequence[int] = (1, 2)) -> list[dict[str, Any]]:
+    """Held-out random in-context policies: how well the base follows a policy it is given."""
+    image_size = _image_size(model)
+    rng = _rng(seed, "eval-policy")
+    return [render(policy_example(rng, depths[k % len(depths)], image_size, index=k, cot=True), image_size)
+            for k in range(n)]
+
+
+# =========================================================================== training
+
+
+def encode_examples(processor, examples: Sequence[dict[str, Any]], image_token_id: int):
+    """Right-padded batch with labels on the assistant turn only (prompt and image tokens are -100)."""
+    texts, prompt_lens, images = [], [], []
+    tok = processor.tokenizer
+    for ex in examples:
+        messages, imgs = example_messages(ex, with_answer=True)
+        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False))
+        prompt = processor.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True)
+        # The processor expands each image placeholder into its image tokens; the prompt length is
+        # counted the same way below (checked against the processor in the tests).
+        prompt_lens.append((prompt, len(imgs)))
+        images.extend(imgs)
+    side, tok.padding_side = tok.padding_side, "right"
+    try:
+        batch = processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    labels = batch["input_ids"].clone()
+    per_image = _tokens_per_image(processor)
+    for row, (prompt, n_img) in enumerate(prompt_lens):
+        n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"]) + n_img * (per_image - 1)
+        labels[row, :n_prompt] = -100
+    labels[batch["attention_mask"] == 0] = -100
+    labels[labels == image_token_id] = -100
+    batch["labels"] = labels
+    return batch
+
+
+def _tokens_per_image(processor) -> int:
+    ip = processor.image_processor
+    side = int(round(ip.min_pixels ** 0.5)) if getattr(ip, "min_pixels", None) else ip.size["shortest_edge"] ** 0.5
+    return (int(side) // ip.patch_size) ** 2 // ip.merge_size ** 2
+
+
+def supervised_loss(model, batch) -> torch.Tensor:
+    """Next-token loss with the output layer applied only where a label exists (about 1.5x faster
+    than full logits: most positions are prompt and image tokens)."""
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = model.model(**inputs).last_hidden_state  # (B, T, H)
+    target = labels[:, 1:]
+    keep = target != -100
+    h = hidden[:, :-1][keep]
+    logits = model.lm_head(h).float()
+    return torch.nn.functional.cross_entropy(logits, target[keep])
+
+
+def _lr_lambda(cfg: ToyBaseConfig) -> Callable[[int], float]:
+    def fn(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return fn
+
+
+def make_optimizer(model, cfg: ToyBaseConfig) -> torch.optim.Optimizer:
+    vision = [p for n, p in model.named_parameters() if p.requires_grad and ".visual." in f".{n}"]
+    other = [p for n, p in model.named_parameters() if p.requires_grad and ".visual." not in f".{n}"]
+    groups = [{"params": other, "lr": cfg.learning_rate},
+              {"params": vision, "lr": cfg.learning_rate * cfg.vision_lr_mult}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+
+
+def train_toy_base(model, processor, cfg: ToyBaseConfig, log: Callable[[dict], None] | None = None) -> list[dict]:
+    """Full-parameter pretraining of a toy on the pool. Returns the logged rows."""
+    from tqdm.auto import tqdm
+
+    from mpi.device import seed_everything
+
+    seed_everything(cfg.seed)
+    t_pool = time.perf_counter()
+    pool = training_pool(cfg)
+    pool_seconds = time.perf_counter() - t_pool
+    device = next(model.parameters()).device
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    image_token_id = model.config.image_token_id
+    model.train()
+    rows, window = [], []
+    start = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc=f"toy base ({cfg.model}, seed {cfg.seed})", disable=not cfg.progress)
+    for step in bar:
+        idx = [(step * cfg.batch_size + j) % len(pool) for j in range(cfg.batch_size)]
+        batch = encode_examples(processor, [pool[i] for i in idx], image_token_id).to(device)
+        loss = supervised_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        window.append(float(loss.detach()))
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            row = {"step": step + 1, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
+                   "seconds": time.perf_counter() - start, "max_objects": _max_objects(step, cfg)}
+            window = []
+            rows.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+            if log is not None:
+                log(row)
+    bar.close()
+    if rows:
+        rows[-1]["pool_seconds"] = pool_seconds
+    model.eval()
+    return rows
+
+
+# =========================================================================== evaluation
+
+
+def _skill_builder(item, with_policy=False, response=None):
+    return example_messages(item, with_answer=False)
+
+
+def _normalize(text: str) -> str:
+    return " ".join((text or "").strip().lower().split())
+
+
+def general_skill_accuracy(model, processor, items: Sequence[dict[str, Any]], *, batch_size: int = 16,
+                           max_new_tokens: int = 32) -> dict[str, Any]:
+    """Exact-match accuracy on held-out general-skill questions, overall and per task (greedy).
+
+    This is the forgetting measure: evaluated on the toy base, then after each MPI method."""
+    from mpi.evaluate import generate_texts
+
+    texts = generate_texts(model, processor, list(items), batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           build_messages=_skill_builder)
+    per_task: dict[str, list[float]] = {}
+    for item, text in zip(items, texts):
+        per_task.setdefault(item["task"], []).append(float(_normalize(text) == _normalize(item["answer"])))
+    flat = [s for v in per_task.values() for s in v]
+    return {"accuracy": sum(flat) / len(flat) if flat else float("nan"), "n": len(flat),
+            "per_task": {k: sum(v) / len(v) for k, v in sorted(per_task.items())},
+            "examples": [{"question": i["question"], "answer": i["answer"], "prediction": t}
+                         for i, t in list(zip(items, texts))[:6]]}
+
+
+def in_context_policy_accuracy(model, processor, items: Sequence[dict[str, Any]], *, batch_size: int = 8,
+                               max_new_tokens: int = 160) -> dict[str, Any]:
+    """Accuracy of following held-out random policies given in context (the base's instruction following)."""
+    from mpi.evaluate import evaluate_accuracy
+
+    r = evaluate_accuracy(model, processor, list(items), with_policy=True, batch_size=batch_size,
+                          max_new_tokens=max_new_tokens)
+    return {"accuracy": r["accuracy"], "n": r["n"], "parsed_rate": r["parsed_rate"], "referral": r["referral"]}
+
+
+# =========================================================================== cache
+
+
+def toy_base_key(cfg: ToyBaseConfig) -> str:
+    from mpi.toy import toy_path
+
+    record = {"version": TOY_BASE_VERSION, "config": {k: v for k, v in cfg.to_dict().items()
+                                                      if k not in ("progress", "log_every")},
+              "toy": toy_path(cfg.model, cfg.seed).name}
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def toy_base_path(cfg: ToyBaseConfig) -> Path:
+    from mpi.toy import cache_root
+
+    return cache_root() / "toy_base" / f"{cfg.model}-s{cfg.seed}-{toy_base_key(cfg)}"
+
+
+def load_toy_base_info(path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "toy_base.json").read_text())
+
+
+def build_toy_base(cfg: ToyBaseConfig | None = None, *, overwrite: bool = False, device: str | None = None,
+                   log: Callable[[dict], None] | None = None) -> Path:
+    """Pretrain (once) and cache the toy base for `cfg`; return its directory.
+
+    The directory is a loadable model (`load_model_and_processor(str(path))`) with `toy_base.json`:
+    the config, the training log, and the held-out general-skill and in-context-policy accuracy of
+    the random-init toy and of the base (the forgetting baseline)."""
+    from mpi.modeling import load_model_and_processor
+    from mpi.toy import build_toy
+
+    cfg = (cfg or ToyBaseConfig()).validate()
+    path = toy_base_path(cfg)
+    if (path / "toy_base.json").exists() and not overwrite:
+        return path
+    build_toy(cfg.model, seed=cfg.seed)
+    model, processor = load_model_and_processor(cfg.model, quantization=None, lora=None, seed=cfg.seed,
+                                                device=device, trainable=True)
+    model.train()
+    skill_items = general_skill_items(cfg.model, cfg.n_eval, seed=cfg.seed)
+    pol_items = policy_items(cfg.model, max(8, cfg.n_eval // 4), seed=cfg.seed, depths=cfg.policy_depths)
+    t0 = time.perf_counter()
+    before = general_skill_accuracy(model, processor, skill_items, max_new_tokens=cfg.max_new_tokens)
+    rows = train_toy_base(model, processor, cfg, log=log)
+    train_seconds = time.perf_counter() - t0
+    after = general_skill_accuracy(model, processor, skill_items, max_new_tokens=cfg.max_new_tokens)
+    following = in_context_policy_accuracy(model, processor, pol_items)
+    info = {"config": cfg.to_dict(), "key": toy_base_key(cfg), "log": rows, "train_seconds": train_seconds,
+            "general_skill_random_init": before, "general_skill": after, "in_context_policy": following}
+    with atomic_directory(path) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        processor.tokenizer.save_pretrained(tmp)
+        src = Path(build_toy(cfg.model, seed=cfg.seed))
+        (tmp / "toy_spec.json").write_text((src / "toy_spec.json").read_text())
+        (tmp / "toy_base.json").write_text(json.dumps(info, indent=2, default=str))
+    return path
