@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         from mpi import pipeline  # noqa: PLC0415 - the pipeline owns the default command once it exists
     except ImportError:
         pipeline = None
-    if pipeline is not None and (not argv or argv[0] not in ("smoke", "-h", "--help")):
+    if pipeline is not None and (not argv or argv[0] != "smoke"):
         return pipeline.main(argv)
     args = build_parser().parse_args(argv or ["smoke"])
     if args.command in (None, "smoke"):

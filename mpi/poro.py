@@ -38,6 +38,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from mpi import distributed as dist
 from mpi.atomic import atomic_directory, atomic_write_text
 from mpi.device import seed_everything
 from mpi.grpo import (LOSS_TYPES, OFFPOLICY_RULES, STD_KINDS, TRUNCATION_RULES, aggregate_loss,
@@ -161,7 +162,8 @@ def grpo_config_from_run(run_cfg, preset: str = "poro-grpo", **overrides: Any) -
     """Map a `mpi.config.RunConfig` (rl_* fields) onto a GRPOConfig preset."""
     base = dict(steps=run_cfg.rl_steps, learning_rate=run_cfg.rl_learning_rate,
                 num_generations=run_cfg.num_generations, max_completion_length=run_cfg.max_completion_length,
-                prompts_per_step=run_cfg.prompts_per_step, seed=run_cfg.seed)
+                prompts_per_step=run_cfg.prompts_per_step, seed=run_cfg.seed,
+                micro_batch_size=getattr(run_cfg, "micro_batch_size", None))
     return get_grpo_config(preset, **{**base, **overrides})
 
 
@@ -512,7 +514,8 @@ def train_on_rollout(model, optimizer, processor, ro: Rollout, cfg: GRPOConfig, 
     if cfg.offpolicy_rule == "tis" and guided.any():
         weights[guided] = offpolicy_token_weights(old_logp[guided], behaviour[guided], "tis", cfg.tis_cap)
 
-    num_tokens = float(loss_mask.sum())
+    # each process holds a share of the global loss: divide by the whole step's counts (all processes)
+    num_sequences, num_tokens = dist.global_sums(N, float(loss_mask.sum()))
     stats: dict[str, list] = {k: [] for k in ("loss", "grad_norm")}
     token_stats = {k: torch.zeros_like(loss_mask, dtype=torch.float32)
                    for k in ("kl", "entropy", "ratio", "clip_low", "clip_high")}
@@ -538,7 +541,7 @@ def train_on_rollout(model, optimizer, processor, ro: Rollout, cfg: GRPOConfig, 
                 per_tok = per_tok + cfg.beta * kl
                 token_stats["kl"][rows] = kl.detach().float().cpu()
             loss = aggregate_loss(per_tok, loss_mask[rows].to(dev), cfg.loss_type,
-                                  max_completion_length=cfg.max_completion_length, num_sequences=N,
+                                  max_completion_length=cfg.max_completion_length, num_sequences=num_sequences,
                                   num_tokens=num_tokens)
             loss.backward()
             total += float(loss.detach())
@@ -547,6 +550,7 @@ def train_on_rollout(model, optimizer, processor, ro: Rollout, cfg: GRPOConfig, 
             token_stats["ratio"][rows] = ratio.detach().float().cpu()
             token_stats["clip_low"][rows] = c_low.float().cpu()
             token_stats["clip_high"][rows] = c_high.float().cpu()
+        dist.all_reduce_gradients(params)  # sum the processes' shares (no-op on one process)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -783,48 +787,58 @@ def train_poro(model, processor, dataset, cfg: GRPOConfig, out_dir: str | Path, 
     cfg.validate()
     out_dir = Path(out_dir)
     build_messages = build_messages or default_build_messages()
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed + dist.process_index())  # each process samples differently
+    dist.sync_initial_weights(model)
     optimizer = make_optimizer(model, cfg)
-    sampler = PromptSampler(len(dataset), cfg.seed)
+    sampler = dist.ShardedSampler(PromptSampler(len(dataset), cfg.seed))  # process p: positions p, p+W, ...
+    local_cfg = dataclasses.replace(cfg, prompts_per_step=dist.local_count(cfg.prompts_per_step))
     start = 0
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
         start, sampler.cursor = state["step"], state["cursor"]
-    logger = MetricsLogger(out_dir, resume_step=start if ckpt is not None else None, echo=False)
-    atomic_write_text(out_dir / "grpo_config.json", json.dumps(cfg.to_dict(), indent=2, default=str))
+    logger = (MetricsLogger(out_dir, resume_step=start if ckpt is not None else None, echo=False)
+              if dist.is_main_process() else dist.NullLogger())
+    if dist.is_main_process():
+        atomic_write_text(out_dir / "grpo_config.json", json.dumps(cfg.to_dict(), indent=2, default=str))
 
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=f"{cfg.preset}",
-               disable=not cfg.progress)
+               disable=not cfg.progress or not dist.is_main_process())
     for step in bar:
         t0, c0 = time.perf_counter(), time.process_time()
-        ro, tries = collect_rollout(model, processor, dataset, sampler, cfg, build_messages, reward_fn)
+        ro, tries = collect_rollout(model, processor, dataset, sampler, local_cfg, build_messages, reward_fn)
         metrics: dict[str, Any] = {"resample_tries": tries}
-        if ro is None:
+        if dist.all_processes(ro is None):
             metrics["skipped"] = 1  # every try gave flat groups: nothing to learn from this step
+        elif ro is None:  # this process found only flat groups, others did not: join their update
+            dist.idle_update(model, optimizer, num_iterations=cfg.num_iterations, max_grad_norm=cfg.max_grad_norm)
+            metrics.update(num_groups=0)
         else:
             metrics.update(train_on_rollout(model, optimizer, processor, ro, cfg, build_messages))
             gen_tokens = int(ro.eos_mask.sum())
             metrics.update(num_groups=ro.num_groups, gen_tokens=gen_tokens,
                            gen_tokens_per_s=gen_tokens / max(ro.gen_seconds, 1e-9), gen_seconds=ro.gen_seconds)
-            if cfg.sample_every and step % cfg.sample_every == 0:
+            if cfg.sample_every and step % cfg.sample_every == 0 and dist.is_main_process():
                 write_sample_table(out_dir, step, ro)
         metrics["step_time"] = time.perf_counter() - t0
         metrics["step_cpu_s"] = time.process_time() - c0  # CPU seconds of this process (robust to a busy machine)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
-        row = logger.log(step, **metrics)
-        if cfg.print_every and step % cfg.print_every == 0:
+        row = logger.log(step, **dist.reduce_metrics(metrics))  # one row for all processes
+        if cfg.print_every and step % cfg.print_every == 0 and dist.is_main_process():
             tqdm.write(format_row(row, [k for k in PRINT_KEYS if k in row]))
         bar.set_postfix(reward=f"{row.get('all/reward_mean', float('nan')):.3f}")
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+        if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps) and dist.is_main_process():
             save_checkpoint(out_dir, step, model, optimizer, sampler, cfg)
     bar.close()
 
     adapter_dir = None
-    if save_adapter and hasattr(model, "save_pretrained") and hasattr(model, "peft_config"):
+    if save_adapter and hasattr(model, "save_pretrained") and hasattr(model, "peft_config") and dist.is_main_process():
         adapter_dir = out_dir / "adapter"
         with atomic_directory(adapter_dir) as tmp:
             model.save_pretrained(tmp)
+    dist.wait_for_everyone()  # nobody returns before process 0 has written the adapter
+    if save_adapter and adapter_dir is None and (out_dir / "adapter").exists():
+        adapter_dir = out_dir / "adapter"
     return TrainResult(out_dir=out_dir, adapter_dir=adapter_dir, rows=logger.rows, final_step=cfg.steps)
 
 

@@ -46,12 +46,14 @@ def _labels() -> dict[str, str]:
 def seed_metrics(done: dict[str, Any]) -> dict[str, float | None]:
     """The scalar metrics of one eval stage (one method, dataset and seed)."""
     forgetting = done.get("forgetting") or {}
+    # referral is read where the method reasons: with the policy in context for the in-context baseline
+    mode = "with_policy" if done.get("method") == "in-context" else "policy_free"
     return {
         "accuracy": done.get("accuracy"),
         "policy_free": done["policy_free"]["accuracy"],
         "with_policy": done["with_policy"]["accuracy"],
         "override": done["override"]["accuracy"],
-        "referral": (done["policy_free"].get("referral") or {}).get("score"),
+        "referral": (done[mode].get("referral") or {}).get("score"),
         "referral_with_policy": (done["with_policy"].get("referral") or {}).get("score"),
         "parsed_rate": done["policy_free"].get("parsed_rate"),
         "forgetting": forgetting.get("accuracy"),

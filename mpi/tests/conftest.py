@@ -34,6 +34,15 @@ def chat_batch(processor, n_images: int = 1, text: str = "What do you see?", ans
     return processor(text=[prompt], images=images, return_tensors="pt")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The toy models gain nothing from intra-op threads, and on a busy 2-core machine they cost up to 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def torch_seed():
     torch.manual_seed(0)

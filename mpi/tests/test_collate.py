@@ -11,13 +11,6 @@ from mpi.collate import IGNORE_INDEX, SupervisedCollator, describe_labels, rende
 POLICY_LINE = "# Condition 1.1 zebra marker rule"  # appears only in the policy text
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The toy-tiny model gains nothing from intra-op threads, and on a busy 2-core machine they cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def image(color, size=56):

@@ -23,13 +23,6 @@ from mpi.supervised import (
 from mpi.tests.test_collate import clevr_item, gta_item
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The toy-tiny model gains nothing from intra-op threads, and on a busy 2-core machine they cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def items(n=4):
