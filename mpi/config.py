@@ -93,13 +93,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _check_fields(overrides: dict[str, Any]) -> None:
-    names = {f.name for f in dataclasses.fields(RunConfig)}
+def check_known_fields(config_class: type, overrides: dict[str, Any]) -> None:
+    """Refuse overrides that name no field of a config dataclass, listing the valid ones (catches typos)."""
+    names = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise ValueError(
-            f"unknown RunConfig field(s) {unknown}; valid fields are: {', '.join(sorted(names))}"
+            f"unknown {config_class.__name__} field(s) {unknown}; valid fields are: {', '.join(sorted(names))}"
         )
+
+
+def _check_fields(overrides: dict[str, Any]) -> None:
+    check_known_fields(RunConfig, overrides)
 
 
 def get_config(preset: str | None = None, **overrides: Any) -> RunConfig:

@@ -308,8 +308,12 @@ def train_stage(plan: Plan, key: str, seed: int, chain: tuple[str, ...], tmp: Pa
     """Train the last stage of `chain` on top of the adapter of `chain[:-1]`; save into tmp/model."""
     from mpi.device import seed_everything
 
+    from mpi.memory import preflight
+
     stage = chain[-1]
     parent = plan.stage_dir(key, seed, chain[:-1]) / "model" if len(chain) > 1 else None
+    # Print the expected peak memory and refuse, with the knobs to turn, a stage that cannot fit.
+    preflight(plan.cfg, "rl" if stage in RL_STAGES else ("cpt" if stage == "cpt" else "sft"))
     seed_everything(seed)
     model, processor = load_for_stage(plan, seed, parent, trainable=True)
     train = load_split(plan, key, "train")

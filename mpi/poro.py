@@ -151,10 +151,9 @@ def get_grpo_config(preset: str = "poro-grpo", **overrides: Any) -> GRPOConfig:
     """A named preset with overrides by field name (unknown names raise, listing the valid ones)."""
     if preset not in GRPO_PRESETS:
         raise ValueError(f"unknown GRPO preset {preset!r}; choose one of {sorted(GRPO_PRESETS)}")
-    names = {f.name for f in dataclasses.fields(GRPOConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ValueError(f"unknown GRPOConfig field(s) {unknown}; valid fields: {', '.join(sorted(names))}")
+    from mpi.config import check_known_fields
+
+    check_known_fields(GRPOConfig, overrides)
     return GRPOConfig(preset=preset, **{**GRPO_PRESETS[preset], **overrides}).validate()
 
 

@@ -103,10 +103,9 @@ TOY_BASE_PRESETS: dict[str, dict[str, Any]] = {
 def toy_base_config(preset: str = "toy", **overrides: Any) -> ToyBaseConfig:
     if preset not in TOY_BASE_PRESETS:
         raise ValueError(f"unknown toy-base preset {preset!r}; choose one of {sorted(TOY_BASE_PRESETS)}")
-    names = {f.name for f in dataclasses.fields(ToyBaseConfig)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise ValueError(f"unknown ToyBaseConfig field(s) {unknown}; valid: {', '.join(sorted(names))}")
+    from mpi.config import check_known_fields
+
+    check_known_fields(ToyBaseConfig, overrides)
     return ToyBaseConfig(**{**TOY_BASE_PRESETS[preset], **overrides}).validate()
 
 
@@ -479,3 +478,19 @@ def build_toy_base(cfg: ToyBaseConfig | None = None, *, overwrite: bool = False,
         (tmp / "toy_spec.json").write_text((src / "toy_spec.json").read_text())
         (tmp / "toy_base.json").write_text(json.dumps(info, indent=2, default=str))
     return path
+
+
+def starting_model(cfg):
+    """The model a notebook's stage starts from: the cached toy base for a toy model when it has been built
+    (the pipeline builds it), else the model as configured.
+
+    Returns (cfg, random_init_toy). A random-init toy's output layer is frozen random weights: with LoRA on
+    attention/MLP only the loss floors near 4, so callers also adapt embed_tokens / lm_head on it.
+    """
+    from mpi.toy import is_toy
+
+    if is_toy(cfg.model):
+        path = toy_base_path(toy_base_config("tiny" if cfg.model == "toy-tiny" else "toy", model=cfg.model, seed=0))
+        if path.exists():
+            cfg = cfg.replace(model=str(path))
+    return cfg, is_toy(cfg.model)

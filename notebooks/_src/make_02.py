@@ -11,15 +11,10 @@ cfg = notebook_setup(preset=PRESET, seed=0)'''),
 toy cannot, so `mpi.toy_base` pretrains one once (general visual skills + following *other* policies in
 context; the pipeline builds it, tens of minutes for toy-small). We start from it when it is in the
 cache, and from the random-init toy otherwise (then expect the loss to fall but answers to stay at chance).'''),
-("code", '''from mpi.toy import is_toy
-if is_toy(cfg.model):
-    from mpi.toy_base import toy_base_config, toy_base_path
-    toy_base = toy_base_path(toy_base_config("tiny" if cfg.model == "toy-tiny" else "toy", model=cfg.model, seed=0))
-    if toy_base.exists():
-        cfg = cfg.replace(model=str(toy_base))
+("code", '''from mpi.toy_base import starting_model
 # A random-init toy's output layer is frozen random weights: with LoRA on the attention/MLP only, the loss
 # floors near 4 and answers stay at chance. On it we also adapt embed_tokens / lm_head (lora_embeddings).
-RANDOM_INIT_TOY = is_toy(cfg.model)
+cfg, RANDOM_INIT_TOY = starting_model(cfg)
 print("starting model:", cfg.model, "| random-init toy:", RANDOM_INIT_TOY)'''),
 ("md", '''## 1. The idea: read the policy, never learn to predict pixels
 
