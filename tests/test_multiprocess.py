@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import socket
@@ -30,7 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "accelerate" / "ddp_cpu_2proc.yaml"
 WORLD = 2
 NUM_PROMPTS = 3  # 2 groups on process 0, 1 on process 1
-HAS_SUPERVISED = importlib.util.find_spec("mpi.supervised") is not None
 
 
 # --------------------------------------------------------------------------- shared by parent and workers
@@ -163,7 +161,7 @@ def worker_main(argv: list[str]) -> None:
     parser.add_argument("--work", required=True)
     args = parser.parse_args(argv)
     work = Path(args.work)
-    tasks = ["poro_update", "poro_loop"] + (["sft"] if HAS_SUPERVISED else []) if args.task == "all" else [args.task]
+    tasks = ["poro_update", "poro_loop", "sft"] if args.task == "all" else [args.task]
     for task in tasks:
         globals()[f"worker_{task}"](work)
 
@@ -200,9 +198,8 @@ def launched(tmp_path_factory):
     optimizer = sgd(model, cfg)
     ref_metrics = train_on_rollout(model, optimizer, processor, ro, cfg, build_messages)
     reference = {"weights": trainable(model), "metrics": ref_metrics, "init": init, "rollout": ro}
-    if HAS_SUPERVISED:
-        sft_model, sft_rows = run_sft(work, "sft_1proc", world=1)
-        reference["sft"] = {"weights": trainable(sft_model), "rows": sft_rows}
+    sft_model, sft_rows = run_sft(work, "sft_1proc", world=1)
+    reference["sft"] = {"weights": trainable(sft_model), "rows": sft_rows}
     proc = _launch(work)
     if proc.returncode != 0:
         pytest.fail(f"accelerate launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -247,7 +244,6 @@ def test_policy_rollout_loop_shards_prompts_and_logs_once(launched):
     assert (work / "loop" / "adapter").exists()
 
 
-@pytest.mark.skipif(not HAS_SUPERVISED, reason="mpi.supervised not present yet")
 def test_supervised_stage_matches_single_process(launched):
     work, ref = launched
     ranks = _load(work, "sft")

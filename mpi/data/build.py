@@ -353,12 +353,9 @@ def available_tokenizers(max_real: int = 2) -> dict[str, Any]:
     local Hugging Face cache. Never downloads."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     toks: dict[str, Any] = {}
-    try:
-        from mpi.toy import load_toy_tokenizer
+    from mpi.toy import load_toy_tokenizer  # always available offline: a failure here is a real bug
 
-        toks["toy"] = load_toy_tokenizer()
-    except Exception:
-        pass
+    toks["toy"] = load_toy_tokenizer()
     candidates = ["Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2-VL-2B-Instruct",
                   "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct"]
     try:

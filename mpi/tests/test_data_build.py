@@ -7,7 +7,6 @@ import re
 import pytest
 
 from mpi.data import COLUMNS, PRESETS, get_data_config, load_samples, token_report, tokenizer_corpus
-from mpi.data.samples import DEFAULT_ROOT
 
 
 def test_presets_and_unknown_fields():
@@ -51,7 +50,6 @@ def test_token_report_counts_what_the_policy_adds():
     assert by[("clevr", "M", 2)]["n_policy_images"] >= 1 and by[("clevr", "T", 2)]["n_policy_images"] == 0
 
 
-@pytest.mark.skipif(not (DEFAULT_ROOT / "clevr" / "items.jsonl").is_file(), reason="data_samples/ not written")
 def test_committed_samples_load_with_the_schema():
     clevr, gta = load_samples("clevr"), load_samples("gta")
     assert list(clevr.column_names) == list(COLUMNS) == list(gta.column_names)
