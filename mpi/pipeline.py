@@ -67,8 +67,9 @@ EVAL_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": dict(eval_limit=8, eval_batch_size=8, eval_max_new_tokens=24, prefill_items=2, toy_base="tiny",
                  grpo={"max_resample_tries": 2}),
     # A ClevrPolicy N=2 CoT is ~80 toy tokens: RL completions must fit one, or every reward is 0.
+    # The importance-ratio log (one more scoring pass, ~1.5x the step) is diagnostics only: off on the laptop.
     "toy": dict(eval_limit=64, eval_batch_size=16, eval_max_new_tokens=160, prefill_items=8, toy_base="toy",
-                grpo={"max_completion_length": 112}),
+                grpo={"max_completion_length": 112, "log_behaviour_ratio": False}),
     "colab-t4": dict(eval_limit=200, eval_batch_size=4, eval_max_new_tokens=512, prefill_items=8, toy_base=None),
     "paper": dict(eval_limit=None, eval_batch_size=8, eval_max_new_tokens=1024, prefill_items=16, toy_base=None),
 }
@@ -398,7 +399,7 @@ def general_skills(plan: Plan, model, processor) -> dict[str, Any] | None:
     from mpi.toy_base import general_skill_accuracy, general_skill_items
 
     tb = toy_base_cfg(plan)
-    items = general_skill_items(tb.model, tb.n_eval, seed=tb.seed)
+    items = general_skill_items(tb.model, tb.n_eval, seed=tb.seed, max_objects=tb.max_objects)
     # the attribute list runs to ~40 tokens: decode far enough that it can be complete
     r = general_skill_accuracy(model, processor, items, batch_size=plan.opts["eval_batch_size"],
                                max_new_tokens=max(tb.max_new_tokens, 64))

@@ -46,6 +46,9 @@ class DataConfig:
     seed: int = 0
     balanced: bool = True  # outcome-balanced scenes (rejection sampling); False = CLEVR's natural mix
     condition_kinds: tuple[str, ...] = ("exists",)  # add "count" and/or "and" for harder policies
+    # objects per rendered scene (CLEVR: 3-10). The toy VLM learns to see far faster with few objects:
+    # a small object is ~13 px, one of 16 image tokens at 112 px (benchmarks/bench_toy_perception.py).
+    n_objects: tuple[int, int] = (3, 10)
     m_image_fraction: float = 0.5  # -M: share of conditions whose value is shown as an image
     m_max_images: int = 6  # -M: at most this many images per policy (they repeat in every item)
     n_gta_train: int = 24  # paper: 451
@@ -56,6 +59,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self.depths = tuple(self.depths)
+        self.n_objects = tuple(self.n_objects)
+        if len(self.n_objects) != 2 or not 1 <= self.n_objects[0] <= self.n_objects[1] <= 10:
+            raise ValueError(f"DataConfig.n_objects must be (min, max) with 1 <= min <= max <= 10, got {self.n_objects!r}")
         for d in self.depths:
             if not isinstance(d, int) or d < 1:
                 raise ValueError(f"DataConfig.depths: every tree depth N must be an integer >= 1, got {d!r}")
@@ -75,7 +81,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "toy": dict(n_policies=2, n_train_per_policy=16, n_test=16, depths=(2,), image_size=56,
                 n_gta_train=24, n_gta_test=16),
     # toy learning runs (toy-small model, 112 px)
-    "small": dict(n_policies=4, n_train_per_policy=250, n_test=200, depths=(2,), image_size=112,
+    "small": dict(n_policies=4, n_train_per_policy=250, n_test=200, depths=(2,), image_size=112, n_objects=(1, 4),
                   n_gta_train=451, n_gta_test=106),
     # the paper's sizes: 10 policies x 2K train per N, 2K test per N; GTAPolicy 451 / 106
     "paper": dict(n_policies=10, n_train_per_policy=2000, n_test=2000, depths=(2, 4, 6), image_size=224,
@@ -173,7 +179,8 @@ def clevr_split_records(cfg: DataConfig, split: str, depth: int, variant: str | 
     for policy, n in zip(policies, _split_sizes(cfg, split)):
         # the override split is evaluated on test-like scenes, drawn from their own stream
         records += clevr_records([policy], n, split=split, seed=cfg.seed, image_size=cfg.image_size,
-                                 balanced=cfg.balanced, override=override, scene_pool=pool)
+                                 balanced=cfg.balanced, override=override, scene_pool=pool,
+                                 n_objects=tuple(cfg.n_objects))
     return records
 
 

@@ -122,14 +122,16 @@ def forward_cot(policy: Policy, scene: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------- scenes per item
 def sample_scene_for(
-    rng: random.Random, policy: Policy, target: str | None, image_size: int, index: int, max_tries: int = 100
+    rng: random.Random, policy: Policy, target: str | None, image_size: int, index: int, max_tries: int = 100,
+    n_objects: tuple[int, int] = (3, 10),
 ) -> dict[str, Any]:
-    """A scene whose walk ends at `target` (balanced) or an unconstrained scene (target None)."""
+    """A scene of n_objects[0]..n_objects[1] objects whose walk ends at `target` (balanced), or an
+    unconstrained scene (target None)."""
     if target is None:
-        return sample_scene(rng, image_size, index=index)
+        return sample_scene(rng, image_size, n_objects=n_objects, index=index)
     constraints = _leaf_constraints(policy)[target]
     for _ in range(max_tries):
-        objects = sample_objects_for(rng, constraints)
+        objects = sample_objects_for(rng, constraints, n_objects=n_objects)
         if objects is None:
             break
         scene = sample_scene(rng, image_size, objects=objects, index=index)
@@ -165,6 +167,7 @@ def clevr_records(
     balanced: bool = True,
     override: bool = False,
     scene_pool: list[dict[str, Any]] | None = None,
+    n_objects: tuple[int, int] = (3, 10),
 ) -> list[dict[str, Any]]:
     """Unrendered items (one dict per policy x scene) in a fixed order."""
     records = []
@@ -175,7 +178,8 @@ def clevr_records(
             scenes = _pool_scenes(rng, policy, scene_pool, n_per_policy, balanced)
         else:
             targets = balanced_targets(rng, policy.outcomes(), n_per_policy) if balanced else [None] * n_per_policy
-            scenes = [sample_scene_for(rng, policy, t, image_size, index=k) for k, t in enumerate(targets)]
+            scenes = [sample_scene_for(rng, policy, t, image_size, index=k, n_objects=n_objects)
+                      for k, t in enumerate(targets)]
         text = policy.render_text()
         for k, scene in enumerate(scenes):
             outcome, path, answers = policy.evaluate(scene)

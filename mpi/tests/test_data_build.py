@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -57,3 +58,14 @@ def test_committed_samples_load_with_the_schema():
     assert {"T", "M"} <= set(clevr["variant"]) and any(clevr["override"]) and any(gta["override"])
     m = clevr[clevr["variant"].index("M")]
     assert m["policy_text"].count("<image>") == len(m["policy_images"]) >= 1
+
+
+def test_n_objects_bounds_every_scene_and_bad_values_name_the_field():
+    from mpi.data import build_split, get_data_config
+
+    cfg = get_data_config("toy", n_objects=(1, 2), n_train_per_policy=8, n_test=4)
+    ds = build_split(cfg, "clevr", "train")
+    counts = {len(json.loads(e)["scene"]["objects"]) for e in ds["extra"]}
+    assert counts <= {1, 2} and counts
+    with pytest.raises(ValueError, match="n_objects"):
+        get_data_config("toy", n_objects=(0, 4))
