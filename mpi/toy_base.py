@@ -57,7 +57,7 @@ class ToyBaseConfig:
     seed: int = 0
     steps: int = 1300
     batch_size: int = 32
-    learning_rate: float = 1e-3  # 2e-3 collapsed the vision features (linear probe 70% -> 20% on color)
+    learning_rate: float = 1e-3  # 2e-3 collapsed the vision features (linear probe 70% -> 19% on color)
     vision_lr_mult: float = 1.0
     min_lr_ratio: float = 0.3  # cosine decays to this fraction of the peak
     warmup_steps: int = 30
@@ -71,7 +71,7 @@ class ToyBaseConfig:
     perception_steps: int = 500  # first, single-object scenes and the describe task only
     curriculum_steps: int = 300  # then objects per scene ramp from `min_objects` to `max_objects`
     min_objects: int = 1
-    max_objects: int = 4  # match the data's DataConfig.n_objects (the toy preset renders 1-4)
+    max_objects: int = 4  # = the toy data's DataConfig.n_objects max ("small" preset; a test keeps them equal)
     pool_size: int = 41600  # pre-rendered training examples (re-drawn in order once exhausted)
     n_eval: int = 96  # held-out general-skill questions (the forgetting baseline)
     max_new_tokens: int = 32

@@ -124,3 +124,12 @@ def test_perception_phase_then_object_ramp():
     assert all(1 <= len(e["scene"]["objects"]) <= 4 for e in rest)
     with pytest.raises(ValueError, match="max_objects"):
         toy_base_config("tiny", min_objects=3, max_objects=2)
+
+
+def test_toy_base_sees_as_many_objects_as_the_toy_data():
+    from mpi.config import get_config
+    from mpi.data import get_data_config
+
+    data = get_data_config(get_config("toy").data_preset)
+    cfg = toy_base_config("toy")
+    assert (cfg.min_objects, cfg.max_objects) == tuple(data.n_objects)
