@@ -15,12 +15,18 @@ Modes (labels equal to -100 carry no loss):
                plus the closing `<|im_end|>` (so the model learns to stop), nothing else.
 - "sft_direct" (direct SFT) the same prompt; loss on "\\boxed{A}<|im_end|>" only.
 
+`policy_in_context_frac` (SFT modes): that fraction of items, picked by a hash of (seed, item id) so every
+epoch and a resumed run pick the same ones, keeps the policy in the prompt (loss still on the response
+only). 0 is the paper's policy-free SFT. A small model forgets how to read a policy in context after
+policy-free SFT, and PolicyRollout's guided half needs exactly that skill (see `mpi.config`'s toy preset).
+
 Padding never carries loss. Prompts come from `mpi.data.messages.build_messages`, the one place prompt
 text is made, so training, evaluation and RL read the same words.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -73,9 +79,16 @@ class SupervisedCollator:
     """
 
     def __init__(self, processor, mode: str = "cpt", *, max_length: int | None = None,
-                 mask_vision_markers: bool = True, build_messages=None, format_response=None):
+                 mask_vision_markers: bool = True, build_messages=None, format_response=None,
+                 policy_in_context_frac: float = 0.0, seed: int = 0):
         if mode not in MODES:
             raise ValueError(f"SupervisedCollator mode must be one of {MODES}, got {mode!r}")
+        if not 0.0 <= policy_in_context_frac <= 1.0:
+            raise ValueError(f"policy_in_context_frac must be in [0, 1], got {policy_in_context_frac!r}")
+        if policy_in_context_frac and mode == "cpt":
+            raise ValueError("policy_in_context_frac is for the SFT modes; mode='cpt' always has the policy in context")
+        self.policy_in_context_frac = float(policy_in_context_frac)
+        self.seed = int(seed)
         default_build, default_format = _message_builders() if build_messages is None or format_response is None else (None, None)
         self.processor = processor
         self.mode = mode
@@ -91,9 +104,14 @@ class SupervisedCollator:
             raise ValueError("the processor's tokenizer has no pad token; set tokenizer.pad_token (e.g. '<|endoftext|>')")
 
     # ------------------------------------------------------------------ text
-    @property
-    def with_policy(self) -> bool:
-        return self.mode == "cpt"
+    def shows_policy(self, item: Mapping[str, Any]) -> bool:
+        """Whether this item's prompt carries the policy: always in "cpt", a fixed hashed subset in SFT."""
+        if self.mode == "cpt":
+            return True
+        if self.policy_in_context_frac <= 0.0:
+            return False
+        digest = hashlib.sha256(f"{self.seed}:{item.get('id', '')}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2.0**64 < self.policy_in_context_frac
 
     def response(self, item: Mapping[str, Any]) -> str:
         if self.mode == "sft_direct":
@@ -107,7 +125,7 @@ class SupervisedCollator:
     def encode_text(self, item: Mapping[str, Any]) -> Encoded:
         """The chat text and images of one item (no tokenization)."""
         response = self.response(item)
-        messages, images = self.build_messages(item, with_policy=self.with_policy, response=response)
+        messages, images = self.build_messages(item, with_policy=self.shows_policy(item), response=response)
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
         if self.mode == "cpt":
             return Encoded(text, images, None)

@@ -21,6 +21,7 @@ One training step, in the order the code runs it:
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import functools
 import html
@@ -33,7 +34,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -52,6 +53,8 @@ ORIGINS = ("own", "guided")
 
 # =========================================================================== config
 
+KL_REFERENCES = ("start", "no_adapter")
+
 
 @dataclass
 class GRPOConfig:
@@ -66,7 +69,12 @@ class GRPOConfig:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     # --- objective
-    beta: float = 0.01  # KL weight (k3 estimator against the adapter-free model); 0 = no reference pass
+    beta: float = 0.01  # KL weight (k3 estimator against the reference); 0 = no reference pass
+    # The KL reference. "start": the policy as RL found it (the paper's pi_ref = the SFT model), a copy of the
+    # trainable weights swapped in for the reference pass. "no_adapter": the model with its LoRA switched off
+    # (no copy), the same thing only when RL starts from a fresh adapter; continuing an SFT adapter it would
+    # pull RL back towards the pre-SFT base.
+    kl_reference: str = "start"
     epsilon: float = 0.2  # epsilon_low of the clip
     epsilon_high: float = 0.3  # DAPO's clip-higher; equal to epsilon = PPO's symmetric clip
     loss_type: str = "grpo"  # grpo (per-sequence mean) | dapo (token mean) | dr_grpo (constant L_max)
@@ -118,6 +126,7 @@ class GRPOConfig:
             (self.offpolicy_rule in OFFPOLICY_RULES, f"offpolicy_rule must be one of {OFFPOLICY_RULES}"),
             (self.truncated_completions in TRUNCATION_RULES, f"truncated_completions must be one of {TRUNCATION_RULES}"),
             (self.beta >= 0, "beta must be >= 0"),
+            (self.kl_reference in KL_REFERENCES, f"kl_reference must be one of {KL_REFERENCES}"),
             (0 <= self.epsilon < 1 and self.epsilon_high >= 0, "epsilon must be in [0, 1) and epsilon_high >= 0"),
             (self.num_iterations >= 1, "num_iterations must be >= 1"),
             (self.group_size >= 2 or not self.scale_rewards,
@@ -454,17 +463,58 @@ def _row_chunks(n: int, size: int | None) -> list[torch.Tensor]:
     return [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-@torch.no_grad()
-def score_no_grad(model, batch: ScoringBatch, cfg: GRPOConfig, reference: bool = False) -> torch.Tensor:
-    """Log-probs of every row without gradients; `reference=True` switches the adapters off."""
+class StartReference:
+    """The KL reference "the policy when RL started": a copy of the trainable weights, swapped in for the
+    reference pass and swapped back after. A LoRA copy is small; with lora_r=None it is a whole model."""
+
+    def __init__(self, model):
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError("kl_reference='start' needs trainable weights; load the model with trainable=True")
+        self.weights = {n: p.detach().clone() for n, p in self.params.items()}
+
+    @contextlib.contextmanager
+    def __call__(self, model) -> Iterator[torch.nn.Module]:
+        current = {n: p.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.weights[n])
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(current[n])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: w.detach().cpu() for n, w in self.weights.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.weights):
+            raise ValueError("the checkpoint's KL reference does not match this model's trainable weights")
+        for n, w in state.items():
+            self.weights[n] = w.to(self.weights[n].device, self.weights[n].dtype)
+
+
+def make_reference(model, cfg: GRPOConfig) -> Callable | None:
+    """A context manager factory `reference(model)` for the KL reference pass, or None when beta is 0."""
+    if cfg.beta <= 0:
+        return None
+    if cfg.kl_reference == "start":
+        return StartReference(model)
     from mpi.modeling import reference_model
 
+    return reference_model
+
+
+@torch.no_grad()
+def score_no_grad(model, batch: ScoringBatch, cfg: GRPOConfig, reference: Callable | bool | None = None) -> torch.Tensor:
+    """Log-probs of every row without gradients, under `reference(model)` when given (True: adapters off)."""
+    if reference is True:
+        from mpi.modeling import reference_model as reference
     outs = []
     for rows in _row_chunks(batch.num_rows, cfg.micro_batch_size):
-        if reference:
-            with reference_model(model):
-                lp, _ = forward_log_probs(model, batch, rows, cfg.temperature, cfg.logprob_chunk_size)
-        else:
+        with reference(model) if reference else contextlib.nullcontext():
             lp, _ = forward_log_probs(model, batch, rows, cfg.temperature, cfg.logprob_chunk_size)
         outs.append(lp.float().cpu())
     return torch.cat(outs)
@@ -489,8 +539,12 @@ def behaviour_batch(processor, ro: Rollout, build_messages) -> ScoringBatch:
                                rows // group_size)
 
 
-def train_on_rollout(model, optimizer, processor, ro: Rollout, cfg: GRPOConfig, build_messages) -> dict[str, float]:
-    """Advantages, log-probs, loss and `num_iterations` optimizer updates for one rollout."""
+def train_on_rollout(model, optimizer, processor, ro: Rollout, cfg: GRPOConfig, build_messages,
+                     reference: Callable | None = None) -> dict[str, float]:
+    """Advantages, log-probs, loss and `num_iterations` optimizer updates for one rollout.
+
+    `reference(model)`: the KL reference's context (train_poro passes `make_reference`'s); None with beta > 0
+    means the model with its adapters off."""
     N = ro.completion_ids.shape[0]
     G2 = N // ro.num_groups
     adv = group_advantages(ro.rewards["reward"], G2, scale_rewards=cfg.scale_rewards, std=cfg.advantage_std,
@@ -502,7 +556,7 @@ def train_on_rollout(model, optimizer, processor, ro: Rollout, cfg: GRPOConfig, 
 
     need_behaviour = bool(guided.any()) and (cfg.offpolicy_rule == "tis" or cfg.log_behaviour_ratio)
     old_logp = score_no_grad(model, batch, cfg) if (cfg.num_iterations > 1 or need_behaviour) else None
-    ref_logp = score_no_grad(model, batch, cfg, reference=True) if cfg.beta > 0 else None
+    ref_logp = score_no_grad(model, batch, cfg, reference=reference or True) if cfg.beta > 0 else None
     behaviour = torch.zeros_like(loss_mask, dtype=torch.float32)
     if need_behaviour:
         bb = behaviour_batch(processor, ro, build_messages)
@@ -656,12 +710,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, sampler: PromptSampler, cfg: GRPOConfig) -> Path:
-    """trainable weights + optimizer + RNG + step + prompt cursor, written to a temp dir then renamed."""
+def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, sampler: PromptSampler, cfg: GRPOConfig,
+                    reference: Callable | None = None) -> Path:
+    """trainable weights + optimizer + RNG + step + prompt cursor (+ the KL reference's weights, which a resumed
+    run cannot rebuild from the model), written to a temp dir then renamed."""
     path = Path(out_dir) / "checkpoints" / f"step_{step:06d}"
     with atomic_directory(path) as tmp:
         trainable = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
         torch.save(trainable, tmp / "trainable.pt")
+        if isinstance(reference, StartReference):
+            torch.save(reference.state_dict(), tmp / "reference.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "cursor": sampler.cursor, "config": cfg.to_dict()},
@@ -677,8 +735,13 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict[str, Any]:
+def load_checkpoint(path: Path, model, optimizer, reference: Callable | None = None) -> dict[str, Any]:
     state = json.loads((path / "state.json").read_text())
+    if isinstance(reference, StartReference):  # before the weights change: it was built from the current model
+        if not (path / "reference.pt").exists():
+            raise ValueError(f"checkpoint {path} has no KL reference weights (saved with another kl_reference); "
+                             "resume with the same GRPOConfig")
+        reference.load_state_dict(torch.load(path / "reference.pt", map_location="cpu"))
     trainable = torch.load(path / "trainable.pt", map_location="cpu")
     params = dict(model.named_parameters())
     missing = sorted(set(trainable) - set(params))
@@ -789,12 +852,13 @@ def train_poro(model, processor, dataset, cfg: GRPOConfig, out_dir: str | Path, 
     seed_everything(cfg.seed + dist.process_index())  # each process samples differently
     dist.sync_initial_weights(model)
     optimizer = make_optimizer(model, cfg)
+    reference = make_reference(model, cfg)  # before a checkpoint loads: "start" copies the weights RL starts from
     sampler = dist.ShardedSampler(PromptSampler(len(dataset), cfg.seed))  # process p: positions p, p+W, ...
     local_cfg = dataclasses.replace(cfg, prompts_per_step=dist.local_count(cfg.prompts_per_step))
     start = 0
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
+        state = load_checkpoint(ckpt, model, optimizer, reference)
         start, sampler.cursor = state["step"], state["cursor"]
     logger = (MetricsLogger(out_dir, resume_step=start if ckpt is not None else None, echo=False)
               if dist.is_main_process() else dist.NullLogger())
@@ -813,7 +877,7 @@ def train_poro(model, processor, dataset, cfg: GRPOConfig, out_dir: str | Path, 
             dist.idle_update(model, optimizer, num_iterations=cfg.num_iterations, max_grad_norm=cfg.max_grad_norm)
             metrics.update(num_groups=0)
         else:
-            metrics.update(train_on_rollout(model, optimizer, processor, ro, cfg, build_messages))
+            metrics.update(train_on_rollout(model, optimizer, processor, ro, cfg, build_messages, reference))
             gen_tokens = int(ro.eos_mask.sum())
             metrics.update(num_groups=ro.num_groups, gen_tokens=gen_tokens,
                            gen_tokens_per_s=gen_tokens / max(ro.gen_seconds, 1e-9), gen_seconds=ro.gen_seconds)
@@ -827,7 +891,7 @@ def train_poro(model, processor, dataset, cfg: GRPOConfig, out_dir: str | Path, 
             tqdm.write(format_row(row, [k for k in PRINT_KEYS if k in row]))
         bar.set_postfix(reward=f"{row.get('all/reward_mean', float('nan')):.3f}")
         if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps) and dist.is_main_process():
-            save_checkpoint(out_dir, step, model, optimizer, sampler, cfg)
+            save_checkpoint(out_dir, step, model, optimizer, sampler, cfg, reference)
     bar.close()
 
     adapter_dir = None

@@ -78,6 +78,9 @@ class SupervisedConfig:
     max_length: int = 1024  # sequences are never truncated: a longer one is a config error
     mask_vision_markers: bool = True  # VM-CPT: also no loss on <|vision_start|>/<|vision_end|>
     sparse_logits: bool = True  # run the LM head only where a label is supervised (same loss, less work)
+    # SFT only: this fraction of items keeps the policy in the prompt (0 = the paper's policy-free SFT). It
+    # keeps a small model able to read the policy, which PolicyRollout's guided half relies on.
+    policy_in_context_frac: float = 0.0
     seed: int = 0
     save_steps: int = 50  # checkpoint every K optimizer steps (resume point after a disconnect)
     save_total_limit: int = 2
@@ -109,6 +112,7 @@ class SupervisedConfig:
             seed=run_cfg.seed, lora_r=run_cfg.lora_r, lora_alpha=run_cfg.lora_alpha, lora_dropout=run_cfg.lora_dropout,
             quantization=run_cfg.quantization,
             gradient_checkpointing=getattr(run_cfg, "gradient_checkpointing", False),
+            policy_in_context_frac=0.0 if cpt else getattr(run_cfg, "sft_policy_in_context_frac", 0.0),
         )
         # RunConfig.extra may carry per-stage overrides: extra={"cpt": {...}, "sft": {...}}
         values.update((run_cfg.extra or {}).get("cpt" if cpt else "sft", {}))
@@ -155,7 +159,8 @@ def _model_dtype(model) -> torch.dtype:
 def sequence_lengths(processor, dataset, cfg: SupervisedConfig, chunk: int = 16) -> list[tuple[str, int, int]]:
     """(id, sequence tokens, prompt tokens) of the items check_config measures (images included)."""
     n = len(dataset) if cfg.check_max_items is None else min(len(dataset), cfg.check_max_items)
-    collate = SupervisedCollator(processor, cfg.mode, max_length=None, mask_vision_markers=cfg.mask_vision_markers)
+    collate = SupervisedCollator(processor, cfg.mode, max_length=None, mask_vision_markers=cfg.mask_vision_markers,
+                                 policy_in_context_frac=cfg.policy_in_context_frac, seed=cfg.seed)
     out = []
     for start in range(0, n, chunk):
         items = [dataset[i] for i in range(start, min(n, start + chunk))]
@@ -194,6 +199,10 @@ def check_config(cfg: SupervisedConfig, *, model=None, processor=None, dataset=N
         problems.append(f"learning_rate={cfg.learning_rate}: must be > 0")
     if cfg.max_steps <= 0 and not cfg.epochs > 0:
         problems.append(f"epochs={cfg.epochs} and max_steps={cfg.max_steps}: set epochs > 0 or max_steps > 0")
+    if not 0.0 <= cfg.policy_in_context_frac <= 1.0:
+        problems.append(f"policy_in_context_frac={cfg.policy_in_context_frac}: must be in [0, 1] (0 = policy-free SFT)")
+    elif cfg.policy_in_context_frac and cfg.mode == "cpt":
+        problems.append("policy_in_context_frac is for SFT; VM-CPT (mode='cpt') always has the policy in context: set it to 0")
     if not 0 <= cfg.warmup_ratio < 1:
         problems.append(f"warmup_ratio={cfg.warmup_ratio}: must be in [0, 1)")
 
@@ -560,7 +569,8 @@ def train_supervised(model, processor, train_dataset, cfg: SupervisedConfig, out
     logger = (MetricsLogger(out_dir, resume_step=resume_step if resume_step is not None else 0, echo=False)
               if dist.is_main_process() else dist.NullLogger())
     collator = SupervisedCollator(processor, cfg.mode, max_length=cfg.max_length,
-                                  mask_vision_markers=cfg.mask_vision_markers)
+                                  mask_vision_markers=cfg.mask_vision_markers,
+                                  policy_in_context_frac=cfg.policy_in_context_frac, seed=cfg.seed)
     trainer = SupervisedTrainer(
         model=model, args=_training_arguments(cfg, out_dir, model), train_dataset=train_dataset,
         data_collator=collator, sparse_logits=cfg.sparse_logits,

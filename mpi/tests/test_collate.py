@@ -119,6 +119,34 @@ def test_policy_in_every_cpt_sequence_and_in_no_sft_sequence(processor):
     assert [t.count(pad) for t in decoded["cpt"]] == [4, 12, 8]
 
 
+def test_policy_in_context_frac_keeps_the_policy_in_a_fixed_subset_with_the_same_target(processor):
+    ids = [f"i{k}" for k in range(400)]
+    def shown(frac, seed):
+        collate = SupervisedCollator(processor, "sft_cot", policy_in_context_frac=frac, seed=seed)
+        return [collate.shows_policy({"id": i}) for i in ids]
+    assert not any(shown(0.0, 0)) and all(shown(1.0, 0))
+    quarter = shown(0.25, 0)
+    # binomial(400, 0.25): mean 100, std 8.7; 70..130 is beyond 3 std either way
+    assert 70 <= sum(quarter) <= 130
+    assert shown(0.25, 0) == quarter  # every epoch and a resumed run pick the same items
+    assert shown(0.25, 1) != quarter  # another seed, another subset
+    # a larger fraction adds items and drops none (one uniform draw per item)
+    half = shown(0.5, 0)
+    assert all(h for q, h in zip(quarter, half) if q) and sum(half) > sum(quarter)
+
+    items = [clevr_item(id="a"), gta_item(n_images=2)]
+    plain = SupervisedCollator(processor, "sft_cot")(items)
+    with_policy = SupervisedCollator(processor, "sft_cot", policy_in_context_frac=1.0)(items)
+    tok = processor.tokenizer
+    for row in range(len(items)):
+        assert POLICY_LINE in tok.decode(with_policy["input_ids"][row])
+        assert POLICY_LINE not in tok.decode(plain["input_ids"][row])
+        # the prompt grew by the policy; the loss is still on the response only, the same tokens
+        targets = [b["labels"][row][b["labels"][row] != IGNORE_INDEX].tolist() for b in (plain, with_policy)]
+        assert targets[0] == targets[1]
+        assert with_policy["attention_mask"][row].sum() > plain["attention_mask"][row].sum()
+
+
 def test_collator_errors_name_the_problem(processor):
     with pytest.raises(ValueError, match="max_length=50"):
         SupervisedCollator(processor, "cpt", max_length=50)([clevr_item(id="long-one")])
@@ -126,6 +154,10 @@ def test_collator_errors_name_the_problem(processor):
         SupervisedCollator(processor, "sft_cot")([clevr_item(cot="")])
     with pytest.raises(ValueError, match="mode must be one of"):
         SupervisedCollator(processor, "pretrain")
+    with pytest.raises(ValueError, match="policy_in_context_frac must be in"):
+        SupervisedCollator(processor, "sft_cot", policy_in_context_frac=1.5)
+    with pytest.raises(ValueError, match="always has the policy"):
+        SupervisedCollator(processor, "cpt", policy_in_context_frac=0.5)
     # direct SFT does not need a CoT
     assert SupervisedCollator(processor, "sft_direct")([clevr_item(cot="")])["labels"].ne(IGNORE_INDEX).any()
 

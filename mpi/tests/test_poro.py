@@ -187,7 +187,12 @@ def test_resume_gives_identical_weights(toy, tmp_path):
     reset()
     train_poro(model, processor, _items(3), get_grpo_config("poro-grpo", steps=2, **kw), tmp_path / "b",
                build_messages=build_messages, reward_fn=_varied_reward, save_adapter=False)
-    reset()  # the resumed run must restore weights, optimizer, RNG and prompt order from the checkpoint
+    # The resumed run must restore weights, optimizer, RNG, prompt order and the KL reference from the
+    # checkpoint: start it from other weights, from which kl_reference="start" would otherwise copy its reference.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in init:
+                p.normal_(0, 0.3)
     result = train_poro(model, processor, _items(3), get_grpo_config("poro-grpo", steps=4, **kw), tmp_path / "b",
                         resume=True, build_messages=build_messages, reward_fn=_varied_reward, save_adapter=False)
     resumed = _trainable(model)
@@ -251,6 +256,42 @@ def test_one_update_moves_probability_towards_the_rewarded_response(fresh):
     train_on_rollout(model, poro.make_optimizer(model, cfg), processor, ro, cfg, build_messages)
     gain = seq_logp() - before
     assert gain[2] > 0 and gain[2] > gain[[0, 1, 3]].max()
+
+
+def test_start_reference_is_the_policy_rl_started_from(toy):
+    """kl_reference="start" keeps scoring with the weights RL started from after they move; "no_adapter" is the base."""
+    import copy
+
+    from mpi.modeling import reference_model
+
+    model, processor, build_messages, _ = toy
+    sft = copy.deepcopy(model)
+    with torch.no_grad():  # a "trained" SFT adapter that RL continues
+        for n, p in sft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    batch = encode_prompts(processor, *prompt_texts(processor, _items(1), False, build_messages))
+    batch.pop("num_images")
+    assert poro.make_reference(sft, get_grpo_config("poro-grpo", beta=0.0)) is None  # no KL, no reference pass
+    reference = poro.make_reference(sft, get_grpo_config("poro-grpo"))  # the default: "start"
+    with torch.no_grad():
+        sft_logits = sft(**batch).logits
+        with reference_model(sft):
+            base_logits = sft(**batch).logits
+        for n, p in sft.named_parameters():  # RL moves the adapter
+            if "lora_" in n:
+                p.add_(torch.randn_like(p))
+        moved = _trainable(sft)
+        moved_logits = sft(**batch).logits
+        with reference(sft):
+            ref_logits = sft(**batch).logits
+        after = sft(**batch).logits
+    assert not torch.allclose(sft_logits, base_logits, atol=1e-3) and not torch.allclose(moved_logits, sft_logits, atol=1e-3)
+    assert torch.equal(ref_logits, sft_logits)  # the reference is the starting policy, not the base
+    assert torch.equal(after, moved_logits) and all(torch.equal(moved[n], p) for n, p in sft.named_parameters() if n in moved)
+    assert poro.make_reference(sft, get_grpo_config("poro-grpo", kl_reference="no_adapter")) is reference_model
+    with pytest.raises(ValueError, match="kl_reference must be one of"):
+        get_grpo_config("poro-grpo", kl_reference="sft")
 
 
 def test_start_rl_from_makes_the_sft_policy_the_reference(toy):

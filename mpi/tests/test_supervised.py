@@ -159,17 +159,27 @@ def test_config_errors_name_the_problem(toy_model_and_processor):
         check_config(tiny_cfg(quantization="4bit"), device_type="cuda", bnb_ok=False)
     with pytest.raises(ConfigError, match="empty 'cot'"):
         check_config(tiny_cfg(mode="sft_cot"), processor=processor, dataset=[clevr_item(cot="")])
+    with pytest.raises(ConfigError, match=r"policy_in_context_frac=1.5: must be in \[0, 1\]"):
+        check_config(tiny_cfg(mode="sft_cot", policy_in_context_frac=1.5))
+    with pytest.raises(ConfigError, match="policy_in_context_frac is for SFT"):
+        check_config(tiny_cfg(mode="cpt", policy_in_context_frac=0.5))
     summary = check_config(tiny_cfg(), model=model, processor=processor, dataset=data)
     lengths = SupervisedCollator(processor, "sft_direct")(data)["attention_mask"].sum(1)
     assert summary["longest_sequence"] == int(lengths.max()) and summary["lora_modules"] == 14
+    # the length check measures the policy-in-context items with their policy
+    summary = check_config(tiny_cfg(policy_in_context_frac=1.0), model=model, processor=processor, dataset=data)
+    with_policy = SupervisedCollator(processor, "sft_direct", policy_in_context_frac=1.0)(data)["attention_mask"].sum(1)
+    assert summary["longest_sequence"] == int(with_policy.max()) > int(lengths.max())
 
 
 def test_from_run_config_picks_the_stage_fields():
-    run = get_config("tiny", cpt_learning_rate=3e-4, sft_learning_rate=2e-4, extra={"cpt": {"lora_embeddings": True}})
+    run = get_config("tiny", cpt_learning_rate=3e-4, sft_learning_rate=2e-4, sft_policy_in_context_frac=0.3,
+                     extra={"cpt": {"lora_embeddings": True}})
     cpt = SupervisedConfig.from_run_config(run, "cpt")
     sft = SupervisedConfig.from_run_config(run, "sft", max_steps=3)
-    assert (cpt.mode, cpt.learning_rate, cpt.lora_embeddings) == ("cpt", 3e-4, True)
+    assert (cpt.mode, cpt.learning_rate, cpt.lora_embeddings, cpt.policy_in_context_frac) == ("cpt", 3e-4, True, 0.0)
     assert (sft.mode, sft.learning_rate, sft.lora_embeddings, sft.max_steps) == ("sft_cot", 2e-4, False, 3)
+    assert sft.policy_in_context_frac == 0.3
     assert SupervisedConfig.from_run_config(run, "sft_direct").mode == "sft_direct"
     with pytest.raises(ValueError, match="stage must be one of"):
         SupervisedConfig.from_run_config(run, "rl")

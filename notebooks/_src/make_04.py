@@ -57,10 +57,12 @@ for ax, A_ in zip(axes, (1.0, -1.0)):
         ax.plot(rs, obj, style, label=f"eps_high={eh}")
     ax.set_title(f"objective min(rA, clip(r)A), A={A_:+.0f}"); ax.set_xlabel("r"); ax.grid(alpha=0.3); ax.legend()
 fig.tight_layout()'''),
-("md", '''## 3. The KL term: k3 against the same model with adapters off
+("md", '''## 3. The KL term: k3 against the policy RL starts from
 
 k3 = π_ref/π − log(π_ref/π) − 1, per sampled token: unbiased for KL(π‖π_ref), never negative. The reference
-is the same network with its LoRA switched off (`mpi.modeling.reference_model`), so no second copy is in memory.'''),
+is the policy RL starts from (the paper's π_ref): `train_poro` keeps a copy of the LoRA weights as they were at
+step 0 and swaps it in for the reference pass (`kl_reference="start"`). Continuing an SFT adapter with the
+adapters switched off as reference (`"no_adapter"`) would pull RL back towards the pre-SFT base.'''),
 ("code", '''from mpi.grpo import k3_kl
 print("k3(pi=0.5, pi_ref=0.25) =", round(k3_kl(torch.tensor(math.log(0.5)), torch.tensor(math.log(0.25))).item(), 4))
 # Check against the exact KL of two small distributions by sampling from pi
@@ -101,7 +103,7 @@ for text in ["<think>Condition 1 holds.</think>\\n\\\\boxed{Case 3}", "\\\\boxed
 
 RL runs on the policy-free training prompts. It starts from stage 2 (CoT SFT, notebook 03); if that run is
 not on disk, a short SFT runs here. `start_rl_from` folds the SFT adapter into the weights and adds a fresh
-LoRA, so the KL reference (adapters off) is the SFT policy.'''),
+LoRA, so RL trains a LoRA of its own on top of the SFT policy (which is also the KL reference).'''),
 ("code", '''from pathlib import Path
 from mpi.data import PRESETS, get_data_config, build_clevr_policy
 from mpi.data.messages import build_messages
