@@ -15,10 +15,12 @@ Modes (labels equal to -100 carry no loss):
                plus the closing `<|im_end|>` (so the model learns to stop), nothing else.
 - "sft_direct" (direct SFT) the same prompt; loss on "\\boxed{A}<|im_end|>" only.
 
-`policy_in_context_frac` (SFT modes): that fraction of items, picked by a hash of (seed, item id) so every
-epoch and a resumed run pick the same ones, keeps the policy in the prompt (loss still on the response
-only). 0 is the paper's policy-free SFT. A small model forgets how to read a policy in context after
-policy-free SFT, and PolicyRollout's guided half needs exactly that skill (see `mpi.config`'s toy preset).
+`policy_in_context_frac` (SFT modes): that fraction of *batches* keeps the policy in the prompt (loss still on
+the response only). A batch is picked by a hash of (seed, its item ids), so a resumed run, which replays the
+same batches, picks the same ones. Whole batches rather than single items, because one long policy prompt
+pads every row of its batch: per item, half the items with the policy cost about as much as all of them.
+0 is the paper's policy-free SFT. A small model forgets how to read a policy in context after policy-free
+SFT, and PolicyRollout's guided half needs exactly that skill (see `mpi.config`'s toy preset).
 
 Padding never carries loss. Prompts come from `mpi.data.messages.build_messages`, the one place prompt
 text is made, so training, evaluation and RL read the same words.
@@ -104,13 +106,14 @@ class SupervisedCollator:
             raise ValueError("the processor's tokenizer has no pad token; set tokenizer.pad_token (e.g. '<|endoftext|>')")
 
     # ------------------------------------------------------------------ text
-    def shows_policy(self, item: Mapping[str, Any]) -> bool:
-        """Whether this item's prompt carries the policy: always in "cpt", a fixed hashed subset in SFT."""
+    def shows_policy(self, items: Sequence[Mapping[str, Any]]) -> bool:
+        """Whether this batch's prompts carry the policy: always in "cpt", a hashed share of batches in SFT."""
         if self.mode == "cpt":
             return True
         if self.policy_in_context_frac <= 0.0:
             return False
-        digest = hashlib.sha256(f"{self.seed}:{item.get('id', '')}".encode()).digest()
+        key = "\x1f".join(str(item.get("id", "")) for item in items)
+        digest = hashlib.sha256(f"{self.seed}:{key}".encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2.0**64 < self.policy_in_context_frac
 
     def response(self, item: Mapping[str, Any]) -> str:
@@ -122,10 +125,11 @@ class SupervisedCollator:
                 "empty; use mode='sft_direct' for answer-only items or filter them out")
         return self.format_response(item["cot"], item["answer"])
 
-    def encode_text(self, item: Mapping[str, Any]) -> Encoded:
-        """The chat text and images of one item (no tokenization)."""
+    def encode_text(self, item: Mapping[str, Any], with_policy: bool | None = None) -> Encoded:
+        """The chat text and images of one item (no tokenization); with_policy=None: the mode's default."""
         response = self.response(item)
-        messages, images = self.build_messages(item, with_policy=self.shows_policy(item), response=response)
+        with_policy = self.mode == "cpt" if with_policy is None else with_policy
+        messages, images = self.build_messages(item, with_policy=with_policy, response=response)
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
         if self.mode == "cpt":
             return Encoded(text, images, None)
@@ -141,7 +145,8 @@ class SupervisedCollator:
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if len(items) == 0:
             raise ValueError("SupervisedCollator got an empty batch")
-        encoded = [self.encode_text(item) for item in items]
+        with_policy = self.shows_policy(items)
+        encoded = [self.encode_text(item, with_policy) for item in items]
         images = [img for e in encoded for img in e.images]
         tokenizer = self.processor.tokenizer
         # Right padding: targets sit at the end of each row, so a row's target is the last tokens before padding.

@@ -79,8 +79,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # max_completion_length: an N=2 chain of thought is ~82 toy tokens; 48 would truncate every answer.
     # sft_epochs: 1 epoch (125 steps) left CoT SFT at chance on the toy base; 4 reached 34% (direct SFT 44%).
     # sft_policy_in_context_frac: after policy-free SFT the toy could not read the policy any more (0-19% with
-    # it in context), so PolicyRollout's guided half was noise and RL lost 9-19 points. Half the SFT items with
-    # the policy in context keep that skill (seed 0: 41% with the policy) and raised VM-CPT + SFT 36% -> 56%.
+    # it in context), so PolicyRollout's guided half was noise (reward ~0) and RL lost 9-19 points. Half the SFT
+    # batches with the policy in context keep that skill, and VM-CPT then pays off (README, "Results on the toy").
     "toy": dict(model="toy-small", data_preset="small", image_size=112, max_completion_length=112,
                 sft_epochs=4, sft_policy_in_context_frac=0.5),
     # One Colab T4 (15 GB, no bf16): 3B in 4-bit NF4, fp16 compute, short completions.

@@ -127,7 +127,7 @@ def reading(summary: dict[str, Any], chance: dict[str, float]) -> list[str]:
             comparisons = []
             for other in ("cot-sft", "in-context"):
                 if other in acc:
-                    sign = ">" if acc[t] > acc[other] else "<=" if acc[t] < acc[other] else "="
+                    sign = ">" if acc[t] > acc[other] else "<" if acc[t] < acc[other] else "="
                     comparisons.append(f"{_labels()[t]} {100 * acc[t]:.1f} {sign} {_labels()[other]} {100 * acc[other]:.1f}")
             if key in chance:
                 margin = acc[t] - chance[key]

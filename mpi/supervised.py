@@ -78,7 +78,7 @@ class SupervisedConfig:
     max_length: int = 1024  # sequences are never truncated: a longer one is a config error
     mask_vision_markers: bool = True  # VM-CPT: also no loss on <|vision_start|>/<|vision_end|>
     sparse_logits: bool = True  # run the LM head only where a label is supervised (same loss, less work)
-    # SFT only: this fraction of items keeps the policy in the prompt (0 = the paper's policy-free SFT). It
+    # SFT only: this fraction of batches keeps the policy in the prompt (0 = the paper's policy-free SFT). It
     # keeps a small model able to read the policy, which PolicyRollout's guided half relies on.
     policy_in_context_frac: float = 0.0
     seed: int = 0
@@ -159,8 +159,9 @@ def _model_dtype(model) -> torch.dtype:
 def sequence_lengths(processor, dataset, cfg: SupervisedConfig, chunk: int = 16) -> list[tuple[str, int, int]]:
     """(id, sequence tokens, prompt tokens) of the items check_config measures (images included)."""
     n = len(dataset) if cfg.check_max_items is None else min(len(dataset), cfg.check_max_items)
+    # Any item may land in a batch that shows the policy: measure every item at its longest.
     collate = SupervisedCollator(processor, cfg.mode, max_length=None, mask_vision_markers=cfg.mask_vision_markers,
-                                 policy_in_context_frac=cfg.policy_in_context_frac, seed=cfg.seed)
+                                 policy_in_context_frac=1.0 if cfg.policy_in_context_frac > 0 else 0.0)
     out = []
     for start in range(0, n, chunk):
         items = [dataset[i] for i in range(start, min(n, start + chunk))]

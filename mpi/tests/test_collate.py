@@ -119,18 +119,18 @@ def test_policy_in_every_cpt_sequence_and_in_no_sft_sequence(processor):
     assert [t.count(pad) for t in decoded["cpt"]] == [4, 12, 8]
 
 
-def test_policy_in_context_frac_keeps_the_policy_in_a_fixed_subset_with_the_same_target(processor):
-    ids = [f"i{k}" for k in range(400)]
+def test_policy_in_context_frac_shows_the_policy_in_a_fixed_share_of_batches_with_the_same_target(processor):
+    batches = [[{"id": f"i{k}"}, {"id": f"j{k}"}] for k in range(400)]
     def shown(frac, seed):
         collate = SupervisedCollator(processor, "sft_cot", policy_in_context_frac=frac, seed=seed)
-        return [collate.shows_policy({"id": i}) for i in ids]
+        return [collate.shows_policy(b) for b in batches]
     assert not any(shown(0.0, 0)) and all(shown(1.0, 0))
     quarter = shown(0.25, 0)
     # binomial(400, 0.25): mean 100, std 8.7; 70..130 is beyond 3 std either way
     assert 70 <= sum(quarter) <= 130
-    assert shown(0.25, 0) == quarter  # every epoch and a resumed run pick the same items
-    assert shown(0.25, 1) != quarter  # another seed, another subset
-    # a larger fraction adds items and drops none (one uniform draw per item)
+    assert shown(0.25, 0) == quarter  # a resumed run replays the same batches and picks the same ones
+    assert shown(0.25, 1) != quarter  # another seed, another share
+    # a larger fraction adds batches and drops none (one uniform draw per batch)
     half = shown(0.5, 0)
     assert all(h for q, h in zip(quarter, half) if q) and sum(half) > sum(quarter)
 
@@ -138,7 +138,7 @@ def test_policy_in_context_frac_keeps_the_policy_in_a_fixed_subset_with_the_same
     plain = SupervisedCollator(processor, "sft_cot")(items)
     with_policy = SupervisedCollator(processor, "sft_cot", policy_in_context_frac=1.0)(items)
     tok = processor.tokenizer
-    for row in range(len(items)):
+    for row in range(len(items)):  # the whole batch shows it
         assert POLICY_LINE in tok.decode(with_policy["input_ids"][row])
         assert POLICY_LINE not in tok.decode(plain["input_ids"][row])
         # the prompt grew by the policy; the loss is still on the response only, the same tokens
