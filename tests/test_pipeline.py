@@ -14,7 +14,8 @@ METHODS_CI = "in-context,cot-sft,trimpi-grpo"
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    argv = ["--preset", "tiny", "--name", "ci", "--out-dir", str(out), "--methods", METHODS_CI, "--seeds", "0"]
+    argv = ["--preset", "tiny", "--name", "ci", "--out-dir", str(out), "--methods", METHODS_CI, "--seeds", "0",
+            "--set", "eval_side_limit=4"]
     assert main(argv) == 0
     return out / "ci", argv
 
@@ -35,6 +36,11 @@ def test_every_artifact(tiny_run):
         done = json.loads((run_dir / "eval" / "clevr-T-N2" / "seed0" / method / "done.json").read_text())
         for part in ("policy_free", "with_policy", "override"):
             assert 0.0 <= done[part]["accuracy"] <= 1.0 and done[part]["n"] > 0
+        # the headline view gets eval_limit (8 on tiny) items, the side views eval_side_limit
+        headline = "with_policy" if method == "in-context" else "policy_free"
+        assert {part: done[part]["n"] for part in ("policy_free", "with_policy", "override")} == {
+            part: 8 if part == headline else 4 for part in ("policy_free", "with_policy", "override")}
+        assert done["accuracy"] == done[headline]["accuracy"]
         assert done["forgetting"]["n"] > 0
         # the report's cell is the stage's own number (one seed: mean = value, std 0)
         assert summary[method]["policy_free"]["mean"] == pytest.approx(done["policy_free"]["accuracy"])
