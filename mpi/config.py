@@ -46,7 +46,7 @@ class RunConfig:
     # --- stage 2: SFT
     sft_epochs: float = 1.0
     sft_learning_rate: float = 1e-3
-    # Fraction of SFT items that keep the policy in the prompt (0 = the paper's policy-free SFT). PolicyRollout
+    # Fraction of SFT batches that keep the policy in the prompt (0 = the paper's policy-free SFT). PolicyRollout
     # samples its guided half with the policy in context, so the model must still be able to read it.
     sft_policy_in_context_frac: float = 0.0
     batch_size: int = 8  # reduce if out of memory

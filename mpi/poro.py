@@ -475,16 +475,17 @@ class StartReference:
 
     @contextlib.contextmanager
     def __call__(self, model) -> Iterator[torch.nn.Module]:
-        current = {n: p.detach().clone() for n, p in self.params.items()}
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(self.weights[n])
+        self._swap()
         try:
             yield model
         finally:
-            with torch.no_grad():
-                for n, p in self.params.items():
-                    p.copy_(current[n])
+            self._swap()
+
+    def _swap(self) -> None:
+        # Exchange the storages rather than copy: no third set of weights during the pass. The Parameter
+        # objects stay the same, so the optimizer's state and gradient hooks are untouched.
+        for n, p in self.params.items():
+            p.data, self.weights[n] = self.weights[n], p.data
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: w.detach().cpu() for n, w in self.weights.items()}
@@ -513,10 +514,10 @@ def score_no_grad(model, batch: ScoringBatch, cfg: GRPOConfig, reference: Callab
     if reference is True:
         from mpi.modeling import reference_model as reference
     outs = []
-    for rows in _row_chunks(batch.num_rows, cfg.micro_batch_size):
-        with reference(model) if reference else contextlib.nullcontext():
+    with reference(model) if reference else contextlib.nullcontext():
+        for rows in _row_chunks(batch.num_rows, cfg.micro_batch_size):
             lp, _ = forward_log_probs(model, batch, rows, cfg.temperature, cfg.logprob_chunk_size)
-        outs.append(lp.float().cpu())
+            outs.append(lp.float().cpu())
     return torch.cat(outs)
 
 
