@@ -83,6 +83,27 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["tokens_per_s"] > 0 for r in rows)
 
 
+def test_training_feeds_the_policy_to_the_share_of_batches_the_config_asks_for(tmp_path, monkeypatch):
+    """train_supervised hands policy_in_context_frac and seed to its collator: every batch at 1.0, none at 0."""
+    import mpi.supervised as supervised
+
+    seen = []
+
+    class Recording(SupervisedCollator):
+        def __call__(self, batch_items):
+            seen.append(self.shows_policy(batch_items))
+            return super().__call__(batch_items)
+
+    monkeypatch.setattr(supervised, "SupervisedCollator", Recording)
+    for frac in (1.0, 0.0):
+        seen.clear()
+        model, processor = fresh_model()
+        train_supervised(model, processor, items(4), tiny_cfg(mode="sft_cot", max_steps=2, policy_in_context_frac=frac),
+                         tmp_path / f"run{frac}")
+        training = seen[-2:]  # the length check's chunk comes first; the last two are the training batches
+        assert training == [frac == 1.0] * 2, (frac, seen)
+
+
 class Interrupt(Exception):
     pass
 

@@ -46,7 +46,7 @@ SFT = dict(
     batch_size=cfg.batch_size,              # reduce if out of memory (and raise grad_accum_steps to compensate)
     grad_accum_steps=cfg.grad_accum_steps,
     max_length=cfg.max_length,              # reduce if out of memory
-    # 0 = the paper's policy-free SFT. The toy preset keeps the policy in the prompt of half the items: a
+    # 0 = the paper's policy-free SFT. The toy preset keeps the policy in the prompt of half the batches: a
     # small model otherwise forgets how to read it, and stage 3's guided half needs that skill (README).
     policy_in_context_frac=cfg.sft_policy_in_context_frac,
     gradient_checkpointing=cfg.preset in ("colab-t4", "paper"),  # True if out of memory
