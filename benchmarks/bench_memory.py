@@ -1,4 +1,4 @@
-"""The memory estimator (mpi.memory) against measured peaks on the toy models.
+"""The memory estimator (mpi.scale.memory) against measured peaks on the toy models.
 
 What is measured, on this machine (CPU, fp32):
   * step peak   = the process's peak resident memory during one step minus its resident memory just
@@ -128,7 +128,7 @@ def _inputs(processor, model, batch: int, length: int, image_size: int, seed: in
 def child(name: str, model_name: str, stage: str, knobs: dict) -> dict:
     import torch
 
-    from mpi import memory
+    from mpi.scale import memory
     from mpi.modeling import LoraSettings, load_model_and_processor
 
     torch.manual_seed(0)
@@ -212,7 +212,7 @@ def child(name: str, model_name: str, stage: str, knobs: dict) -> dict:
         del out
         row["saved_activations_mib"] = saved / 2**20
 
-    est_static = memory._weights_bytes(facts, k, trainable=True) + memory._trainable_bytes(facts, k)
+    est_static = memory.weights_bytes(facts, k, trainable=True) + memory.trainable_bytes(facts, k)
     static = sum(p.numel() * p.element_size() for p in model.parameters())
     static += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
     static += sum(p.numel() * p.element_size() for p in params)  # gradients, alive during the step

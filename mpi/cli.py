@@ -1,69 +1,72 @@
 """`python -m mpi`: the command-line entry point.
 
-`python -m mpi smoke` builds the toy VLM and runs one forward and one generate. `python -m mpi`
-with no command runs the end-to-end pipeline on the toy preset when it is available (mpi.pipeline).
+    python -m mpi                       the end-to-end pipeline (mpi.pipeline) on the toy preset
+    python -m mpi --dry-run             the plan, every stage's resolved config and the memory check (mpi.dry_run)
+    python -m mpi report runs/toy       redraw a run's report (mpi.report)
+    python -m mpi toy-base              the toy base only: the shipped one, else built once and cached (mpi.toy_base)
+    python -m mpi toy-base --rebuild    train the toy base again on this machine (20-40 min on 2 CPU cores)
+    python -m mpi smoke                 build the toy VLM, one forward and one generate (mpi.modeling.smoke)
+
+The arguments are the pipeline's (`mpi.pipeline.build_parser`); this module only dispatches, so that the
+pipeline never imports the commands built on top of it.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
+from pathlib import Path
 
-
-def smoke(model_name: str = "toy-tiny", seed: int = 0) -> dict:
-    """Build the toy VLM offline, run one forward (loss with image tokens masked) and one generate."""
-    import torch
-    from PIL import Image
-
-    from mpi.modeling import count_parameters, load_model_and_processor
-
-    t0 = time.perf_counter()
-    model, processor = load_model_and_processor(model_name, quantization=None, seed=seed, trainable=False)
-    size = processor.image_processor.size["shortest_edge"] ** 0.5
-    image = Image.new("RGB", (int(size), int(size)), (40, 160, 200))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    batch = processor(text=[text], images=[image], return_tensors="pt").to(model.device)
-    labels = batch["input_ids"].clone()
-    labels[labels == model.config.image_token_id] = -100  # image tokens never carry loss
-    with torch.no_grad():
-        loss = model(**batch, labels=labels).loss.item()
-        out = model.generate(**batch, max_new_tokens=12, do_sample=False)
-    completion = processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:])
-    _, total = count_parameters(model)
-    result = {
-        "model": model_name, "parameters": total, "prompt_tokens": int(batch["input_ids"].shape[1]),
-        "image_tokens": int((batch["input_ids"] == model.config.image_token_id).sum()),
-        "loss": loss, "generated": completion, "seconds": time.perf_counter() - t0,
-    }
-    print(f"built {model_name}: {total:,} parameters | prompt {result['prompt_tokens']} tokens "
-          f"({result['image_tokens']} image tokens) | loss {loss:.3f} (random init: ~ln(vocab)) | "
-          f"generated {completion!r} | {result['seconds']:.1f}s")
-    return result
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mpi", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command")
-    p_smoke = sub.add_parser("smoke", help="build the toy VLM, one forward, one generate")
-    p_smoke.add_argument("--model", default="toy-tiny")
-    p_smoke.add_argument("--seed", type=int, default=0)
-    return parser
+from mpi import pipeline
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = list(sys.argv[1:] if argv is None else argv)
+    args = pipeline.build_parser().parse_args(argv)
     try:
-        from mpi import pipeline  # noqa: PLC0415 - the pipeline owns the default command once it exists
-    except ImportError:
-        pipeline = None
-    if pipeline is not None and (not argv or argv[0] != "smoke"):
-        return pipeline.main(argv)
-    args = build_parser().parse_args(argv or ["smoke"])
-    if args.command in (None, "smoke"):
-        smoke(getattr(args, "model", "toy-tiny"), getattr(args, "seed", 0))
-    return 0
+        if args.command == "smoke":
+            from mpi.modeling import smoke
+
+            smoke()
+            return 0
+        if args.command == "report":
+            if not args.run_dir:
+                raise pipeline.PipelineError("report needs the run directory: python -m mpi report runs/toy")
+            from mpi.report import write_report
+
+            write_report(Path(args.run_dir))
+            print(f"report: {Path(args.run_dir) / 'report.md'}")
+            return 0
+        cfg = pipeline.config_from_args(args)
+        if args.command == "toy-base":
+            from mpi.toy_base import build_toy_base, ship_toy_base
+
+            plan = pipeline.make_plan(cfg, name=args.name)
+            base_cfg = pipeline.toy_base_cfg(plan)
+            print(build_toy_base(base_cfg, overwrite=args.rebuild, device=cfg.device))
+            if args.ship:
+                print(f"shipped: {ship_toy_base(base_cfg, device=cfg.device)}")
+            return 0
+        methods = args.methods or (tuple(pipeline.METHODS) if args.all else None)
+        seeds = args.seeds or ([0, 1, 2] if args.all else None)
+        plan = pipeline.make_plan(cfg, name=args.name, methods=methods, seeds=seeds)
+        if args.dry_run:  # the plan, resolved configs and memory preflight; nothing loaded
+            from mpi.dry_run import dry_run
+
+            return dry_run(plan)
+        pipeline.quiet_library_bars()
+        procs = pipeline.processes()
+        if procs.main:
+            print(f"run {plan.run_dir} | preset {cfg.preset} | model {cfg.model} | methods {', '.join(plan.methods)} | "
+                  f"datasets {', '.join(plan.dataset_keys)} | seeds {', '.join(map(str, plan.seeds))}"
+                  + (f" | {procs.world} processes" if procs.world > 1 else ""))
+        pipeline.run(plan)
+        return 0
+    except pipeline.PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

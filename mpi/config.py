@@ -60,6 +60,13 @@ class RunConfig:
     micro_batch_size: int | None = None  # RL: sequences per scoring forward/backward (None = whole step). Lower if OOM.
     gradient_checkpointing: bool = False  # recompute activations in backward: far less memory, ~30% slower
 
+    # --- bookkeeping (they change neither the data nor the weights, so a run directory accepts new values)
+    # Checkpoint every K optimizer steps in every training stage: a stage killed mid-way (a Colab disconnect)
+    # resumes from its last checkpoint instead of from zero.
+    save_every: int = 10
+    # One printed progress line every K steps per training stage (besides its bar); None: at most ~50 lines.
+    log_every: int | None = None
+
     extra: dict[str, Any] = field(default_factory=dict)
 
     def replace(self, **overrides: Any) -> "RunConfig":
@@ -99,6 +106,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                   rl_learning_rate=1e-6, num_generations=5, max_completion_length=1024,
                   prompts_per_step=8, rl_steps=500),
 }
+
+
+# RunConfig fields that do not change what is trained (a run directory made with other values is the same run).
+BOOKKEEPING_FIELDS = ("save_every", "log_every")
 
 
 def check_known_fields(config_class: type, overrides: dict[str, Any]) -> None:

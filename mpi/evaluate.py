@@ -23,35 +23,14 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
-try:  # the RL engineer's parser: brace-matched, never raises
-    from mpi.rewards import parse_boxed
-except ImportError:  # pragma: no cover - only while mpi.rewards is missing
-    def parse_boxed(text: Any) -> str | None:
-        if not isinstance(text, str):
-            return None
-        start = text.rfind("\\boxed{")
-        while start != -1:
-            depth, pos = 1, start + len("\\boxed{")
-            for i in range(pos, len(text)):
-                depth += {"{": 1, "}": -1}.get(text[i], 0)
-                if depth == 0:
-                    return text[pos:i]
-            start = text.rfind("\\boxed{", 0, start)
-        return None
-
+from mpi.rewards import normalize_answer, parse_boxed
 
 # =========================================================================== scoring (pure)
 
 
-def _normalize(text: str | None) -> str:
-    return re.sub(r"\s+", " ", text or "").strip().casefold()
-
-
 def _score_tool_call(pred: Any, gold: Any) -> dict[str, float]:
-    try:
-        from mpi.data.scoring import score_tool_call
-    except ImportError:  # pragma: no cover
-        from mpi.data import score_tool_call
+    from mpi.data.scoring import score_tool_call  # here: scoring CLEVR answers never needs the data package
+
     return score_tool_call(pred, gold)
 
 
@@ -66,7 +45,7 @@ def score_one(item: Mapping[str, Any], prediction: str | None) -> dict[str, Any]
     boxed = parse_boxed(prediction)
     out: dict[str, Any] = {"parsed": boxed is not None, "answer": boxed}
     if dataset == "clevr":
-        out["score"] = float(boxed is not None and _normalize(boxed) == _normalize(item["answer"]))
+        out["score"] = float(boxed is not None and normalize_answer(boxed) == normalize_answer(item["answer"]))
     elif dataset == "gta":
         s = _score_tool_call(boxed, item["answer"]) if boxed is not None else {"tool": 0.0, "args": 0.0, "overall": 0.0}
         out.update(tool=float(s["tool"]), args=float(s["args"]), score=float(s["overall"]))

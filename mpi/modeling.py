@@ -16,12 +16,12 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
 from mpi.device import DeviceInfo, describe_device, get_device, pick_dtype, seed_everything
-from mpi.toy import build_toy, is_toy, load_toy_processor
+from mpi.toy import build_toy, is_toy, load_toy_processor, load_toy_tokenizer, toy_processor_class
 
 # LoRA goes on the language model only. Qwen2.5-VL's vision blocks reuse the names
 # gate_proj/up_proj/down_proj, so a plain name list would put adapters on the vision tower too.
@@ -160,11 +160,9 @@ def load_processor(name_or_path: str | os.PathLike, *, backend: str | None = Non
     from transformers import AutoTokenizer
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from mpi.toy import _processor_class
-
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
-    return _processor_class()(image_processor=image_processor, tokenizer=tokenizer,
+    return toy_processor_class()(image_processor=image_processor, tokenizer=tokenizer,
                               chat_template=tokenizer.chat_template)
 
 
@@ -252,3 +250,62 @@ def reference_model(model) -> Iterator[torch.nn.Module]:
         )
     with model.disable_adapter():
         yield model
+
+
+def smoke(model_name: str = "toy-tiny", seed: int = 0) -> dict:
+    """Build the toy VLM offline, run one forward (loss with image tokens masked) and one generate."""
+    import time
+
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    model, processor = load_model_and_processor(model_name, quantization=None, seed=seed, trainable=False)
+    size = processor.image_processor.size["shortest_edge"] ** 0.5
+    image = Image.new("RGB", (int(size), int(size)), (40, 160, 200))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    batch = processor(text=[text], images=[image], return_tensors="pt").to(model.device)
+    labels = batch["input_ids"].clone()
+    labels[labels == model.config.image_token_id] = -100  # image tokens never carry loss
+    with torch.no_grad():
+        loss = model(**batch, labels=labels).loss.item()
+        out = model.generate(**batch, max_new_tokens=12, do_sample=False)
+    completion = processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:])
+    _, total = count_parameters(model)
+    result = {
+        "model": model_name, "parameters": total, "prompt_tokens": int(batch["input_ids"].shape[1]),
+        "image_tokens": int((batch["input_ids"] == model.config.image_token_id).sum()),
+        "loss": loss, "generated": completion, "seconds": time.perf_counter() - t0,
+    }
+    print(f"built {model_name}: {total:,} parameters | prompt {result['prompt_tokens']} tokens "
+          f"({result['image_tokens']} image tokens) | loss {loss:.3f} (random init: ~ln(vocab)) | "
+          f"generated {completion!r} | {result['seconds']:.1f}s")
+    return result
+
+
+def available_tokenizers(max_real: int = 2) -> dict[str, Any]:
+    """Tokenizers to count prompt tokens with (mpi.data.token_report): the toy's and up to `max_real` real ones
+    already in the local Hugging Face cache. Never downloads."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    toks: dict[str, Any] = {}
+    toks["toy"] = load_toy_tokenizer()
+    candidates = ["Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2-VL-2B-Instruct",
+                  "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct"]
+    try:
+        from huggingface_hub import constants
+
+        hub = Path(constants.HF_HUB_CACHE)
+        cached = [p.name[len("models--"):].replace("--", "/") for p in hub.glob("models--*")] if hub.is_dir() else []
+        candidates = [c for c in candidates if c in cached] + [c for c in cached if c not in candidates]
+    except Exception:
+        candidates = []
+    for name in candidates:
+        if sum(k != "toy" for k in toks) >= max_real:
+            break
+        try:
+            from transformers import AutoTokenizer
+
+            toks[name] = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        except Exception:
+            continue
+    return toks

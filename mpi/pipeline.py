@@ -7,11 +7,24 @@
     python -m mpi report runs/toy                   # redraw report.md and the plots of a run
 
 Every stage writes its directory atomically with a `done.json`; a rerun skips finished stages, so an
-interrupted run continues where it stopped. Layout of `runs/<name>/`:
+interrupted run continues where it stopped. A training stage works in `<chain>.partial/` and checkpoints
+there every `save_every` steps (`--set save_every=K`, default 10): killed mid-way (a Colab disconnect), it
+resumes from its last checkpoint on rerun and ends with the weights of an uninterrupted run; finished, the
+directory gets its done.json and is renamed into place. Each training stage prints one bar and a line every
+`log_every` steps (default: at most 50 lines per stage); the table is printed at the end.
+
+Under `accelerate launch` (e.g. `accelerate launch --config_file configs/accelerate/ddp_cpu_2proc.yaml -m mpi
+--preset tiny`, with ACCELERATE_USE_CPU=1 on CPUs) the main process builds the data, evaluates and writes the
+report and every done marker; all processes train each stage data parallel. RunConfig.batch_size (x
+grad_accum_steps) is the global batch, split over the processes, so W processes take the same steps as one.
+
+An unknown `--set` name (neither a RunConfig field nor a knob of EXTRA_KNOBS) is an error listing the valid
+ones. Layout of `runs/<name>/`:
 
     run.json                     the config (a rerun with a different config needs a new --name)
     data/<dataset>/<split>/      the datasets (clevr-T-N2, gta, ...)
     stages/<dataset>/seed<k>/<chain>/   one trained adapter per training chain (cpt, cpt+sft-cot, ...)
+    stages/<dataset>/seed<k>/<chain>.partial/   a training stage under way (checkpoints; resumed on rerun)
     eval/<dataset>/seed<k>/<method>/    results.json per method
     cost/<dataset>/              tokens and prefill with and without the policy
     report.md, metrics.json, *.png
@@ -25,40 +38,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
-import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mpi.atomic import atomic_directory, atomic_write_json
-from mpi.config import PRESETS, RunConfig, get_config
+from mpi.config import BOOKKEEPING_FIELDS, PRESETS, RunConfig, get_config
+# The methods, their chains and the stage kinds live in mpi.methods (the report and the dry run read them
+# too); notebooks and tests read them as pipeline.METHODS, pipeline.DEFAULT_METHODS as well.
+from mpi.methods import DEFAULT_METHODS, METHODS, RL_STAGES, SUPERVISED_STAGES, memory_stage, training_chains
 
-# method -> its training chain (each element one stage, trained on top of the previous one)
-METHODS: dict[str, tuple[str, ...]] = {
-    "in-context": (),
-    "direct-sft": ("sft-direct",),
-    "cot-sft": ("sft-cot",),
-    "vmcpt-cot-sft": ("cpt", "sft-cot"),
-    "cot-sft-grpo": ("sft-cot", "grpo"),
-    "cot-sft-dapo": ("sft-cot", "dapo"),
-    "trimpi-grpo": ("cpt", "sft-cot", "poro-grpo"),
-    "trimpi-dapo": ("cpt", "sft-cot", "poro-dapo"),
-}
-METHOD_LABELS = {
-    "in-context": "in-context policy (zero-shot)",
-    "direct-sft": "direct SFT",
-    "cot-sft": "CoT SFT",
-    "vmcpt-cot-sft": "VM-CPT + CoT SFT",
-    "cot-sft-grpo": "CoT SFT + GRPO",
-    "cot-sft-dapo": "CoT SFT + DAPO",
-    "trimpi-grpo": "TriMPI (PoRo-GRPO)",
-    "trimpi-dapo": "TriMPI (PoRo-DAPO)",
-}
-DEFAULT_METHODS = ("in-context", "cot-sft", "trimpi-grpo")
-RL_STAGES = ("grpo", "dapo", "poro-grpo", "poro-dapo")
 
 # Evaluation knobs per preset (RunConfig.extra overrides them by the same names). "grpo" holds
 # GRPOConfig overrides for the RL stages: on tiny, DAPO's dynamic sampling would retry 20 times per step
@@ -81,6 +75,86 @@ EVAL_DEFAULTS: dict[str, dict[str, Any]] = {
 
 class PipelineError(ValueError):
     """A bad argument or a run directory that does not match the requested config."""
+
+
+# Progress: at most this many printed lines per training stage unless RunConfig.log_every says otherwise.
+MAX_PROGRESS_LINES = 50
+PROGRESS_KEYS = ("loss", "grad_norm", "learning_rate", "tokens_per_s")
+
+# Every RunConfig.extra key the pipeline (and the stages it calls) reads. Anything else is a typo: refused,
+# with the valid names, instead of being filed away silently (`--set rl_setps=60`).
+EXTRA_KNOBS: dict[str, str] = {
+    "eval_limit": "test items for a method's headline accuracy (null: all)",
+    "eval_side_limit": "test items for the other views (policy in context, override); default eval_limit",
+    "eval_batch_size": "prompts per generate() call in evaluation",
+    "eval_max_new_tokens": "decoding budget per evaluated answer",
+    "prefill_items": "test items whose prefill time is measured (cost table)",
+    "toy_base": "toy-base preset (tiny, toy) a toy model starts from",
+    "toy_base_seed": "seed of the toy base (default 0)",
+    "toy_base_overrides": "dict of mpi.toy_base.ToyBaseConfig fields",
+    "grpo": "dict of mpi.poro.GRPOConfig fields for the RL stages",
+    "cpt": "dict of mpi.supervised.SupervisedConfig fields for VM-CPT",
+    "sft": "dict of mpi.supervised.SupervisedConfig fields for the SFT stages",
+    "data": "dict of mpi.data.DataConfig fields",
+    "data_seed": "seed of the generated datasets (default 0)",
+    "variant": "ClevrPolicy variant of the dataset keys (default T)",
+}
+# The dict-valued knobs and the dataclass whose fields they may name.
+NESTED_KNOBS: dict[str, tuple[str, str]] = {
+    "grpo": ("mpi.poro", "GRPOConfig"), "cpt": ("mpi.supervised", "SupervisedConfig"),
+    "sft": ("mpi.supervised", "SupervisedConfig"), "data": ("mpi.data.build", "DataConfig"),
+    "toy_base_overrides": ("mpi.toy_base", "ToyBaseConfig"),
+}
+
+
+def run_config_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(RunConfig) if f.name != "extra"]
+
+
+def known_extra_knobs() -> dict[str, str]:
+    """EXTRA_KNOBS plus the memory estimate's knobs (mpi.scale.memory.MemoryKnobs fields that are not RunConfig's)."""
+    from mpi.scale.memory import MemoryKnobs
+
+    knobs = dict(EXTRA_KNOBS)
+    run_fields = set(run_config_fields())
+    for f in dataclasses.fields(MemoryKnobs):
+        if f.name not in run_fields:
+            knobs.setdefault(f.name, "memory estimate (mpi.scale.memory.MemoryKnobs)")
+    return knobs
+
+
+def _did_you_mean(name: str, choices: Sequence[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def check_extra(extra: dict[str, Any]) -> None:
+    """Refuse an unknown RunConfig.extra key (a `--set` name that is no RunConfig field lands there) or an
+    unknown field inside a dict-valued knob, naming the valid ones."""
+    known = known_extra_knobs()
+    unknown = [k for k in extra if k not in known]
+    if unknown:
+        names = run_config_fields()
+        what = "; ".join(f"{k!r}{_did_you_mean(k, names + list(known))}" for k in unknown)
+        raise PipelineError(
+            f"--set / RunConfig.extra: unknown name(s) {what}. Valid RunConfig fields: {', '.join(names)}. "
+            f"Valid extra knobs: {', '.join(sorted(known))}")
+    import importlib
+
+    for key, (module, class_name) in NESTED_KNOBS.items():
+        if key not in extra:
+            continue
+        value = extra[key]
+        if not isinstance(value, dict):
+            raise PipelineError(f"--set {key}=...: expected a JSON object of {class_name} fields, e.g. "
+                                f"--set '{key}={{\"name\": value}}', got {value!r}")
+        fields = [f.name for f in dataclasses.fields(getattr(importlib.import_module(module), class_name))]
+        bad = [k for k in value if k not in fields]
+        if bad:
+            what = "; ".join(f"{k!r}{_did_you_mean(k, fields)}" for k in bad)
+            raise PipelineError(f"--set {key}=...: unknown {class_name} field(s) {what}. Valid fields: {', '.join(fields)}")
 
 
 # =========================================================================== plan
@@ -134,6 +208,7 @@ def make_plan(cfg: RunConfig, *, name: str | None = None, methods: Sequence[str]
     seeds = tuple(int(s) for s in (seeds if seeds is not None else (cfg.seed,)))
     if not seeds:
         raise PipelineError("--seeds: give at least one seed, e.g. --seeds 0,1,2")
+    check_extra(cfg.extra)
     name = name or cfg.preset
     if not name or "/" in name or name.startswith("."):
         raise PipelineError(f"--name must be a plain directory name, got {name!r}")
@@ -185,6 +260,102 @@ def run_stage(plan: Plan, timer: Timer, stage: str, path: Path, fn: Callable[[Pa
         atomic_write_json(tmp / "done.json", result)
     timer.record(stage, result["seconds"], skipped=False)
     log(f"[done] {stage} in {result['seconds']:.1f}s")
+    return result
+
+
+class Processes:
+    """Who does what under `accelerate launch` (one process, and every method a no-op, without it).
+
+    The main process builds the data and the toy base, evaluates, writes the report and every done marker;
+    all processes train (the stage functions are data parallel). The others wait for the main process on a
+    barrier of their own gloo group with a long timeout: building a toy base or evaluating a method can take
+    far longer than the default group's 30 minutes, and a CPU group keeps these waits and the small decisions
+    shared from the main process (share) off the GPUs."""
+
+    WAIT = 7 * 24 * 3600  # seconds a process may wait for the main process (a barrier is not a timer)
+
+    def __init__(self):
+        import torch
+
+        from mpi.scale import distributed as dist
+
+        self.world = dist.num_processes()
+        self.main = dist.is_main_process()
+        self.group = None
+        if self.world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            from datetime import timedelta
+
+            self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=self.WAIT))
+
+    def barrier(self) -> None:
+        if self.group is not None:
+            import torch
+
+            torch.distributed.barrier(group=self.group)
+
+    def share(self, value: Any) -> Any:
+        """The main process's `value` on every process (every process decides alike what to skip)."""
+        if self.group is None:
+            return value
+        import torch
+
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+
+_PROCESSES: Processes | None = None
+
+
+def processes() -> Processes:
+    """This run's processes (one, or those of an `accelerate launch`), made once."""
+    global _PROCESSES
+    if _PROCESSES is None:
+        _PROCESSES = Processes()
+    return _PROCESSES
+
+
+def publish(partial: Path, path: Path) -> None:
+    """Move a finished stage (its done.json already inside) into place in one rename."""
+    if path.exists():  # a stage directory without done.json (an older layout, or a copy): not a finished stage
+        shutil.rmtree(path)
+    os.replace(partial, path)
+
+
+def run_training_stage(plan: Plan, timer: Timer, stage: str, path: Path, fn: Callable[[Path], dict[str, Any]],
+                       log: Callable[[str], None]) -> dict[str, Any]:
+    """Like run_stage, but `fn` works in `<path>.partial/`, which survives a killed run: the stage resumes from
+    its checkpoints there. Finished, the directory gets done.json and is renamed to `path` (the next stage
+    only ever sees finished stages). Every process calls this and `fn`; the main process writes."""
+    procs = processes()
+    procs.barrier()
+    partial = partial_dir(path)
+    state = procs.share("done" if is_done(path) else "trained" if is_done(partial) else
+                        "resume" if partial.exists() else "new")
+    if state == "done":
+        log(f"[skip] {stage} (done)")
+        if procs.main:
+            timer.record(stage, 0.0, skipped=True)
+        return read_done(path)
+    t0 = time.perf_counter()
+    if state != "trained":
+        log(f"[{'run ' if state == 'new' else 'resume'}] {stage}" + (f" from {partial}" if state == "resume" else ""))
+        from mpi.supervised import ConfigError
+
+        try:
+            result = fn(partial) or {}
+        except ConfigError as err:  # checkpoints in the work directory made with other settings
+            raise PipelineError(f"{stage}: {err}\n(pipeline: delete {partial} to train this stage from the start, "
+                                "or rerun with the settings it was started with)") from err
+        if procs.main:
+            atomic_write_json(partial / "done.json", {**result, "stage": stage, "seconds": time.perf_counter() - t0})
+    if procs.main:
+        seconds = read_done(partial)["seconds"]
+        publish(partial, path)
+        timer.record(stage, seconds, skipped=False)
+    procs.barrier()
+    result = read_done(path)
+    log(f"[done] {stage} in {result['seconds']:.1f}s" + (" (this run's part of it)" if state != "new" else ""))
     return result
 
 
@@ -301,50 +472,154 @@ def save_model(model, processor, out: Path, base_path: str) -> Path:
 # =========================================================================== training stages
 
 
-def supervised_config(plan: Plan, stage: str, seed: int):
-    """The supervised stage's config (mpi.supervised) from the RunConfig fields; progress lines on."""
+def supervised_config(plan: Plan, stage: str, seed: int, **overrides: Any):
+    """The supervised stage's config (mpi.supervised) from the RunConfig fields.
+
+    The batch is the global one (RunConfig.batch_size x grad_accum_steps over all processes): under
+    `accelerate launch` each process gets its share (per_process_config), so that W processes take the same
+    optimizer steps as one. Checkpoints every RunConfig.save_every steps (the resume point)."""
     from mpi.supervised import SupervisedConfig
 
     mode = {"cpt": "cpt", "sft-cot": "sft_cot", "sft-direct": "sft_direct"}[stage]
-    return SupervisedConfig.from_run_config(plan.cfg, mode, seed=seed)
+    cfg = per_process_config(plan.cfg, processes().world)
+    values = dict(seed=seed, save_steps=max(1, int(cfg.save_every)), save_total_limit=2, logging_steps=1)
+    return SupervisedConfig.from_run_config(cfg, mode, **{**values, **overrides})
+
+
+def per_process_config(cfg: RunConfig, world: int) -> RunConfig:
+    """`cfg` with batch_size (or, when it does not split, grad_accum_steps) divided over `world` processes:
+    the Trainer's batch is per device, RunConfig's is the global batch of one optimizer step."""
+    if world <= 1:
+        return cfg
+    if cfg.batch_size % world == 0:
+        return cfg.replace(batch_size=cfg.batch_size // world)
+    if cfg.grad_accum_steps % world == 0:
+        return cfg.replace(grad_accum_steps=cfg.grad_accum_steps // world)
+    raise PipelineError(
+        f"batch_size={cfg.batch_size} x grad_accum_steps={cfg.grad_accum_steps} is the global batch and does not "
+        f"split over {world} processes: make batch_size or grad_accum_steps a multiple of {world} "
+        f"(--set batch_size=...), or launch a number of processes that divides one of them")
+
+
+def progress_every(cfg: RunConfig, total_steps: int | None) -> int:
+    """Steps between two printed progress lines: RunConfig.log_every, else at most MAX_PROGRESS_LINES lines."""
+    if cfg.log_every:
+        return max(1, int(cfg.log_every))
+    return max(1, math.ceil((total_steps or 1) / MAX_PROGRESS_LINES))
+
+
+def stage_progress_callback(desc: str, log_every: int | None):
+    """A Trainer callback: one bar for the stage and one line every few steps (every step still goes to
+    metrics.jsonl; mpi.supervised's own progress, a line per logged step, is switched off)."""
+    from tqdm.auto import tqdm
+    from transformers.trainer_callback import TrainerCallback
+
+    from mpi.metrics import format_row
+
+    class StageProgress(TrainerCallback):
+        def __init__(self):
+            self.bar = None
+            self.every = 1
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                total = int(state.max_steps or 0) or None
+                self.every = max(1, int(log_every)) if log_every else max(1, math.ceil((total or 1) / MAX_PROGRESS_LINES))
+                self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:  # global_step jumps to the checkpoint's step on the first step of a resume
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is None or not logs or "loss" not in logs:
+                return
+            if state.global_step % self.every == 0 or state.global_step == state.max_steps:
+                row = {"step": state.global_step, **{k: logs[k] for k in PROGRESS_KEYS if k in logs}}
+                self.bar.write(format_row(row))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return StageProgress()
+
+
+def rl_config(plan: Plan, stage: str, seed: int):
+    """The GRPOConfig an RL stage trains with: the RunConfig's rl_* fields, the preset's and the user's "grpo"
+    overrides, a checkpoint every save_every steps and a printed line every progress_every steps."""
+    from mpi.poro import grpo_config_from_run
+
+    overrides = dict(plan.opts["grpo"])
+    if getattr(plan.cfg, "micro_batch_size", None) is not None:  # RunConfig's OOM knob for the RL step
+        overrides.setdefault("micro_batch_size", plan.cfg.micro_batch_size)
+    overrides.setdefault("save_every", max(1, int(plan.cfg.save_every)))
+    gcfg = grpo_config_from_run(plan.cfg, stage, seed=seed, **overrides)
+    if "print_every" not in plan.opts["grpo"]:
+        gcfg = dataclasses.replace(gcfg, print_every=progress_every(plan.cfg, gcfg.steps))
+    return gcfg
+
+
+def partial_dir(path: Path) -> Path:
+    """Where a training stage works until it is finished: kept across runs, so a killed stage resumes."""
+    return path.with_name(path.name + ".partial")
 
 
 def train_stage(plan: Plan, key: str, seed: int, chain: tuple[str, ...], tmp: Path) -> dict[str, Any]:
-    """Train the last stage of `chain` on top of the adapter of `chain[:-1]`; save into tmp/model."""
+    """Train the last stage of `chain` on top of the adapter of `chain[:-1]`; save into tmp/model.
+
+    `tmp` is the stage's persistent work directory (`<chain>.partial/`, see run_training_stage): the stage
+    functions checkpoint into tmp/work every RunConfig.save_every steps and are called with resume=True, so a
+    run killed mid-stage continues from its last checkpoint and ends with the weights of an uninterrupted run.
+    Every process of an `accelerate launch` calls this (the stage functions are data parallel); only the
+    main process writes the model."""
     from mpi.device import seed_everything
+    from mpi.scale.memory import preflight
 
-    from mpi.memory import preflight
-
+    procs = processes()
     stage = chain[-1]
+    work, model_dir = tmp / "work", tmp / "model"
+    # model/ is written atomically after training: present = trained (killed before done.json was written)
+    if procs.share(model_dir.exists()):
+        return {"chain": list(chain), "dataset": key, "seed": seed, **_result_summary(None, work)}
     parent = plan.stage_dir(key, seed, chain[:-1]) / "model" if len(chain) > 1 else None
+    run_cfg = per_process_config(plan.cfg, procs.world)
     # Print the expected peak memory and refuse, with the knobs to turn, a stage that cannot fit.
-    preflight(plan.cfg, "rl" if stage in RL_STAGES else ("cpt" if stage == "cpt" else "sft"))
+    preflight(run_cfg, memory_stage(stage),
+              num_processes=procs.world, quiet=not procs.main)
     seed_everything(seed)
     model, processor = load_for_stage(plan, seed, parent, trainable=True)
     train = load_split(plan, key, "train")
-    work = tmp / "work"
-    if stage in ("cpt", "sft-cot", "sft-direct"):
-        from mpi.supervised import train_supervised
+    desc = f"{key} seed{seed} {'+'.join(chain)}"
+    if stage in SUPERVISED_STAGES:
+        from mpi.supervised import latest_trainer_checkpoint, train_supervised
 
         data = with_cot_only(train) if stage == "sft-cot" else train
-        result = train_supervised(model, processor, data, supervised_config(plan, stage, seed), work, resume=False)
+        last = latest_trainer_checkpoint(work / "checkpoints")
+        resumed_from = int(last.name.split("-")[-1]) if last is not None else None
+        result = train_supervised(model, processor, data, supervised_config(plan, stage, seed, progress=False), work,
+                                  resume=True, callbacks=[stage_progress_callback(desc, plan.cfg.log_every)])
         model = result.pop("model")
     elif stage in RL_STAGES:
-        from mpi.poro import grpo_config_from_run, train_poro
+        from mpi import poro
+        from mpi.poro import train_poro
 
-        overrides = dict(plan.opts["grpo"])
-        if getattr(plan.cfg, "micro_batch_size", None) is not None:  # RunConfig's OOM knob for the RL step
-            overrides.setdefault("micro_batch_size", plan.cfg.micro_batch_size)
-        gcfg = grpo_config_from_run(plan.cfg, stage, seed=seed, **overrides)
-        result = train_poro(model, processor, train, gcfg, work, save_adapter=False)
+        gcfg = rl_config(plan, stage, seed)
+        last = poro.latest_checkpoint(work)
+        resumed_from = int(json.loads((last / "state.json").read_text())["step"]) if last is not None else None
+        result = train_poro(model, processor, train, gcfg, work, resume=True, save_adapter=False)
     else:
         raise PipelineError(f"unknown training stage {stage!r}")
-    save_model(model, processor, tmp / "model", base_model_path(plan))
     summary = _result_summary(result, work)
-    # Keep the training logs next to the model; drop bulky checkpoints the next stage does not need.
-    for sub in ("checkpoints", "adapter"):
-        shutil.rmtree(work / sub, ignore_errors=True)
-    return {"chain": list(chain), "dataset": key, "seed": seed, **summary}
+    if procs.main:
+        with atomic_directory(model_dir) as out:
+            save_model(model, processor, out, base_model_path(plan))
+        # Keep the training logs next to the model; drop bulky checkpoints the next stage does not need.
+        for sub in ("checkpoints", "adapter"):
+            shutil.rmtree(work / sub, ignore_errors=True)
+    procs.barrier()  # nobody reads model/ (or leaves) before it is written
+    return {"chain": list(chain), "dataset": key, "seed": seed, "resumed_from_step": resumed_from, **summary}
 
 
 def _result_summary(result: Any, work: Path) -> dict[str, Any]:
@@ -431,45 +706,65 @@ def measure_cost(plan: Plan, key: str, tmp: Path) -> dict[str, Any]:
 # =========================================================================== run
 
 
-def run(plan: Plan, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every stage of `plan` (skipping finished ones), then write the report."""
+def run(plan: Plan, *, log: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """Run every stage of `plan` (skipping finished ones), then write the report.
+
+    Under `accelerate launch` every process calls this: the main process builds the data, the toy base and
+    the cost table, evaluates and reports (the others wait on a barrier); every training stage runs on all
+    processes, data parallel. Returns the report's metrics on the main process, None on the others."""
     from mpi.toy import is_toy
 
-    check_run_dir(plan)
+    procs = processes()
+    if not procs.main:
+        log = _silent
+    if procs.main:
+        check_run_dir(plan)
+    procs.barrier()
     timer = Timer(plan.run_dir)
     t_start = time.perf_counter()
-    for key in plan.dataset_keys:
-        run_stage(plan, timer, f"data/{key}", plan.run_dir / "data" / key, lambda tmp, k=key: build_data(plan, k, tmp), log)
-    if is_toy(plan.cfg.model):
-        ensure_toy_base(plan, timer, log)
-    for key in plan.dataset_keys:
-        run_stage(plan, timer, f"cost/{key}", plan.run_dir / "cost" / key, lambda tmp, k=key: measure_cost(plan, k, tmp), log)
+    if procs.main:
+        for key in plan.dataset_keys:
+            run_stage(plan, timer, f"data/{key}", plan.run_dir / "data" / key, lambda tmp, k=key: build_data(plan, k, tmp), log)
+        if is_toy(plan.cfg.model):
+            ensure_toy_base(plan, timer, log)
+        for key in plan.dataset_keys:
+            run_stage(plan, timer, f"cost/{key}", plan.run_dir / "cost" / key, lambda tmp, k=key: measure_cost(plan, k, tmp), log)
+    procs.barrier()
     for seed in plan.seeds:
         for key in plan.dataset_keys:
             for chain in training_chains(plan.methods):
                 name = f"train/{key}/seed{seed}/{'+'.join(chain)}"
-                run_stage(plan, timer, name, plan.stage_dir(key, seed, chain),
-                          lambda tmp, k=key, s=seed, c=chain: train_stage(plan, k, s, c, tmp), log)
+                run_training_stage(plan, timer, name, plan.stage_dir(key, seed, chain),
+                                   lambda tmp, k=key, s=seed, c=chain: train_stage(plan, k, s, c, tmp), log)
+            if not procs.main:
+                continue
             for method in plan.methods:
                 name = f"eval/{key}/seed{seed}/{method}"
                 run_stage(plan, timer, name, plan.eval_dir(key, seed, method),
                           lambda tmp, k=key, s=seed, m=method: evaluate_method(plan, k, s, m, tmp), log)
-    from mpi.report import write_report
+    metrics = None
+    if procs.main:
+        from mpi.report import write_report
 
-    metrics = write_report(plan.run_dir, wall_seconds=time.perf_counter() - t_start)
-    log(f"report: {plan.run_dir / 'report.md'}")
+        metrics = write_report(plan.run_dir, wall_seconds=time.perf_counter() - t_start)
+        log(accuracy_table(plan.run_dir))
+        log(f"report: {plan.run_dir / 'report.md'}")
+    procs.barrier()
     return metrics
 
 
-def training_chains(methods: Sequence[str]) -> list[tuple[str, ...]]:
-    """Every prefix of every method's chain, once, parents before children."""
-    chains: list[tuple[str, ...]] = []
-    for m in methods:
-        chain = METHODS[m]
-        for i in range(1, len(chain) + 1):
-            if chain[:i] not in chains:
-                chains.append(chain[:i])
-    return sorted(chains, key=len)
+def _silent(message: str) -> None:
+    """The log of the processes other than the main one: the main process reports for all."""
+
+
+def accuracy_table(run_dir: Path) -> str:
+    """The accuracy section of report.md (the paper's table and what it says), to print at the end of a run."""
+    text = (Path(run_dir) / "report.md").read_text()
+    start = text.find("## Accuracy")
+    if start < 0:
+        return ""
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end >= 0 else len(text)].strip()
 
 
 def ensure_toy_base(plan: Plan, timer: Timer, log: Callable[[str], None]) -> None:
@@ -493,9 +788,10 @@ def check_run_dir(plan: Plan) -> None:
     path = plan.run_dir / "run.json"
     if path.exists():
         old = json.loads(path.read_text())
-        old_cfg = {k: v for k, v in old.get("config", {}).items() if k not in ("seed", "datasets", "depths")}
-        new_cfg = json.loads(json.dumps({k: v for k, v in record["config"].items()
-                                         if k not in ("seed", "datasets", "depths")}, default=str))
+        # seeds and datasets may be added to a run; bookkeeping (checkpoint / print cadence) changes no result
+        ignored = ("seed", "datasets", "depths", *BOOKKEEPING_FIELDS)
+        old_cfg = {k: v for k, v in old.get("config", {}).items() if k not in ignored}
+        new_cfg = json.loads(json.dumps({k: v for k, v in record["config"].items() if k not in ignored}, default=str))
         if old_cfg != new_cfg or old.get("opts") != json.loads(json.dumps(plan.opts, default=str)):
             diff = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
             raise PipelineError(
@@ -551,9 +847,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depths", type=_csv(int), default=None, help="ClevrPolicy tree depths N, e.g. 2,4")
     p.add_argument("--seeds", type=_csv(int), default=None, help="e.g. 0,1,2 (default: 0)")
     p.add_argument("--all", action="store_true", help="all eight methods and seeds 0,1,2 (unless given)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="toy-base: train the toy base again on this machine (into the cache), even if one is shipped")
+    p.add_argument("--ship", action="store_true",
+                   help="toy-base: copy the toy base built here into mpi/assets/toy_base (fp16 weights), for maintainers")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan, every stage's resolved config and the memory preflight; load nothing")
     p.add_argument("--set", type=_set_value, action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a RunConfig field (JSON value), e.g. --set rl_steps=60; "
-                        "unknown names go to RunConfig.extra (e.g. eval_limit=200)")
+                   help="override a RunConfig field (JSON value), e.g. --set rl_steps=60, --set save_every=5, "
+                        "--set log_every=20; the pipeline's other knobs go to RunConfig.extra (e.g. eval_limit=200, "
+                        "'grpo={\"temperature\": 0.7}'); an unknown name is an error that lists the valid ones")
     return p
 
 
@@ -577,38 +880,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "smoke":
-            from mpi.cli import smoke
+def quiet_library_bars() -> None:
+    """No bars for loading weights, saving or filtering datasets: the pipeline shows one bar per stage."""
+    import datasets
+    import transformers
 
-            smoke()
-            return 0
-        if args.command == "report":
-            if not args.run_dir:
-                raise PipelineError("report needs the run directory: python -m mpi report runs/toy")
-            from mpi.report import write_report
-
-            write_report(Path(args.run_dir))
-            print(f"report: {Path(args.run_dir) / 'report.md'}")
-            return 0
-        cfg = config_from_args(args)
-        if args.command == "toy-base":
-            from mpi.toy_base import build_toy_base
-
-            plan = make_plan(cfg, name=args.name)
-            print(build_toy_base(toy_base_cfg(plan), device=cfg.device))
-            return 0
-        methods = args.methods or (tuple(METHODS) if args.all else None)
-        seeds = args.seeds or ([0, 1, 2] if args.all else None)
-        plan = make_plan(cfg, name=args.name, methods=methods, seeds=seeds)
-        print(f"run {plan.run_dir} | preset {cfg.preset} | model {cfg.model} | methods {', '.join(plan.methods)} | "
-              f"datasets {', '.join(plan.dataset_keys)} | seeds {', '.join(map(str, plan.seeds))}")
-        run(plan)
-        return 0
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    # printed once per stage by transformers' own gradient-checkpointing check, whatever the model does
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated")

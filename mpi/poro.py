@@ -3,16 +3,25 @@
 One training step, in the order the code runs it:
 
 1. rollout   for each prompt, G responses from pi_old(.|q,I) ("own") and, with PolicyRollout on, G more
-             from pi_old(.|q,I,P) ("guided"), all in ONE batched `generate` (KV cache; images encoded
-             once per prompt, not once per group member).
+             from pi_old(.|q,I,P) ("guided"), all in ONE batched sampling loop (`mpi.sampling.sample`:
+             each prompt and its images prefilled once, its KV cache copied to its G rows; or
+             `model.generate` with sampler="hf"; the same distribution).
 2. rewards   accuracy (+ format) for all 2G; DAPO's dynamic sampling drops groups whose rewards are all
              equal and samples more prompts (at most `max_resample_tries` times).
 3. advantages over the pooled 2G group (`mpi.grpo.group_advantages`).
 4. log-probs of every response on the policy-FREE prompt: new (with grad), old (cached when
-             num_iterations > 1), reference (same model, adapters off) for the KL term.
+             num_iterations > 1), reference (same model, adapters off) for the KL term. A group's
+             2G rows share that prompt: it runs once per group and its KV cache serves the rows
+             (`shared_prompt_scoring`).
 5. loss      clipped surrogate + beta * k3 KL, aggregated as grpo / dapo / dr_grpo; the guided half
              follows `offpolicy_rule` (the paper's "as_own", truncated IS "tis", or LUFFY "shaping").
 6. update, metrics (split by origin), sample table every K steps, checkpoint every K steps.
+
+Every pass (sampling and all scoring) runs without dropout (`disable_dropout`), so at num_iterations=1 the
+ratio is exactly 1; on fp16 compute the update goes through a `DynamicLossScaler` (fp16/* metrics).
+Controls of the guided half: `guided_context="wrong_policy"` (another policy's text in context) and
+`adaptive_guidance` (guided samples only for groups whose own half is all wrong). `eval_items=` adds
+validation metrics (val/sampled_accuracy, val/pass@k, val/greedy_accuracy) every `eval_every` steps.
 
     cfg = get_grpo_config("poro-grpo", steps=30)
     result = train_poro(model, processor, dataset, cfg, "runs/poro")
@@ -39,7 +48,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from mpi import distributed as dist
+from mpi.scale import distributed as dist
+from mpi import sampling
 from mpi.atomic import atomic_directory, atomic_write_text
 from mpi.device import seed_everything
 from mpi.grpo import (LOSS_TYPES, OFFPOLICY_RULES, STD_KINDS, TRUNCATION_RULES, aggregate_loss,
@@ -54,6 +64,9 @@ ORIGINS = ("own", "guided")
 # =========================================================================== config
 
 KL_REFERENCES = ("start", "no_adapter")
+GUIDED_CONTEXTS = ("own_policy", "wrong_policy")
+LOSS_SCALING = ("auto", "on", "off")
+SAMPLERS = ("fast", "hf")
 
 
 @dataclass
@@ -68,6 +81,10 @@ class GRPOConfig:
     temperature: float = 1.0  # the log-probs of the loss use the same temperature
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    # "fast": `mpi.sampling.sample`, a hand-written loop (one prefill per prompt, LoRA folded in, no per-token
+    # generate machinery) with generate's distribution; "hf": `model.generate`. "fast" falls back to "hf" on
+    # a model outside the Qwen2-VL family.
+    sampler: str = "fast"
     # --- objective
     beta: float = 0.01  # KL weight (k3 estimator against the reference); 0 = no reference pass
     # The KL reference. "start": the policy as RL found it (the paper's pi_ref = the SFT model), a copy of the
@@ -91,6 +108,19 @@ class GRPOConfig:
     tis_cap: float = 2.0
     shaping_gamma: float = 0.1
     log_behaviour_ratio: bool = True  # score guided responses under pi_old(.|q,P) to log the IS ratio
+    # --- controls of the guided half (is a gain internalization, or just extra samples / extra context?)
+    # "own_policy" (the paper): the item's own policy in context. "wrong_policy": another policy's text and
+    # images (the next policy name, in sorted order, found in the training set), same query and images;
+    # if that helps as much, the gain is not the policy being internalized.
+    guided_context: str = "own_policy"
+    # Guided samples only for groups whose G own samples all have accuracy 0 (nothing to learn from them
+    # alone); every other group gets G MORE own samples instead, so all groups keep 2G rows (one advantage
+    # normaliser, one sample budget). Costs a second `generate` per step.
+    adaptive_guidance: bool = False
+    # --- dropout: the sampler is the eval-mode network, so every scoring pass (old, reference, behaviour and
+    # the trained pass) must be too, or pi/pi_old drifts from 1 with no update made (LoRA dropout 0.05 gives
+    # ratios up to 1.25 at num_iterations=1). Only dropout modules are switched: gradient checkpointing stays.
+    disable_dropout: bool = True
     # --- rewards
     accuracy_weight: float = 0.9
     format_weight: float = 0.1
@@ -102,6 +132,15 @@ class GRPOConfig:
     max_grad_norm: float = 1.0
     micro_batch_size: int | None = None  # sequences per forward/backward (None = the whole step); lower if OOM
     logprob_chunk_size: int | None = None  # sequences per float32 log-softmax block; lower if OOM
+    # Scoring runs each group's policy-free prompt once and shares its KV cache among the group's rows
+    # (`mpi.sampling.shared_prompt_logits`); False = the whole prompt + completion per row.
+    shared_prompt_scoring: bool = True
+    # Dynamic loss scaling for fp16 compute (a T4): "auto" = on iff the model computes in float16
+    # (see `needs_loss_scaling`), "on" / "off" force it. A step whose gradients overflow is skipped and the
+    # scale halved; after `loss_scale_growth_interval` good updates it doubles.
+    loss_scaling: str = "auto"
+    loss_scale_init: float = 2.0 ** 16
+    loss_scale_growth_interval: int = 100
     # --- bookkeeping
     seed: int = 0
     sample_every: int = 10  # write a sample table (with the image) every K steps; 0 = never
@@ -110,6 +149,12 @@ class GRPOConfig:
     progress: bool = True
     print_every: int = 1  # one printed line per K steps; 0 = silent
     preset: str = "custom"
+    # --- validation on a fixed item list (train_poro's eval_items=): sampled accuracy at the rollout
+    # temperature, pass@eval_samples and greedy accuracy, every eval_every steps and at the last step.
+    # 0 = only at the last step (and only when eval_items are given).
+    eval_every: int = 0
+    eval_samples: int = 4
+    eval_seed: int = 1234
 
     @property
     def group_size(self) -> int:
@@ -129,6 +174,14 @@ class GRPOConfig:
             (self.kl_reference in KL_REFERENCES, f"kl_reference must be one of {KL_REFERENCES}"),
             (0 <= self.epsilon < 1 and self.epsilon_high >= 0, "epsilon must be in [0, 1) and epsilon_high >= 0"),
             (self.num_iterations >= 1, "num_iterations must be >= 1"),
+            (self.guided_context in GUIDED_CONTEXTS, f"guided_context must be one of {GUIDED_CONTEXTS}"),
+            (not self.adaptive_guidance or self.policy_rollout,
+             "adaptive_guidance needs policy_rollout=True (it decides per group whether to add guided samples)"),
+            (self.loss_scaling in LOSS_SCALING, f"loss_scaling must be one of {LOSS_SCALING}"),
+            (self.sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}"),
+            (self.loss_scale_init > 0 and self.loss_scale_growth_interval >= 1,
+             "loss_scale_init must be > 0 and loss_scale_growth_interval >= 1"),
+            (self.eval_every >= 0 and self.eval_samples >= 1, "eval_every must be >= 0 and eval_samples >= 1"),
             (self.group_size >= 2 or not self.scale_rewards,
              "a group of 1 has no spread: raise num_generations or turn on policy_rollout"),
         ]
@@ -214,7 +267,7 @@ def vision_token_ids(model) -> list[int]:
     """Vision placeholder ids a completion must never contain: fed back to the model they would be
     read as image slots. Generation suppresses them and the log-probs exclude them the same way, so the
     sampling and the scored distributions stay identical."""
-    config = _base_model(model).config
+    config = sampling.base_model(model).config
     names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
     return sorted({getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)})
 
@@ -235,7 +288,8 @@ def stop_token_ids(model, processor) -> list[int]:
 
 @dataclass
 class Rollout:
-    """One step's responses, group after group; in a group the own rows come before the guided rows."""
+    """One step's responses, group after group; in a group the own rows come before the guided rows
+    (with adaptive_guidance a group's second half is guided or own, see `adaptive_rollout`)."""
 
     items: list[dict]  # one per group
     completion_ids: torch.Tensor  # (N, T)
@@ -245,6 +299,8 @@ class Rollout:
     texts: list[str]
     rewards: dict[str, torch.Tensor]  # reward (after any overlong penalty), accuracy, format
     gen_seconds: float = 0.0
+    # one per group: the item whose policy the guided rows saw (None = `items`; differs for wrong_policy)
+    guide_items: list[dict] | None = None
 
     @property
     def num_groups(self) -> int:
@@ -255,23 +311,27 @@ class Rollout:
         return Rollout(items=[self.items[g] for g in keep], completion_ids=self.completion_ids[rows],
                        eos_mask=self.eos_mask[rows], truncated=self.truncated[rows], guided=self.guided[rows],
                        texts=[self.texts[int(r)] for r in rows],
-                       rewards={k: v[rows] for k, v in self.rewards.items()}, gen_seconds=self.gen_seconds)
+                       rewards={k: v[rows] for k, v in self.rewards.items()}, gen_seconds=self.gen_seconds,
+                       guide_items=None if self.guide_items is None else [self.guide_items[g] for g in keep])
+
+
+def _pad_columns(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
 
 
 def concat_rollouts(parts: list[Rollout]) -> Rollout:
     width = max(p.completion_ids.shape[1] for p in parts)
-
-    def pad(t: torch.Tensor, value: int) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-
+    guides = None
+    if any(p.guide_items is not None for p in parts):
+        guides = [g for p in parts for g in (p.guide_items if p.guide_items is not None else p.items)]
     return Rollout(
         items=[i for p in parts for i in p.items],
-        completion_ids=torch.cat([pad(p.completion_ids, 0) for p in parts]),
-        eos_mask=torch.cat([pad(p.eos_mask, 0) for p in parts]),
+        completion_ids=torch.cat([_pad_columns(p.completion_ids, width, 0) for p in parts]),
+        eos_mask=torch.cat([_pad_columns(p.eos_mask, width, 0) for p in parts]),
         truncated=torch.cat([p.truncated for p in parts]), guided=torch.cat([p.guided for p in parts]),
         texts=[t for p in parts for t in p.texts],
         rewards={k: torch.cat([p.rewards[k] for p in parts]) for k in parts[0].rewards},
-        gen_seconds=sum(p.gen_seconds for p in parts),
+        gen_seconds=sum(p.gen_seconds for p in parts), guide_items=guides,
     )
 
 
@@ -286,54 +346,161 @@ def sampling_kwargs(model, processor, cfg: GRPOConfig) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def generate_group(model, processor, items: Sequence[dict], cfg: GRPOConfig, build_messages) -> dict[str, Any]:
-    """The whole step's 2G-per-prompt sampling in one batched `generate`.
-
-    Prompts are laid out [free_1, policy_1, free_2, policy_2, ...] and each is expanded
-    num_return_sequences=G times, so group j is rows j*2G ... (j+1)*2G - 1, own first. transformers
-    encodes each prompt's images once and expands the features, not the pixels.
-    """
-    texts_free, images_free = prompt_texts(processor, items, False, build_messages)
-    if cfg.policy_rollout:
-        texts_pol, images_pol = prompt_texts(processor, items, True, build_messages)
-        texts = [t for pair in zip(texts_free, texts_pol) for t in pair]
-        images = [i for pair in zip(images_free, images_pol) for i in pair]
-    else:
-        texts, images = texts_free, images_free
+def generate_from_prompts(model, processor, texts: list[str], images: list[list], cfg: GRPOConfig, *,
+                          num_return_sequences: int | None = None, greedy: bool = False) -> dict[str, Any]:
+    """`num_return_sequences` (default cfg.num_generations) completions per prompt, prompt after prompt,
+    sampled with `sampling_kwargs` in eval mode (no dropout); greedy=True decodes the argmax instead.
+    cfg.sampler="fast" uses `mpi.sampling.sample` (same distribution, ~2x faster on the toy), "hf" generate."""
     enc = encode_prompts(processor, texts, images)
     enc.pop("num_images")
     device = next(model.parameters()).device
     enc = {k: v.to(device) for k, v in enc.items()}
     stops = stop_token_ids(model, processor)
+    kwargs = sampling_kwargs(model, processor, cfg)
+    if greedy:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    n = num_return_sequences or cfg.num_generations
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    out = model.generate(**enc, **sampling_kwargs(model, processor, cfg), num_return_sequences=cfg.num_generations)
+    try:
+        if getattr(cfg, "sampler", "hf") == "fast" and sampling.supports_fast_sampling(model):
+            completion_ids = sampling.sample(
+                model, enc, num_return_sequences=n, max_new_tokens=cfg.max_completion_length, stop_ids=stops,
+                pad_id=kwargs["pad_token_id"], suppress_ids=kwargs["suppress_tokens"] or (),
+                temperature=kwargs["temperature"], top_p=kwargs["top_p"], top_k=kwargs["top_k"],
+                greedy=greedy)["completion_ids"]
+        else:
+            out = model.generate(**enc, **kwargs, num_return_sequences=n)
+            completion_ids = out[:, enc["input_ids"].shape[1]:].cpu()
+    finally:
+        model.train(was_training)
     seconds = time.perf_counter() - start
-    model.train(was_training)
-    completion_ids = out[:, enc["input_ids"].shape[1]:].cpu()
     return {"completion_ids": completion_ids, "seconds": seconds, "stops": stops}
 
 
-def rollout(model, processor, items: Sequence[dict], cfg: GRPOConfig, build_messages,
-            reward_fn: Callable | None = None) -> Rollout:
-    """Sample the groups for `items` and score them (see `generate_group`)."""
-    gen = generate_group(model, processor, items, cfg, build_messages)
+@torch.no_grad()
+def generate_group(model, processor, items: Sequence[dict], cfg: GRPOConfig, build_messages, *,
+                   guide_items: Sequence[dict] | None = None) -> dict[str, Any]:
+    """The whole step's 2G-per-prompt sampling in one batched sampling loop (`generate_from_prompts`).
+
+    Prompts are laid out [free_1, policy_1, free_2, policy_2, ...] and each is expanded
+    num_return_sequences=G times, so group j is rows j*2G ... (j+1)*2G - 1, own first. The fast sampler
+    prefills each prompt (and encodes its images) once and copies its KV cache to the G rows. The policy
+    prompts are built from `guide_items` when given (the wrong-policy control), else from `items`.
+    """
+    texts_free, images_free = prompt_texts(processor, items, False, build_messages)
+    if cfg.policy_rollout:
+        texts_pol, images_pol = prompt_texts(processor, guide_items if guide_items is not None else items, True,
+                                             build_messages)
+        texts = [t for pair in zip(texts_free, texts_pol) for t in pair]
+        images = [i for pair in zip(images_free, images_pol) for i in pair]
+    else:
+        texts, images = texts_free, images_free
+    return generate_from_prompts(model, processor, texts, images, cfg)
+
+
+def score_completions(processor, items: Sequence[dict], gen: dict[str, Any], guided: torch.Tensor, cfg: GRPOConfig,
+                      reward_fn: Callable | None = None, guide_items: list[dict] | None = None) -> Rollout:
+    """A Rollout from generated ids: completion masks, decoded texts and rewards (against the item's own
+    gold answer, whatever prompt the row was sampled from); rows are len(guided) // len(items) per item."""
     completion_ids = gen["completion_ids"]
     eos_mask, truncated = completion_mask(completion_ids, gen["stops"])
     pad = processor.tokenizer.pad_token_id
     texts = processor.tokenizer.batch_decode(completion_ids.masked_fill(eos_mask == 0, pad), skip_special_tokens=True)
-    G = cfg.num_generations
-    per_origin = 2 if cfg.policy_rollout else 1
-    row_items = [item for item in items for _ in range(per_origin * G)]
-    guided = torch.tensor(([False] * G + [True] * G) * len(items) if cfg.policy_rollout else [False] * G * len(items))
+    per_item = completion_ids.shape[0] // max(len(items), 1)
+    row_items = [item for item in items for _ in range(per_item)]
     reward_fn = reward_fn or (lambda its, txts: combined_rewards(its, txts, RewardWeights(cfg.accuracy_weight, cfg.format_weight)))
     scores = {k: torch.tensor(v, dtype=torch.float32) for k, v in reward_fn(row_items, texts).items()}
     if cfg.truncated_completions == "penalize":
         scores["reward"] = scores["reward"] + overlong_penalty(eos_mask.sum(1), truncated, cfg.max_completion_length,
                                                                cfg.overlong_buffer)
     return Rollout(items=list(items), completion_ids=completion_ids, eos_mask=eos_mask, truncated=truncated,
-                   guided=guided, texts=texts, rewards=scores, gen_seconds=gen["seconds"])
+                   guided=guided, texts=texts, rewards=scores, gen_seconds=gen["seconds"], guide_items=guide_items)
+
+
+def rollout(model, processor, items: Sequence[dict], cfg: GRPOConfig, build_messages,
+            reward_fn: Callable | None = None, *, guide_items: Sequence[dict] | None = None) -> Rollout:
+    """Sample the groups for `items` and score them (see `generate_group`; `adaptive_rollout` when
+    cfg.adaptive_guidance). guide_items: one per item, the item whose policy the guided half sees."""
+    items = list(items)
+    guides = list(guide_items) if guide_items is not None else None
+    if guides is not None and len(guides) != len(items):
+        raise ValueError(f"rollout: {len(items)} items but {len(guides)} guide_items; pass one guide per item")
+    if cfg.policy_rollout and cfg.adaptive_guidance:
+        return adaptive_rollout(model, processor, items, cfg, build_messages, reward_fn, guide_items=guides)
+    gen = generate_group(model, processor, items, cfg, build_messages, guide_items=guides)
+    G = cfg.num_generations
+    guided = torch.tensor(([False] * G + [True] * G) * len(items) if cfg.policy_rollout else [False] * G * len(items))
+    return score_completions(processor, items, gen, guided, cfg, reward_fn, guides)
+
+
+def adaptive_rollout(model, processor, items: list[dict], cfg: GRPOConfig, build_messages,
+                     reward_fn: Callable | None = None, *, guide_items: list[dict] | None = None) -> Rollout:
+    """Guidance only where it is needed: G own samples per item first; a group whose own samples all have
+    accuracy 0 then gets G guided samples (policy in context), every other group G more own samples.
+    Every group keeps 2G rows, own first; `guided` marks which second halves were guided."""
+    G = cfg.num_generations
+    own_cfg = dataclasses.replace(cfg, policy_rollout=False, adaptive_guidance=False)
+    first = score_completions(processor, items, generate_group(model, processor, items, own_cfg, build_messages),
+                              torch.zeros(G * len(items), dtype=torch.bool), cfg, reward_fn)
+    all_wrong = (first.rewards["accuracy"].view(len(items), G) <= 0).all(dim=1)
+    guides = guide_items if guide_items is not None else items
+    texts, images = [], []
+    for item, guide, wrong in zip(items, guides, all_wrong.tolist()):
+        t, im = prompt_texts(processor, [guide if wrong else item], wrong, build_messages)
+        texts += t
+        images += im
+    gen = generate_from_prompts(model, processor, texts, images, own_cfg)
+    second = score_completions(processor, items, gen, all_wrong.repeat_interleave(G), cfg, reward_fn)
+    width = max(first.completion_ids.shape[1], second.completion_ids.shape[1])
+    rows = torch.arange(len(items) * G).view(len(items), G)
+    pad = processor.tokenizer.pad_token_id or 0
+
+    def halves(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # group g: a's G rows, then b's G rows
+        return torch.stack([a.view(len(items), G, *a.shape[1:]), b.view(len(items), G, *b.shape[1:])], 1).flatten(0, 2)
+
+    order = torch.stack([rows, rows + len(items) * G], 1).flatten().tolist()
+    texts_all = first.texts + second.texts
+    return Rollout(
+        items=items,
+        completion_ids=halves(_pad_columns(first.completion_ids, width, pad), _pad_columns(second.completion_ids, width, pad)),
+        eos_mask=halves(_pad_columns(first.eos_mask, width, 0), _pad_columns(second.eos_mask, width, 0)),
+        truncated=halves(first.truncated, second.truncated), guided=halves(first.guided, second.guided),
+        texts=[texts_all[i] for i in order],
+        rewards={k: halves(first.rewards[k], second.rewards[k]) for k in first.rewards},
+        gen_seconds=first.gen_seconds + second.gen_seconds, guide_items=guide_items,
+    )
+
+
+def wrong_policy_guide(dataset) -> Callable[[dict], dict]:
+    """The wrong-policy control: item -> the same item (query, images, gold answer) carrying ANOTHER policy's
+    text and images: the next policy name after the item's own, in sorted order, among the policies of
+    `dataset`; its text is that of the first item with that name. Deterministic, no RNG."""
+    if hasattr(dataset, "column_names"):  # a datasets.Dataset: read one column, decode no images
+        names = list(dataset["policy_name"])
+    else:
+        names = [item.get("policy_name") for item in dataset]
+    first_index: dict[str, int] = {}
+    for i, name in enumerate(names):
+        first_index.setdefault(name, i)
+    ordered = sorted(n for n in first_index if n is not None)
+    if len(ordered) < 2:
+        raise ValueError(f"guided_context='wrong_policy' needs items of at least two policies in the training set "
+                         f"(field 'policy_name'); found {ordered}. Use a dataset with several policies or "
+                         "guided_context='own_policy'")
+    donors: dict[str, dict] = {}
+
+    def guide(item: dict) -> dict:
+        name = item.get("policy_name")
+        other = ordered[(ordered.index(name) + 1) % len(ordered)] if name in ordered else ordered[0]
+        if other not in donors:
+            donors[other] = dataset[first_index[other]]
+        donor = donors[other]
+        return dict(item, policy_name=donor["policy_name"], policy_text=donor["policy_text"],
+                    policy_images=list(donor.get("policy_images") or []))
+
+    return guide
 
 
 # =========================================================================== scoring (log-probs)
@@ -355,6 +522,11 @@ class ScoringBatch:
     prompt_grid: list[torch.Tensor | None]  # per prompt: (num_images, 3) image_grid_thw
     prompt_pixels: list[torch.Tensor | None]  # per prompt: its pixel patches
     image_features: list[list[torch.Tensor]] | None = None  # per prompt: one tensor per image
+    # the encoded prompts themselves (one row per prompt, left-padded): the shared-prompt forward runs these
+    # once and reuses their KV cache for every row (None: only the per-row forward is possible)
+    prompt_ids: torch.Tensor | None = None  # (num_prompts, P)
+    prompt_attention: torch.Tensor | None = None
+    prompt_mm_token_type_ids: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -387,21 +559,18 @@ def build_scoring_batch(processor, texts: list[str], images: list[list], complet
         attention_mask=torch.cat([mask, completion_attention.to(mask.dtype)], dim=1),
         mm_token_type_ids=mm, completion_ids=completion_ids, prompt_index=prompt_index,
         prompt_grid=prompt_grid, prompt_pixels=prompt_pixels,
+        prompt_ids=enc["input_ids"], prompt_attention=enc["attention_mask"],
+        prompt_mm_token_type_ids=enc.get("mm_token_type_ids"),
     )
 
 
-def _base_model(model):
-    """The transformers model under a peft wrapper."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def supports_shared_image_features(model) -> bool:
-    base = _base_model(model)
+    base = sampling.base_model(model)
     return "mm_encoder_outputs" in inspect.signature(base.forward).parameters and hasattr(base, "get_image_features")
 
 
 def vision_is_trainable(model) -> bool:
-    visual = getattr(getattr(_base_model(model), "model", None), "visual", None)
+    visual = getattr(getattr(sampling.base_model(model), "model", None), "visual", None)
     return visual is not None and any(p.requires_grad for p in visual.parameters())
 
 
@@ -413,7 +582,7 @@ def encode_images_once(model, batch: ScoringBatch) -> None:
     """
     if not supports_shared_image_features(model):
         return
-    base = _base_model(model)
+    base = sampling.base_model(model)
     device = next(model.parameters()).device
     feats = []
     ctx = torch.enable_grad() if vision_is_trainable(model) else torch.no_grad()
@@ -427,9 +596,47 @@ def encode_images_once(model, batch: ScoringBatch) -> None:
     batch.image_features = feats
 
 
+def _shared_prompt_forward(model, batch: ScoringBatch, rows: torch.Tensor) -> torch.Tensor:
+    """Logits (rows, T, V) from `mpi.sampling.shared_prompt_logits`: each distinct prompt of `rows` once."""
+    device = next(model.parameters()).device
+    prompt_of_row = batch.prompt_index[rows]
+    unique, prompt_rows = torch.unique(prompt_of_row, sorted=True, return_inverse=True)
+    ps = unique.tolist()
+    prompt: dict[str, Any] = {"input_ids": batch.prompt_ids[unique].to(device),
+                              "attention_mask": batch.prompt_attention[unique].to(device)}
+    if batch.prompt_mm_token_type_ids is not None:
+        prompt["mm_token_type_ids"] = batch.prompt_mm_token_type_ids[unique].to(device)
+    grids = [batch.prompt_grid[p] for p in ps if batch.prompt_grid[p] is not None]
+    if grids:
+        prompt["image_grid_thw"] = torch.cat(grids).to(device)
+        if batch.image_features is not None:
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            shared = [f for p in ps for f in batch.image_features[p]]
+            prompt["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=shared)}
+        else:
+            prompt["pixel_values"] = torch.cat([batch.prompt_pixels[p] for p in ps
+                                                if batch.prompt_pixels[p] is not None]).to(device)
+    P = batch.prompt_ids.shape[1]
+    completion_attention = batch.attention_mask[rows][:, P:].to(device)
+    return sampling.shared_prompt_logits(model, prompt, prompt_rows.to(device), batch.completion_ids[rows].to(device),
+                                         completion_attention)
+
+
 def forward_log_probs(model, batch: ScoringBatch, rows: torch.Tensor, temperature: float,
-                      chunk_size: int | None = None, with_entropy: bool = False):
-    """Per-token log pi(o_t | prompt, o_<t) at `temperature` (and entropy) for `rows` of a batch."""
+                      chunk_size: int | None = None, with_entropy: bool = False, *, shared_prompt: bool = True):
+    """Per-token log pi(o_t | prompt, o_<t) at `temperature` (and entropy) for `rows` of a batch.
+
+    shared_prompt=True (when the batch carries its prompts and the model supports it): each distinct prompt
+    of `rows` runs once and its KV cache serves all its rows; else prompt + completion run per row. The two
+    agree up to float rounding."""
+    if shared_prompt and batch.prompt_ids is not None and sampling.shared_prompt_supported(model):
+        logits = _shared_prompt_forward(model, batch, rows)
+        blocked = vision_token_ids(model)
+        if blocked:  # the sampler never saw these tokens (suppress_tokens): score on the same support
+            logits = logits.index_fill(-1, torch.tensor(blocked, device=logits.device), float("-inf"))
+        ids = batch.completion_ids[rows].to(logits.device)
+        return chunked_log_probs_and_entropy(logits, ids, temperature, chunk_size, with_entropy)
     device = next(model.parameters()).device
     T = batch.completion_ids.shape[1]
     prompts = batch.prompt_index[rows].tolist()
@@ -516,7 +723,8 @@ def score_no_grad(model, batch: ScoringBatch, cfg: GRPOConfig, reference: Callab
     outs = []
     with reference(model) if reference else contextlib.nullcontext():
         for rows in _row_chunks(batch.num_rows, cfg.micro_batch_size):
-            lp, _ = forward_log_probs(model, batch, rows, cfg.temperature, cfg.logprob_chunk_size)
+            lp, _ = forward_log_probs(model, batch, rows, cfg.temperature, cfg.logprob_chunk_size,
+                                      shared_prompt=getattr(cfg, "shared_prompt_scoring", True))
             outs.append(lp.float().cpu())
     return torch.cat(outs)
 
@@ -535,17 +743,136 @@ def behaviour_batch(processor, ro: Rollout, build_messages) -> ScoringBatch:
     """The guided responses behind the prompt that actually produced them (policy in context)."""
     rows = torch.nonzero(ro.guided).squeeze(1)
     group_size = ro.completion_ids.shape[0] // ro.num_groups
-    texts, images = prompt_texts(processor, ro.items, True, build_messages)
-    return build_scoring_batch(processor, texts, images, ro.completion_ids[rows], ro.eos_mask[rows],
-                               rows // group_size)
+    guides = ro.guide_items if ro.guide_items is not None else ro.items
+    row_groups = (rows // group_size).tolist()
+    groups = sorted(set(row_groups))  # only groups with guided rows (adaptive_guidance leaves some out)
+    texts, images = prompt_texts(processor, [guides[g] for g in groups], True, build_messages)
+    index = torch.tensor([groups.index(g) for g in row_groups], dtype=torch.long)
+    return build_scoring_batch(processor, texts, images, ro.completion_ids[rows], ro.eos_mask[rows], index)
+
+
+@contextlib.contextmanager
+def dropout_disabled(model, enabled: bool = True) -> Iterator[torch.nn.Module]:
+    """Dropout off inside the block, every other train/eval flag as it was.
+
+    Only the dropout modules (peft's lora_dropout among them) and attention modules with a functional
+    `attention_dropout` > 0 are switched, not the whole model: `model.eval()` would also turn off gradient
+    checkpointing, which transformers runs only in training mode. Restored on exit."""
+    if not enabled:
+        yield model
+        return
+    switched = [m for m in model.modules() if m.training and (
+        isinstance(m, torch.nn.modules.dropout._DropoutNd)
+        or (isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout > 0))]
+    for m in switched:
+        m.training = False  # this module only (not .eval(), which would recurse into its children)
+    try:
+        yield model
+    finally:
+        for m in switched:
+            m.training = True
+
+
+def model_compute_dtype(model) -> torch.dtype:
+    """The dtype the forward pass computes in: a 4-bit layer's compute dtype, else the most common dtype of
+    the frozen floating-point weights (LoRA weights are float32 even on a float16 base), else of all."""
+    for m in model.modules():
+        dtype = getattr(m, "compute_dtype", None)
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            return dtype
+    for frozen_only in (True, False):
+        counts: dict[torch.dtype, int] = {}
+        for p in model.parameters():
+            if p.dtype.is_floating_point and (not frozen_only or not p.requires_grad):
+                counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+        if counts:
+            return max(counts, key=counts.get)
+    return torch.float32
+
+
+def needs_loss_scaling(compute_dtype: torch.dtype, setting: str = "auto") -> bool:
+    """Dynamic loss scaling is for float16 compute only: its 5 exponent bits underflow small gradients
+    (below ~6e-8) and overflow large ones (above 65504). bfloat16 has float32's exponent range; float32
+    needs none. setting "on" / "off" overrides the decision."""
+    if setting not in LOSS_SCALING:
+        raise ValueError(f"loss_scaling must be one of {LOSS_SCALING}, got {setting!r}")
+    if setting != "auto":
+        return setting == "on"
+    return compute_dtype == torch.float16
+
+
+class DynamicLossScaler:
+    """Dynamic loss scaling written out (what torch.amp.GradScaler does, on any device and dtype):
+
+    scale_loss(loss) before backward; unscale_(params) after it (and after the cross-process gradient sum),
+    before clipping: True when every gradient is finite. update(found_inf): an overflowed update is
+    skipped by the caller, counted here, and the scale multiplied by backoff_factor; after growth_interval
+    good updates in a row the scale is multiplied by growth_factor."""
+
+    def __init__(self, init_scale: float = 2.0 ** 16, growth_interval: int = 100, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, min_scale: float = 2.0 ** -24):
+        self.scale, self.growth_interval = float(init_scale), int(growth_interval)
+        self.growth_factor, self.backoff_factor, self.min_scale = growth_factor, backoff_factor, min_scale
+        self.good_steps, self.skipped_steps = 0, 0
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale
+
+    @torch.no_grad()
+    def unscale_(self, params: Sequence[torch.Tensor]) -> bool:
+        grads = [p.grad for p in params if p.grad is not None]
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        if finite:
+            for g in grads:  # in the gradient's own dtype; float32 LoRA grads lose nothing (a power of 2)
+                g.mul_(1.0 / self.scale)
+        return finite
+
+    def update(self, found_inf: bool) -> None:
+        if found_inf:
+            self.scale = max(self.scale * self.backoff_factor, self.min_scale)
+            self.good_steps = 0
+            self.skipped_steps += 1
+            return
+        self.good_steps += 1
+        if self.good_steps >= self.growth_interval:
+            self.scale *= self.growth_factor
+            self.good_steps = 0
+
+    def metrics(self) -> dict[str, float]:
+        return {"fp16/loss_scale": self.scale, "fp16/skipped_steps": self.skipped_steps}
+
+    def state_dict(self) -> dict[str, float]:
+        return {"scale": self.scale, "good_steps": self.good_steps, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+        self.skipped_steps = int(state["skipped_steps"])
+
+
+def make_loss_scaler(model, cfg: GRPOConfig) -> DynamicLossScaler | None:
+    """A DynamicLossScaler when the model computes in float16 (cfg.loss_scaling="auto"), else None."""
+    if not needs_loss_scaling(model_compute_dtype(model), cfg.loss_scaling):
+        return None
+    return DynamicLossScaler(cfg.loss_scale_init, cfg.loss_scale_growth_interval)
 
 
 def train_on_rollout(model, optimizer, processor, ro: Rollout, cfg: GRPOConfig, build_messages,
-                     reference: Callable | None = None) -> dict[str, float]:
+                     reference: Callable | None = None, *,
+                     loss_scaler: DynamicLossScaler | None = None) -> dict[str, float]:
     """Advantages, log-probs, loss and `num_iterations` optimizer updates for one rollout.
 
     `reference(model)`: the KL reference's context (train_poro passes `make_reference`'s); None with beta > 0
-    means the model with its adapters off."""
+    means the model with its adapters off. `loss_scaler`: a DynamicLossScaler kept across steps (train_poro
+    passes `make_loss_scaler`'s; pass one yourself on fp16). With cfg.disable_dropout every pass runs
+    without dropout, so at num_iterations=1 the ratio is exactly 1 and the KL to an unchanged reference 0.
+    Leaves the model in train mode."""
+    model.train()
+    with dropout_disabled(model, cfg.disable_dropout):
+        return _train_on_rollout(model, optimizer, processor, ro, cfg, build_messages, reference, loss_scaler)
+
+
+def _train_on_rollout(model, optimizer, processor, ro: Rollout, cfg: GRPOConfig, build_messages,
+                      reference: Callable | None, loss_scaler: DynamicLossScaler | None) -> dict[str, float]:
     N = ro.completion_ids.shape[0]
     G2 = N // ro.num_groups
     adv = group_advantages(ro.rewards["reward"], G2, scale_rewards=cfg.scale_rewards, std=cfg.advantage_std,
@@ -556,7 +883,15 @@ def train_on_rollout(model, optimizer, processor, ro: Rollout, cfg: GRPOConfig, 
     guided = ro.guided
 
     need_behaviour = bool(guided.any()) and (cfg.offpolicy_rule == "tis" or cfg.log_behaviour_ratio)
-    old_logp = score_no_grad(model, batch, cfg) if (cfg.num_iterations > 1 or need_behaviour) else None
+    # pi_old only for the IS log at num_iterations=1: the trained pass's detached log-probs are pi_old (the same
+    # network, no dropout), so collect them there instead of running one more no-grad pass. TIS needs pi_old
+    # before the loss, and with dropout on the trained pass is not pi_old: then the separate pass.
+    old_from_new = (need_behaviour and cfg.num_iterations == 1 and cfg.offpolicy_rule != "tis"
+                    and cfg.disable_dropout)
+    old_logp = (score_no_grad(model, batch, cfg) if (cfg.num_iterations > 1 or (need_behaviour and not old_from_new))
+                else None)
+    if old_from_new:
+        old_logp = torch.zeros_like(loss_mask, dtype=torch.float32)
     ref_logp = score_no_grad(model, batch, cfg, reference=reference or True) if cfg.beta > 0 else None
     behaviour = torch.zeros_like(loss_mask, dtype=torch.float32)
     if need_behaviour:
@@ -574,15 +909,17 @@ def train_on_rollout(model, optimizer, processor, ro: Rollout, cfg: GRPOConfig, 
     token_stats = {k: torch.zeros_like(loss_mask, dtype=torch.float32)
                    for k in ("kl", "entropy", "ratio", "clip_low", "clip_high")}
     params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
+    # pi_old for the ratio: at num_iterations=1 it IS the current network, so the detached new log-probs
+    # (exactly ratio 1, whatever the kernels); the no-grad pass is then only for the behaviour / IS ratio.
+    ratio_old = old_logp if cfg.num_iterations > 1 else None
     for iteration in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for rows in _row_chunks(N, cfg.micro_batch_size):
             logp, ent = forward_log_probs(model, batch, rows, cfg.temperature, cfg.logprob_chunk_size,
-                                          with_entropy=iteration == 0)
+                                          with_entropy=iteration == 0, shared_prompt=cfg.shared_prompt_scoring)
             dev = logp.device
-            old = old_logp[rows].to(dev) if old_logp is not None else logp.detach()
+            old = ratio_old[rows].to(dev) if ratio_old is not None else logp.detach()
             a = adv[rows].to(dev)
             per_tok, ratio, c_low, c_high = clipped_surrogate(logp, old, a, cfg.epsilon, cfg.epsilon_high)
             per_tok = per_tok * weights[rows].to(dev)
@@ -597,22 +934,37 @@ def train_on_rollout(model, optimizer, processor, ro: Rollout, cfg: GRPOConfig, 
             loss = aggregate_loss(per_tok, loss_mask[rows].to(dev), cfg.loss_type,
                                   max_completion_length=cfg.max_completion_length, num_sequences=num_sequences,
                                   num_tokens=num_tokens)
-            loss.backward()
+            (loss_scaler.scale_loss(loss) if loss_scaler is not None else loss).backward()
             total += float(loss.detach())
             if ent is not None:
                 token_stats["entropy"][rows] = ent.float().cpu()
+            if old_from_new:
+                old_logp[rows] = logp.detach().float().cpu()
             token_stats["ratio"][rows] = ratio.detach().float().cpu()
             token_stats["clip_low"][rows] = c_low.float().cpu()
             token_stats["clip_high"][rows] = c_high.float().cpu()
         dist.all_reduce_gradients(params)  # sum the processes' shares (no-op on one process)
+        stats["loss"].append(total)
+        # the summed gradients are the same on every process, so all of them skip (or step) together
+        if loss_scaler is not None and not loss_scaler.unscale_(params):
+            optimizer.zero_grad(set_to_none=True)  # an overflow: no update, a smaller scale next time
+            loss_scaler.update(found_inf=True)
+            continue
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        stats["loss"].append(total)
+        if loss_scaler is not None:
+            loss_scaler.update(found_inf=False)
         stats["grad_norm"].append(float(grad_norm))
 
-    metrics = {"loss": float(np.mean(stats["loss"])), "grad_norm": float(np.mean(stats["grad_norm"])),
+    metrics = {"loss": float(np.mean(stats["loss"])),
+               "grad_norm": float(np.mean(stats["grad_norm"])) if stats["grad_norm"] else math.nan,
                "advantage_abs_mean": float(adv.abs().mean())}
+    if loss_scaler is not None:
+        metrics.update(loss_scaler.metrics())
+    if ro.guided.any() or cfg.adaptive_guidance:
+        guided_groups = ro.guided.view(ro.num_groups, G2).any(dim=1)
+        metrics["guidance/guided_group_frac"] = float(guided_groups.float().mean())
     metrics.update(origin_metrics(ro, adv, loss_mask, token_stats, G2, cfg))
     if need_behaviour:
         metrics.update(behaviour_ratio_metrics(old_logp, behaviour, ro.eos_mask, guided, cfg.tis_cap))
@@ -646,10 +998,12 @@ def origin_metrics(ro: Rollout, adv: torch.Tensor, loss_mask: torch.Tensor, toke
         out[f"{name}/ratio_max"] = float(token_stats["ratio"][rows_mask.bool()].max()) if rows_mask.any() else math.nan
         if cfg.beta > 0:
             out[f"{name}/kl"] = masked_mean(token_stats["kl"], rows_mask)
-        # groups whose rows of this origin all got the same reward
-        per_group = ro.rewards["reward"].view(-1, group_size)
-        sel_group = sel.view(-1, group_size)[0]
-        out[f"{name}/zero_std_frac"] = float(zero_std_groups(per_group[:, sel_group].reshape(-1), int(sel_group.sum())).float().mean())
+        # groups whose rows of this origin all got the same reward (among the groups that have such rows:
+        # with adaptive_guidance the pattern differs from group to group)
+        per_group, sel_groups = ro.rewards["reward"].view(-1, group_size), sel.view(-1, group_size)
+        flat = [float(per_group[g][sel_groups[g]].max() - per_group[g][sel_groups[g]].min()) <= 1e-6
+                for g in range(per_group.shape[0]) if sel_groups[g].any()]
+        out[f"{name}/zero_std_frac"] = float(np.mean(flat))
     return out
 
 
@@ -712,7 +1066,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, sampler: PromptSampler, cfg: GRPOConfig,
-                    reference: Callable | None = None) -> Path:
+                    reference: Callable | None = None, *, loss_scaler: DynamicLossScaler | None = None) -> Path:
     """trainable weights + optimizer + RNG + step + prompt cursor (+ the KL reference's weights, which a resumed
     run cannot rebuild from the model), written to a temp dir then renamed."""
     path = Path(out_dir) / "checkpoints" / f"step_{step:06d}"
@@ -723,8 +1077,10 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, sampler: P
             torch.save(reference.state_dict(), tmp / "reference.pt")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "cursor": sampler.cursor, "config": cfg.to_dict()},
-                                                   indent=2, default=str))
+        state = {"step": step, "cursor": sampler.cursor, "config": cfg.to_dict()}
+        if loss_scaler is not None:
+            state["loss_scaler"] = loss_scaler.state_dict()
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
     checkpoints = sorted((Path(out_dir) / "checkpoints").glob("step_*"))
     for old in checkpoints[:-max(cfg.keep_checkpoints, 1)]:
         shutil.rmtree(old, ignore_errors=True)
@@ -803,17 +1159,21 @@ class TrainResult:
 
 
 def collect_rollout(model, processor, dataset, sampler: PromptSampler, cfg: GRPOConfig, build_messages,
-                    reward_fn) -> tuple[Rollout | None, int]:
-    """A step's groups; with dynamic sampling, only groups with a reward spread, refilled up to N tries."""
+                    reward_fn, *, guide_for: Callable[[dict], dict] | None = None) -> tuple[Rollout | None, int]:
+    """A step's groups; with dynamic sampling, only groups with a reward spread, refilled up to N tries.
+    guide_for(item): the item whose policy the guided half sees (e.g. `wrong_policy_guide`); None = its own."""
+
+    def sample(items: list[dict]) -> Rollout:
+        guides = [guide_for(item) for item in items] if guide_for is not None else None
+        return rollout(model, processor, items, cfg, build_messages, reward_fn, guide_items=guides)
+
     if not cfg.dynamic_sampling:
-        items = [dataset[i] for i in sampler.next(cfg.prompts_per_step)]
-        return rollout(model, processor, items, cfg, build_messages, reward_fn), 1
+        return sample([dataset[i] for i in sampler.next(cfg.prompts_per_step)]), 1
     kept: list[Rollout] = []
     have, tries = 0, 0
     while have < cfg.prompts_per_step and tries < cfg.max_resample_tries:
         tries += 1
-        items = [dataset[i] for i in sampler.next(cfg.prompts_per_step - have)]
-        ro = rollout(model, processor, items, cfg, build_messages, reward_fn)
+        ro = sample([dataset[i] for i in sampler.next(cfg.prompts_per_step - have)])
         flat = zero_std_groups(ro.rewards["reward"], cfg.group_size)
         keep = [g for g in range(ro.num_groups) if not bool(flat[g])]
         if keep:
@@ -829,19 +1189,41 @@ def make_optimizer(model, cfg: GRPOConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.adam_betas)
 
 
+def idle_update_scaled(model, optimizer, cfg: GRPOConfig, loss_scaler: DynamicLossScaler) -> None:
+    """`mpi.scale.distributed.idle_update` with the loss scaler's overflow check: the summed gradients hold the
+    other processes' infs too, so this process must skip exactly the updates they skip."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    dist.global_sums(0.0, 0.0)
+    for _ in range(cfg.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        for p in params:  # a zero contribution, so the optimizer steps every parameter as the others do
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce_gradients(params)
+        if not loss_scaler.unscale_(params):
+            optimizer.zero_grad(set_to_none=True)
+            loss_scaler.update(found_inf=True)
+            continue
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_scaler.update(found_inf=False)
+
+
 PRINT_KEYS = ("loss", "own/reward_mean", "guided/reward_mean", "own/accuracy", "guided/accuracy", "all/kl",
               "all/completion_length", "step_time", "gen_tokens_per_s")
 
 
 def train_poro(model, processor, dataset, cfg: GRPOConfig, out_dir: str | Path, *, resume: bool = False,
                build_messages: Callable | None = None, reward_fn: Callable | None = None,
-               save_adapter: bool = True) -> TrainResult:
+               save_adapter: bool = True, eval_items: Sequence[dict] | None = None) -> TrainResult:
     """PolicyRollout GRPO / DAPO on `dataset` (a sequence of mpi.data items) for cfg.steps steps.
 
     out_dir gets metrics.csv / metrics.jsonl, samples/, checkpoints/ and adapter/ (the final LoRA).
     resume=True continues from the latest checkpoint in out_dir and ends with exactly the weights an
     uninterrupted run would have. reward_fn(items, texts) -> {"reward": [...], "accuracy": [...], ...}
-    replaces the default accuracy + format reward.
+    replaces the default accuracy + format reward. eval_items: a small fixed validation list; with it,
+    `validation_metrics` (val/...) are logged before training (step 0), every cfg.eval_every steps and at
+    the last step (off when None: each evaluation samples eval_samples + 1 answers per item).
     """
     from tqdm.auto import tqdm
 
@@ -854,6 +1236,9 @@ def train_poro(model, processor, dataset, cfg: GRPOConfig, out_dir: str | Path, 
     dist.sync_initial_weights(model)
     optimizer = make_optimizer(model, cfg)
     reference = make_reference(model, cfg)  # before a checkpoint loads: "start" copies the weights RL starts from
+    loss_scaler = make_loss_scaler(model, cfg)  # fp16 compute only (see needs_loss_scaling)
+    guide_for = wrong_policy_guide(dataset) if cfg.guided_context == "wrong_policy" and cfg.policy_rollout else None
+    eval_items = list(eval_items) if eval_items else None
     sampler = dist.ShardedSampler(PromptSampler(len(dataset), cfg.seed))  # process p: positions p, p+W, ...
     local_cfg = dataclasses.replace(cfg, prompts_per_step=dist.local_count(cfg.prompts_per_step))
     start = 0
@@ -861,24 +1246,38 @@ def train_poro(model, processor, dataset, cfg: GRPOConfig, out_dir: str | Path, 
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, reference)
         start, sampler.cursor = state["step"], state["cursor"]
+        if loss_scaler is not None and "loss_scaler" in state:
+            loss_scaler.load_state_dict(state["loss_scaler"])
     logger = (MetricsLogger(out_dir, resume_step=start if ckpt is not None else None, echo=False)
               if dist.is_main_process() else dist.NullLogger())
     if dist.is_main_process():
         atomic_write_text(out_dir / "grpo_config.json", json.dumps(cfg.to_dict(), indent=2, default=str))
 
+
+    def evaluate() -> dict[str, float]:
+        return validation_metrics(model, processor, eval_items, cfg, build_messages=build_messages,
+                                  reward_fn=reward_fn)
+
+    if eval_items and start == 0:  # the baseline the validation curve starts from
+        logger.log(0, **dist.reduce_metrics(evaluate()))
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=f"{cfg.preset}",
                disable=not cfg.progress or not dist.is_main_process())
     for step in bar:
         t0, c0 = time.perf_counter(), time.process_time()
-        ro, tries = collect_rollout(model, processor, dataset, sampler, local_cfg, build_messages, reward_fn)
+        ro, tries = collect_rollout(model, processor, dataset, sampler, local_cfg, build_messages, reward_fn,
+                                    guide_for=guide_for)
         metrics: dict[str, Any] = {"resample_tries": tries}
         if dist.all_processes(ro is None):
             metrics["skipped"] = 1  # every try gave flat groups: nothing to learn from this step
         elif ro is None:  # this process found only flat groups, others did not: join their update
-            dist.idle_update(model, optimizer, num_iterations=cfg.num_iterations, max_grad_norm=cfg.max_grad_norm)
+            if loss_scaler is None:
+                dist.idle_update(model, optimizer, num_iterations=cfg.num_iterations, max_grad_norm=cfg.max_grad_norm)
+            else:
+                idle_update_scaled(model, optimizer, cfg, loss_scaler)
             metrics.update(num_groups=0)
         else:
-            metrics.update(train_on_rollout(model, optimizer, processor, ro, cfg, build_messages, reference))
+            metrics.update(train_on_rollout(model, optimizer, processor, ro, cfg, build_messages, reference,
+                                            loss_scaler=loss_scaler))
             gen_tokens = int(ro.eos_mask.sum())
             metrics.update(num_groups=ro.num_groups, gen_tokens=gen_tokens,
                            gen_tokens_per_s=gen_tokens / max(ro.gen_seconds, 1e-9), gen_seconds=ro.gen_seconds)
@@ -887,12 +1286,14 @@ def train_poro(model, processor, dataset, cfg: GRPOConfig, out_dir: str | Path, 
         metrics["step_time"] = time.perf_counter() - t0
         metrics["step_cpu_s"] = time.process_time() - c0  # CPU seconds of this process (robust to a busy machine)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
+        if eval_items and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+            metrics.update(evaluate())  # after step_time: not part of the step's cost
         row = logger.log(step, **dist.reduce_metrics(metrics))  # one row for all processes
         if cfg.print_every and step % cfg.print_every == 0 and dist.is_main_process():
             tqdm.write(format_row(row, [k for k in PRINT_KEYS if k in row]))
         bar.set_postfix(reward=f"{row.get('all/reward_mean', float('nan')):.3f}")
         if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps) and dist.is_main_process():
-            save_checkpoint(out_dir, step, model, optimizer, sampler, cfg, reference)
+            save_checkpoint(out_dir, step, model, optimizer, sampler, cfg, reference, loss_scaler=loss_scaler)
     bar.close()
 
     adapter_dir = None
@@ -947,3 +1348,45 @@ def mean_reward(model, processor, items: Sequence[dict], cfg: GRPOConfig, *, sam
         torch.manual_seed(seed)
         ro = rollout(model, processor, list(items), ecfg, build, reward_fn)
     return {k: float(v.mean()) for k, v in ro.rewards.items()}
+
+
+@torch.no_grad()
+def validation_metrics(model, processor, items: Sequence[dict], cfg: GRPOConfig, *, samples: int | None = None,
+                       seed: int | None = None, build_messages: Callable | None = None,
+                       reward_fn: Callable | None = None) -> dict[str, float]:
+    """Policy-free accuracy on a fixed item list, in a forked RNG (training is unaffected):
+
+    val/sampled_accuracy  mean accuracy of `samples` answers per item at the rollout temperature
+    val/pass@k            mean over items of the best of those k = samples answers (for 0/1 accuracy:
+                          the share of items with at least one right answer)
+    val/greedy_accuracy   one greedy (argmax) answer per item
+    and the matching val/sampled_reward, val/greedy_reward."""
+    items = list(items)
+    if not items:
+        raise ValueError("validation_metrics: no items; pass a non-empty eval_items list")
+    build = build_messages or default_build_messages()
+    k = samples or cfg.eval_samples
+    ecfg = dataclasses.replace(cfg, num_generations=k, policy_rollout=False, adaptive_guidance=False)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(cfg.eval_seed if seed is None else seed)
+        sampled = rollout(model, processor, items, ecfg, build, reward_fn)
+        texts, images = prompt_texts(processor, items, False, build)
+        gen = generate_from_prompts(model, processor, texts, images, ecfg, num_return_sequences=1, greedy=True)
+        greedy = score_completions(processor, items, gen, torch.zeros(len(items), dtype=torch.bool), ecfg, reward_fn)
+    acc = sampled.rewards["accuracy"].view(len(items), k)
+    return {"val/sampled_accuracy": float(acc.mean()), f"val/pass@{k}": float(acc.max(dim=1).values.mean()),
+            "val/greedy_accuracy": float(greedy.rewards["accuracy"].mean()),
+            "val/sampled_reward": float(sampled.rewards["reward"].mean()),
+            "val/greedy_reward": float(greedy.rewards["reward"].mean())}
+
+
+def plot_validation(run_dir: str | Path, out_png: str | Path | None = None):
+    """The validation curve and the own / guided training rewards of a run (reads its metrics.jsonl)."""
+    from mpi.metrics import plot_metrics, read_metrics
+
+    rows = read_metrics(run_dir)
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("val/") and "reward" not in k]
+    keys += [k for k in ("own/reward_mean", "guided/reward_mean", "all/zero_std_frac", "guidance/guided_group_frac")
+             if any(k in r for r in rows)]
+    return plot_metrics(rows, keys, out_png=out_png, title=str(run_dir))

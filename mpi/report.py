@@ -16,6 +16,7 @@ from typing import Any
 
 from mpi.atomic import atomic_write_json, atomic_write_text
 from mpi.evaluate import mean_and_spread
+from mpi.methods import METHOD_LABELS, METHODS
 
 METRICS = {
     "accuracy": "accuracy (headline)",
@@ -32,14 +33,10 @@ def _load(path: Path) -> dict[str, Any] | None:
 
 
 def _method_order() -> list[str]:
-    from mpi.pipeline import METHODS
-
     return list(METHODS)
 
 
 def _labels() -> dict[str, str]:
-    from mpi.pipeline import METHOD_LABELS
-
     return METHOD_LABELS
 
 

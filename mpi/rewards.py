@@ -11,6 +11,7 @@ returns a value; nothing raises on model output (a crash mid-run would lose the 
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -108,7 +109,12 @@ def gta_accuracy(prediction: str | None, gold: str) -> float:
         return 0.0
     if isinstance(score, Mapping):
         score = score.get("overall", 0.0)
-    return float(score)
+    try:
+        score = float(score)
+    except (TypeError, ValueError):
+        return 0.0
+    # NaN would poison every advantage of its group; the scorer promises [0, 1], this keeps the promise here too
+    return min(1.0, max(0.0, score)) if math.isfinite(score) else 0.0
 
 
 def accuracy_reward(item: Mapping[str, Any], text: Any) -> float:

@@ -42,15 +42,16 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from mpi import distributed as dist
+from mpi.scale import distributed as dist
 from mpi.atomic import atomic_directory, atomic_write_json
 from mpi.collate import IGNORE_INDEX, MODES, SupervisedCollator
 
-STAGES = {"cpt": "cpt", "vm_cpt": "cpt", "sft": "sft_cot", "sft_cot": "sft_cot", "sft_direct": "sft_direct"}
+# the stage names from_run_config accepts -> the collator mode (mpi.collate.MODES) it trains with
+STAGE_MODES = {"cpt": "cpt", "vm_cpt": "cpt", "sft": "sft_cot", "sft_cot": "sft_cot", "sft_direct": "sft_direct"}
 SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup"}
 # Fields that do not change what is trained: a finished run with other values here is still "the same run".
-BOOKKEEPING_FIELDS = ("save_steps", "save_total_limit", "logging_steps", "dataloader_num_workers",
-                      "check_max_items", "progress")
+TRAINER_BOOKKEEPING_FIELDS = ("save_steps", "save_total_limit", "logging_steps", "dataloader_num_workers",
+                              "check_max_items", "progress")
 CHECKPOINT_MARKER = "mpi_checkpoint_complete.json"
 
 
@@ -101,9 +102,9 @@ class SupervisedConfig:
     def from_run_config(cls, run_cfg, stage: str, **overrides: Any) -> "SupervisedConfig":
         """The stage's settings from a RunConfig: stage "cpt" uses cpt_epochs / cpt_learning_rate, "sft_cot" and
         "sft_direct" the sft_* fields; batch size, accumulation, max_length, LoRA and seed are shared."""
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {sorted(STAGES)}, got {stage!r}")
-        mode = STAGES[stage]
+        if stage not in STAGE_MODES:
+            raise ValueError(f"stage must be one of {sorted(STAGE_MODES)}, got {stage!r}")
+        mode = STAGE_MODES[stage]
         cpt = mode == "cpt"
         values = dict(
             mode=mode, epochs=run_cfg.cpt_epochs if cpt else run_cfg.sft_epochs,
@@ -388,7 +389,7 @@ _LOGGED = ("loss", "grad_norm", "learning_rate", "epoch", "tokens_per_s", "super
 # =========================================================================== checkpoints
 
 
-def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+def latest_trainer_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     """The newest *complete* checkpoint (it has our marker), or None."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
@@ -399,7 +400,7 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in BOOKKEEPING_FIELDS}
+    return {k: v for k, v in config.items() if k not in TRAINER_BOOKKEEPING_FIELDS}
 
 
 def _config_mismatch(saved: dict[str, Any], identity: dict[str, Any]) -> list[str]:
@@ -552,7 +553,7 @@ def train_supervised(model, processor, train_dataset, cfg: SupervisedConfig, out
 
     check = check_config(cfg, model=model, processor=processor, dataset=train_dataset)
     config_path = out_dir / "config.json"
-    last = latest_checkpoint(out_dir / "checkpoints") if resume else None
+    last = latest_trainer_checkpoint(out_dir / "checkpoints") if resume else None
     if last is not None and config_path.exists():
         mismatch = _config_mismatch(json.loads(config_path.read_text()), identity)
         if mismatch:
@@ -624,7 +625,7 @@ def sft_row_name(init_adapter: str | Path | None, direct: bool = False) -> str:
     return ("vm_cpt+" if init_adapter is not None else "") + ("direct_sft" if direct else "cot_sft")
 
 
-def load_for_stage(run_cfg, sup: SupervisedConfig, init_from: str | Path | None = None):
+def load_model_for_supervised(run_cfg, sup: SupervisedConfig, init_from: str | Path | None = None):
     """Model and processor ready for `train_supervised`.
 
     init_from None: the base model (run_cfg.model) with a fresh LoRA (sup.lora_r; None = all weights).
@@ -658,7 +659,7 @@ def run_vm_cpt(run_cfg, train_dataset, out_dir: str | Path | None = None, *, res
     """
     sup = SupervisedConfig.from_run_config(run_cfg, "cpt", **overrides)
     out_dir = Path(out_dir or Path(run_cfg.out_dir) / "vm_cpt")
-    model, processor = load_for_stage(run_cfg, sup)
+    model, processor = load_model_for_supervised(run_cfg, sup)
     result = train_supervised(model, processor, train_dataset, sup, out_dir, resume=resume, callbacks=callbacks)
     return result.pop("model"), processor, result
 
@@ -674,7 +675,7 @@ def run_sft(run_cfg, train_dataset, out_dir: str | Path | None = None, *, init_a
     """
     sup = SupervisedConfig.from_run_config(run_cfg, "sft_direct" if direct else "sft_cot", **overrides)
     out_dir = Path(out_dir or Path(run_cfg.out_dir) / sft_row_name(init_adapter, direct))
-    model, processor = load_for_stage(run_cfg, sup, init_from=init_adapter)
+    model, processor = load_model_for_supervised(run_cfg, sup, init_from=init_adapter)
     result = train_supervised(model, processor, train_dataset, sup, out_dir, resume=resume, callbacks=callbacks)
     result["row"] = sft_row_name(init_adapter, direct)
     return result.pop("model"), processor, result

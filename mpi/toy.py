@@ -92,7 +92,7 @@ def is_toy(name: str) -> bool:
 
 
 def _fallback_corpus() -> list[str]:
-    """Domain text used when mpi.data is not importable (it normally supplies a richer corpus)."""
+    """A few hand-written lines appended to mpi.data's corpus (kept: the corpus keys the toy cache)."""
     shapes, colors = ["cube", "sphere", "cylinder"], ["gray", "red", "blue", "green", "brown", "purple", "cyan", "yellow"]
     lines = []
     for i, color in enumerate(colors):
@@ -109,10 +109,8 @@ def _fallback_corpus() -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _domain_corpus() -> tuple[str, ...]:
-    try:
-        from mpi.data import tokenizer_corpus  # noqa: PLC0415 - optional until the data module exists
-    except ImportError:
-        return tuple(_fallback_corpus())
+    from mpi.data import tokenizer_corpus  # here, not at the top: importing mpi.toy stays light
+
     return tuple(tokenizer_corpus(seed=0)) + tuple(_fallback_corpus())
 
 
@@ -142,7 +140,8 @@ def train_tokenizer(corpus: list[str], vocab_size: int):
     return tokenizer
 
 
-def _processor_class():
+def toy_processor_class():
+    """Qwen2.5-VL's processor class minus video (the stock one needs torchvision for its video processor)."""
     from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 
     class ToyQwenVLProcessor(Qwen2_5_VLProcessor):
@@ -164,7 +163,7 @@ def pil_image_processor(image_size: int, patch_size: int = 14, merge_size: int =
 
 
 def build_processor(tokenizer, image_processor):
-    return _processor_class()(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    return toy_processor_class()(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
 def model_config(spec: ToySpec, tokenizer):

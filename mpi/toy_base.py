@@ -45,8 +45,14 @@ import torch
 
 from mpi.atomic import atomic_directory
 
-TOY_BASE_VERSION = 2  # bump when the recipe changes so old caches are not reused
-TASKS = ("describe", "exists", "count", "policy")
+# bump when the recipe changes so old caches are not reused. 3: the random policies' scenes are natural scenes
+# conditioned on the outcome (mpi.data.clevr.natural_scene_for), like the splits; v2 used the witness search,
+# whose 1-4-object scenes held a single object 90% of the time.
+TOY_BASE_VERSION = 3
+# The toy base trained by this recipe, shipped so that every machine starts from the same weights in seconds
+# (training it takes 20-40 minutes on 2 CPU cores). `python -m mpi toy-base --rebuild` trains it again.
+SHIPPED_ROOT = Path(__file__).resolve().parent / "assets" / "toy_base"
+SKILL_TASKS = ("describe", "exists", "count", "policy")
 
 
 @dataclass
@@ -87,9 +93,9 @@ class ToyBaseConfig:
         if self.model not in TOY_SPECS:
             raise ValueError(f"ToyBaseConfig.model must be a toy model ({sorted(TOY_SPECS)}), got {self.model!r}; "
                              "a hub model is already a base and needs no toy base")
-        unknown = sorted(set(self.task_weights) - set(TASKS))
+        unknown = sorted(set(self.task_weights) - set(SKILL_TASKS))
         if unknown:
-            raise ValueError(f"ToyBaseConfig.task_weights: unknown task(s) {unknown}; tasks are {TASKS}")
+            raise ValueError(f"ToyBaseConfig.task_weights: unknown task(s) {unknown}; tasks are {SKILL_TASKS}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("ToyBaseConfig.steps and batch_size must be >= 1")
         if self.pool_size % self.batch_size:
@@ -189,18 +195,18 @@ def skill_example(rng: random.Random, task: str, image_size: int, max_objects: i
         count = sum(o[attr] == value for o in scene["objects"])
         return {"task": task, "question": f"How many {_plural_noun(attr, value)} are there? Answer with a number.",
                 "answer": str(count), "scene": scene}
-    raise ValueError(f"unknown skill task {task!r}; tasks are {TASKS}")
+    raise ValueError(f"unknown skill task {task!r}; tasks are {SKILL_TASKS}")
 
 
 def policy_example(rng: random.Random, depth: int, image_size: int, index: int = 0, cot: bool = True,
                    n_objects: tuple[int, int] = (3, 10)) -> dict[str, Any]:
     """A random policy (never an evaluation one: its own random stream) with a balanced scene, as an mpi.data item."""
-    from mpi.data.clevr import QUERY, forward_cot, sample_scene_for
+    from mpi.data.clevr import QUERY, forward_cot, natural_scene_for
     from mpi.data.policies import generate_policy, policy_name
 
     policy = generate_policy(rng, depth, policy_name(rng, depth))
     target = rng.choice(policy.outcomes())
-    scene = sample_scene_for(rng, policy, target, image_size, index=index, n_objects=n_objects)
+    scene = natural_scene_for(rng, policy, target, image_size, index=index, n_objects=n_objects)
     outcome, path, _ = policy.evaluate(scene)
     return {"task": "policy", "id": f"toybase-{index}", "dataset": "clevr", "variant": "T", "depth": depth,
             "policy_name": policy.name, "policy_text": policy.render_text(), "policy_images": [],
@@ -229,7 +235,7 @@ def example_messages(example: dict[str, Any], with_answer: bool = True):
     return messages, list(example["images"])
 
 
-def _max_objects(step: int, cfg: ToyBaseConfig) -> int:
+def curriculum_max_objects(step: int, cfg: ToyBaseConfig) -> int:
     """Objects per scene at `step`: one during perception, then a linear ramp to `max_objects`."""
     if step < cfg.perception_steps:
         return 1
@@ -248,9 +254,9 @@ def training_pool(cfg: ToyBaseConfig) -> list[dict[str, Any]]:
     single-object scenes, later scenes have up to `max_objects`."""
     image_size = _image_size(cfg.model)
     rng = _rng(cfg.seed, "train")
-    skills = [t for t in TASKS if t != "policy" and cfg.task_weights.get(t, 0) > 0]
+    skills = [t for t in SKILL_TASKS if t != "policy" and cfg.task_weights.get(t, 0) > 0]
     skill_weights = [cfg.task_weights[t] for t in skills]
-    total = sum(cfg.task_weights.get(t, 0) for t in TASKS)
+    total = sum(cfg.task_weights.get(t, 0) for t in SKILL_TASKS)
     p_policy = cfg.task_weights.get("policy", 0) / total if total else 0.0
     pool: list[dict[str, Any]] = []
     step = 0
@@ -265,7 +271,7 @@ def training_pool(cfg: ToyBaseConfig) -> list[dict[str, Any]]:
                                     n_objects=(cfg.min_objects, cfg.max_objects))
             else:
                 task = "describe" if perceiving else rng.choices(skills, skill_weights)[0]
-                ex = skill_example(rng, task, image_size, _max_objects(step, cfg), cfg.min_objects, index=k)
+                ex = skill_example(rng, task, image_size, curriculum_max_objects(step, cfg), cfg.min_objects, index=k)
             pool.append(render(ex, image_size))
         step += 1
     return pool
@@ -330,9 +336,11 @@ def _tokens_per_image(processor) -> int:
     return (int(side) // ip.patch_size) ** 2 // ip.merge_size ** 2
 
 
-def supervised_loss(model, batch) -> torch.Tensor:
-    """Next-token loss with the output layer applied only where a label exists (about 1.5x faster
-    than full logits: most positions are prompt and image tokens)."""
+def toy_base_loss(model, batch) -> torch.Tensor:
+    """Mean next-token loss of a batch that carries its labels, with the output layer applied only where a label
+    exists (about 1.5x faster than full logits: most positions are prompt and image tokens). Unlike
+    mpi.supervised.supervised_loss (a (sum, count) pair for the Trainer's token-weighted accumulation) this is
+    the plain mean the toy base's own loop steps on."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = model.model(**inputs).last_hidden_state  # (B, T, H)
@@ -352,7 +360,8 @@ def _lr_lambda(cfg: ToyBaseConfig) -> Callable[[int], float]:
     return fn
 
 
-def make_optimizer(model, cfg: ToyBaseConfig) -> torch.optim.Optimizer:
+def make_toy_base_optimizer(model, cfg: ToyBaseConfig) -> torch.optim.Optimizer:
+    """AdamW over all weights, the vision tower at cfg.vision_lr_mult times the learning rate."""
     vision = [p for n, p in model.named_parameters() if p.requires_grad and ".visual." in f".{n}"]
     other = [p for n, p in model.named_parameters() if p.requires_grad and ".visual." not in f".{n}"]
     groups = [{"params": other, "lr": cfg.learning_rate},
@@ -371,7 +380,7 @@ def train_toy_base(model, processor, cfg: ToyBaseConfig, log: Callable[[dict], N
     pool = training_pool(cfg)
     pool_seconds = time.perf_counter() - t_pool
     device = next(model.parameters()).device
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_toy_base_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     image_token_id = model.config.image_token_id
     model.train()
@@ -381,7 +390,7 @@ def train_toy_base(model, processor, cfg: ToyBaseConfig, log: Callable[[dict], N
     for step in bar:
         idx = [(step * cfg.batch_size + j) % len(pool) for j in range(cfg.batch_size)]
         batch = encode_examples(processor, [pool[i] for i in idx], image_token_id).to(device)
-        loss = supervised_loss(model, batch)
+        loss = toy_base_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -390,7 +399,7 @@ def train_toy_base(model, processor, cfg: ToyBaseConfig, log: Callable[[dict], N
         window.append(float(loss.detach()))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             row = {"step": step + 1, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
-                   "seconds": time.perf_counter() - start, "max_objects": _max_objects(step, cfg)}
+                   "seconds": time.perf_counter() - start, "max_objects": curriculum_max_objects(step, cfg)}
             window = []
             rows.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
@@ -410,22 +419,19 @@ def _skill_builder(item, with_policy=False, response=None):
     return example_messages(item, with_answer=False)
 
 
-def _normalize(text: str) -> str:
-    return " ".join((text or "").strip().lower().split())
-
-
 def general_skill_accuracy(model, processor, items: Sequence[dict[str, Any]], *, batch_size: int = 16,
                            max_new_tokens: int = 32) -> dict[str, Any]:
     """Exact-match accuracy on held-out general-skill questions, overall and per task (greedy).
 
     This is the forgetting measure: evaluated on the toy base, then after each MPI method."""
     from mpi.evaluate import generate_texts
+    from mpi.rewards import normalize_answer
 
     texts = generate_texts(model, processor, list(items), batch_size=batch_size, max_new_tokens=max_new_tokens,
                            build_messages=_skill_builder)
     per_task: dict[str, list[float]] = {}
     for item, text in zip(items, texts):
-        per_task.setdefault(item["task"], []).append(float(_normalize(text) == _normalize(item["answer"])))
+        per_task.setdefault(item["task"], []).append(float(normalize_answer(text) == normalize_answer(item["answer"])))
     flat = [s for v in per_task.values() for s in v]
     return {"accuracy": sum(flat) / len(flat) if flat else float("nan"), "n": len(flat),
             "per_task": {k: sum(v) / len(v) for k, v in sorted(per_task.items())},
@@ -455,10 +461,35 @@ def toy_base_key(cfg: ToyBaseConfig) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def toy_base_path(cfg: ToyBaseConfig) -> Path:
+def recipe_record(cfg: ToyBaseConfig) -> dict[str, Any]:
+    """What makes two toy bases the same: the recipe version and every training knob (not the log cadence).
+
+    Unlike `toy_base_key`, this leaves out the toy tokenizer's corpus hash, so a shipped base stays valid when
+    the project's prompt text changes (the base carries its own tokenizer)."""
+    config = {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "log_every")}
+    return json.loads(json.dumps({"version": TOY_BASE_VERSION, "config": config}, sort_keys=True, default=str))
+
+
+def shipped_toy_base(cfg: ToyBaseConfig) -> Path | None:
+    """The toy base shipped in the repo (`mpi/assets/toy_base/<model>-s<seed>`) if its recorded recipe is `cfg`'s."""
+    path = SHIPPED_ROOT / f"{cfg.model}-s{cfg.seed}"
+    info = path / "toy_base.json"
+    if not info.exists():
+        return None
+    return path if json.loads(info.read_text()).get("recipe") == recipe_record(cfg) else None
+
+
+def toy_base_path(cfg: ToyBaseConfig, *, shipped: bool = True) -> Path:
+    """Where the toy base for `cfg` lives: a base built on this machine (the cache) wins, then the shipped one
+    with the same recipe, else the cache path a build would write to."""
     from mpi.toy import cache_root
 
-    return cache_root() / "toy_base" / f"{cfg.model}-s{cfg.seed}-{toy_base_key(cfg)}"
+    cached = cache_root() / "toy_base" / f"{cfg.model}-s{cfg.seed}-{toy_base_key(cfg)}"
+    if shipped and not (cached / "toy_base.json").exists():
+        found = shipped_toy_base(cfg)
+        if found is not None:
+            return found
+    return cached
 
 
 def load_toy_base_info(path: str | Path) -> dict[str, Any]:
@@ -476,7 +507,7 @@ def build_toy_base(cfg: ToyBaseConfig | None = None, *, overwrite: bool = False,
     from mpi.toy import build_toy
 
     cfg = (cfg or ToyBaseConfig()).validate()
-    path = toy_base_path(cfg)
+    path = toy_base_path(cfg, shipped=not overwrite)  # a rebuild goes to the cache, never over the shipped copy
     if (path / "toy_base.json").exists() and not overwrite:
         return path
     build_toy(cfg.model, seed=cfg.seed)
@@ -492,7 +523,7 @@ def build_toy_base(cfg: ToyBaseConfig | None = None, *, overwrite: bool = False,
     train_seconds = time.perf_counter() - t0
     after = general_skill_accuracy(model, processor, skill_items, max_new_tokens=cfg.max_new_tokens)
     following = in_context_policy_accuracy(model, processor, pol_items)
-    info = {"config": cfg.to_dict(), "key": toy_base_key(cfg), "log": rows, "train_seconds": train_seconds,
+    info = {"config": cfg.to_dict(), "recipe": recipe_record(cfg), "key": toy_base_key(cfg), "log": rows, "train_seconds": train_seconds,
             "general_skill_random_init": before, "general_skill": after, "in_context_policy": following}
     with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
@@ -504,17 +535,42 @@ def build_toy_base(cfg: ToyBaseConfig | None = None, *, overwrite: bool = False,
     return path
 
 
-def starting_model(cfg):
-    """The model a notebook's stage starts from: the cached toy base for a toy model when it has been built
-    (the pipeline builds it), else the model as configured.
+def ship_toy_base(cfg: ToyBaseConfig | None = None, *, src: str | Path | None = None, device: str | None = None) -> Path:
+    """Copy the toy base built here into the repo (`SHIPPED_ROOT`), weights stored in fp16 to keep it a few MB.
 
-    Returns (cfg, random_init_toy). A random-init toy's output layer is frozen random weights: with LoRA on
-    attention/MLP only the loss floors near 4, so callers also adapt embed_tokens / lm_head on it.
-    """
-    from mpi.toy import is_toy
+    fp16 keeps ~3 decimal digits, so the shipped weights are not bit-equal to the trained ones: the general-skill
+    accuracy recorded with it is measured again on the shipped weights (loaded back in fp32, as every stage
+    loads them), and a test reproduces that number."""
+    import shutil
 
-    if is_toy(cfg.model):
-        path = toy_base_path(toy_base_config("tiny" if cfg.model == "toy-tiny" else "toy", model=cfg.model, seed=0))
-        if path.exists():
-            cfg = cfg.replace(model=str(path))
-    return cfg, is_toy(cfg.model)
+    from safetensors.torch import load_file, save_file
+
+    from mpi.atomic import atomic_directory
+    from mpi.modeling import load_model_and_processor
+
+    cfg = (cfg or ToyBaseConfig()).validate()
+    src = Path(src) if src is not None else toy_base_path(cfg, shipped=False)
+    if not (src / "toy_base.json").exists():
+        raise FileNotFoundError(f"no toy base built at {src}: run `python -m mpi toy-base --rebuild` first")
+    info = load_toy_base_info(src)
+    dst = SHIPPED_ROOT / f"{cfg.model}-s{cfg.seed}"
+    with atomic_directory(dst) as tmp:
+        for f in src.iterdir():
+            if f.name not in ("model.safetensors", "toy_base.json"):
+                shutil.copy2(f, tmp / f.name)
+        weights = load_file(str(src / "model.safetensors"))
+        save_file({k: (v.half() if v.is_floating_point() else v) for k, v in weights.items()},
+                  str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model, processor = load_model_and_processor(str(tmp), quantization=None, lora=None, device=device,
+                                                     trainable=False)
+        items = general_skill_items(cfg.model, cfg.n_eval, seed=cfg.seed, max_objects=cfg.max_objects)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # one thread: the recorded number is then reproduced exactly on any machine
+        try:
+            shipped_acc = general_skill_accuracy(model, processor, items, max_new_tokens=cfg.max_new_tokens)
+        finally:
+            torch.set_num_threads(threads)
+        info.update(recipe=recipe_record(cfg), general_skill_trained_fp32=info.get("general_skill"),
+                    general_skill=shipped_acc, weights_dtype="float16")
+        (tmp / "toy_base.json").write_text(json.dumps(info, indent=2, default=str))
+    return dst

@@ -93,7 +93,7 @@ def set_trainable(model, state: dict[str, torch.Tensor]) -> None:
 
 
 def worker_poro_update(work: Path) -> None:
-    from mpi import distributed as dist
+    from mpi.scale import distributed as dist
     from mpi.data.messages import build_messages
     from mpi.poro import train_on_rollout
 
@@ -112,7 +112,7 @@ def worker_poro_update(work: Path) -> None:
 
 
 def worker_poro_loop(work: Path) -> None:
-    from mpi import distributed as dist
+    from mpi.scale import distributed as dist
     from mpi.data.messages import build_messages
     from mpi.poro import train_poro
 
@@ -149,7 +149,7 @@ def run_sft(work: Path, out_name: str, world: int):
 
 
 def worker_sft(work: Path) -> None:
-    from mpi import distributed as dist
+    from mpi.scale import distributed as dist
 
     model, rows = run_sft(work, "sft_2proc", world=dist.num_processes())
     torch.save({"weights": trainable(model), "rows": rows}, work / f"sft_rank{dist.process_index()}.pt")

@@ -1,11 +1,14 @@
 """`python -m mpi` end to end on the tiny preset: every artifact, resumable, clear errors; the report's numbers."""
 
+import contextlib
+import io
 import json
 import math
 
 import pytest
 
-from mpi.pipeline import METHODS, PipelineError, main, make_plan, training_chains
+from mpi.cli import main
+from mpi.pipeline import METHODS, PipelineError, make_plan, training_chains
 from tests.nbtools import ROOT
 
 METHODS_CI = "in-context,cot-sft,trimpi-grpo"
@@ -15,9 +18,64 @@ METHODS_CI = "in-context,cot-sft,trimpi-grpo"
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     argv = ["--preset", "tiny", "--name", "ci", "--out-dir", str(out), "--methods", METHODS_CI, "--seeds", "0",
-            "--set", "eval_side_limit=4"]
-    assert main(argv) == 0
+            "--set", "eval_side_limit=4", "--set", "log_every=4"]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # the progress lines (tqdm.write) and the table go to stdout
+        assert main(argv) == 0
+    (out / "ci" / "stdout.txt").write_text(printed.getvalue())
     return out / "ci", argv
+
+
+def test_progress_lines_every_log_every_steps_and_the_table_at_the_end(tiny_run):
+    run_dir, _ = tiny_run
+    out = (run_dir / "stdout.txt").read_text()
+    steps = [int(line.split("|")[0].split()[1]) for line in out.splitlines() if line.startswith("step ")]
+    # cpt, sft-cot and cpt+sft-cot take 8 steps each (32 items, batch 4): lines at 4 and 8; RL's 2 steps: none
+    assert steps == [4, 8] * 3
+    assert "## Accuracy (the paper's table)" in out and "| CoT SFT |" in out
+    assert out.rindex("| CoT SFT |") > out.rindex("[done] eval/")  # the table comes last
+
+
+def test_default_progress_cadence_prints_at_most_50_lines_per_stage():
+    from mpi.config import get_config
+    from mpi.pipeline import MAX_PROGRESS_LINES, progress_every
+
+    cfg = get_config("toy")
+    assert MAX_PROGRESS_LINES == 50
+    assert progress_every(cfg, 500) == 10  # the toy run's SFT: 4 epochs x 125 steps -> 50 lines
+    assert progress_every(cfg, 30) == 1  # its RL stage: every step
+    assert progress_every(cfg, 501) == 11 and 501 // 11 <= 50
+    assert progress_every(cfg.replace(log_every=7), 500) == 7
+
+
+def test_unknown_extra_knob_is_refused_with_the_valid_names():
+    from mpi.config import get_config
+
+    cfg = get_config("tiny")
+    cfg.extra = {"eval_limt": 3}
+    with pytest.raises(PipelineError, match=r"'eval_limt' \(did you mean eval_limit\?\).*rl_steps.*eval_side_limit"):
+        make_plan(cfg)
+    cfg.extra = {"sft": {"lerning_rate": 1.0}}
+    with pytest.raises(PipelineError, match=r"SupervisedConfig field.*'lerning_rate' \(did you mean learning_rate\?\)"):
+        make_plan(cfg)
+    cfg.extra = {"grpo": 0.7}
+    with pytest.raises(PipelineError, match="expected a JSON object of GRPOConfig fields"):
+        make_plan(cfg)
+    cfg.extra = {"eval_limit": 3, "grpo": {"temperature": 0.7}, "images_per_item": 2, "toy_base_seed": 1}
+    assert make_plan(cfg).opts["eval_limit"] == 3  # known knobs pass
+
+
+def test_global_batch_split_over_processes():
+    from mpi.config import get_config
+    from mpi.pipeline import per_process_config
+
+    cfg = get_config("tiny")  # batch_size 4, grad_accum_steps 1
+    assert per_process_config(cfg, 1) is cfg
+    assert (per_process_config(cfg, 2).batch_size, per_process_config(cfg, 2).grad_accum_steps) == (2, 1)
+    t4 = get_config("colab-t4")  # batch_size 1 x grad_accum_steps 8: the accumulation is split
+    assert (per_process_config(t4, 2).batch_size, per_process_config(t4, 2).grad_accum_steps) == (1, 4)
+    with pytest.raises(PipelineError, match="does not split over 3 processes"):
+        per_process_config(cfg, 3)
 
 
 def test_every_artifact(tiny_run):
@@ -132,3 +190,51 @@ def test_notebook_referral_matches_the_package():
     for cot in cots:
         assert nb["cited_conditions"](cot) == cited_conditions(cot)
         assert nb["referral_f1"](cot, ["1", "1.2"]) == pytest.approx(referral_score(cot, ["1", "1.2"])["f1"])
+
+
+def test_a_failed_training_stage_keeps_its_work_and_the_rerun_continues_there(tmp_path):
+    """run_training_stage hands every attempt the same <chain>.partial/ (checkpoints survive a crash), and
+    publishes it with done.json only when the stage returns."""
+    from mpi.config import get_config
+    from mpi.pipeline import Timer, is_done, partial_dir, run_training_stage
+
+    plan = make_plan(get_config("tiny", out_dir=str(tmp_path)), name="p")
+    path = plan.stage_dir("clevr-T-N2", 0, ("sft-cot",))
+    seen = []
+
+    def crash(work):
+        seen.append(work)
+        (work / "checkpoint-3").mkdir(parents=True)
+        raise RuntimeError("out of memory at step 4")
+
+    with pytest.raises(RuntimeError):
+        run_training_stage(plan, Timer(plan.run_dir), "train/x", path, crash, lambda _: None)
+    assert (partial_dir(path) / "checkpoint-3").is_dir() and not path.exists()
+
+    def finish(work):
+        seen.append(work)
+        assert (work / "checkpoint-3").is_dir()  # the resume point is there
+        return {"steps": 8}
+
+    log = []
+    done = run_training_stage(plan, Timer(plan.run_dir), "train/x", path, finish, log.append)
+    assert seen == [partial_dir(path)] * 2 and log[0].startswith("[resume] train/x")
+    assert done["steps"] == 8 and is_done(path) and not partial_dir(path).exists()
+    assert (path / "checkpoint-3").is_dir()  # published as it was (train_stage drops its checkpoints itself)
+
+
+def test_a_stage_killed_after_its_done_marker_is_published_without_training(tmp_path):
+    from mpi.atomic import atomic_write_json
+    from mpi.config import get_config
+    from mpi.pipeline import Timer, is_done, partial_dir, run_training_stage
+
+    plan = make_plan(get_config("tiny", out_dir=str(tmp_path)), name="p")
+    path = plan.stage_dir("clevr-T-N2", 0, ("sft-cot",))
+    atomic_write_json(partial_dir(path) / "done.json", {"seconds": 3.0, "steps": 8})
+
+    def retrain(work):
+        raise AssertionError("a finished stage was trained again")
+
+    done = run_training_stage(plan, Timer(plan.run_dir), "train/x", path, retrain, lambda _: None)
+    assert done["steps"] == 8 and is_done(path) and not partial_dir(path).exists()
+    assert run_training_stage(plan, Timer(plan.run_dir), "train/x", path, retrain, lambda _: None)["steps"] == 8

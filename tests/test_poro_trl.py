@@ -1,6 +1,6 @@
-"""The optional TRL scale path (mpi.poro_trl) on the tiny toy model: PolicyRollout groups, policy-free scoring.
+"""The optional TRL scale path (mpi.scale.poro_trl) on the tiny toy model: PolicyRollout groups, policy-free scoring.
 
-Skipped when TRL is not installed (it is not in requirements.txt)."""
+Skipped when TRL is not installed (requirements.txt pins trl==1.16.0; this skip is for environments without it)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ POLICY_MARK = "# Condition 1:"
 
 
 def test_missing_trl_gives_the_install_command(monkeypatch):
-    from mpi import poro_trl
+    from mpi.scale import poro_trl
 
     monkeypatch.setattr(poro_trl.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ImportError, match="pip install trl==1.16.0"):
@@ -27,7 +27,7 @@ def test_policy_rollout_on_trl_generates_guided_half_and_scores_policy_free(tmp_
     from mpi.data.messages import build_messages
     from mpi.modeling import LoraSettings, load_model_and_processor
     from mpi.poro import get_grpo_config
-    from mpi.poro_trl import completion_text, make_trainer
+    from mpi.scale.poro_trl import completion_text, make_trainer
 
     model, processor = load_model_and_processor("toy-tiny", quantization=None, lora=LoraSettings(r=4), seed=0,
                                                 device="cpu")
@@ -63,3 +63,16 @@ def test_policy_rollout_on_trl_generates_guided_half_and_scores_policy_free(tmp_
         assert key in logs and logs[key] == logs[key], key  # present and not NaN
     moved = max(float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters() if n in before)
     assert moved > 0
+
+
+def test_trl_config_passes_disable_dropout_and_rejects_controls_it_lacks(tmp_path):
+    from mpi.poro import get_grpo_config
+    from mpi.scale.poro_trl import trl_config
+
+    for flag in (True, False):
+        args = trl_config(get_grpo_config("poro-grpo", disable_dropout=flag), tmp_path)
+        assert args.disable_dropout is flag
+    with pytest.raises(ValueError, match="adaptive_guidance"):
+        trl_config(get_grpo_config("poro-grpo", adaptive_guidance=True), tmp_path)
+    with pytest.raises(ValueError, match="wrong_policy"):
+        trl_config(get_grpo_config("poro-grpo", guided_context="wrong_policy"), tmp_path)

@@ -13,9 +13,8 @@ Modules: `scenes` (CLEVR-style sampler, renderer, real-CLEVR loader), `policies`
 
 from .build import (
     COLUMNS,
-    PRESETS,
+    DATA_PRESETS,
     DataConfig,
-    available_tokenizers,
     build_clevr_policy,
     build_gta_policy,
     build_split,
@@ -24,10 +23,12 @@ from .build import (
     get_data_config,
     load_dataset_dir,
     save_dataset,
+    split_item_counts,
     token_report,
     tokenizer_corpus,
 )
-from .clevr import OVERRIDE_QUERY, QUERY, clevr_policies, forward_cot, outcome_report, plot_outcomes
+from .clevr import (OVERRIDE_QUERY, QUERY, clevr_policies, forward_cot, outcome_report, plot_outcomes,
+                    scene_statistics, split_overlap)
 from .gta import TOOLS, Rulebook, gta_records, override_rulebook
 from .messages import build_messages, format_response
 from .policies import Condition, Policy, PolicyError, generate_policy
@@ -36,11 +37,11 @@ from .scenes import ATTRIBUTES, SceneError, load_clevr_scenes, render_object, re
 from .scoring import score_tool_call, set_text_similarity
 
 __all__ = [
-    "ATTRIBUTES", "COLUMNS", "Condition", "DataConfig", "OVERRIDE_QUERY", "PRESETS", "Policy", "PolicyError",
-    "QUERY", "Rulebook", "SceneError", "TOOLS", "available_tokenizers", "build_clevr_policy", "build_gta_policy",
-    "build_messages", "build_split", "chance_report", "clevr_policies", "dataset_fingerprint", "format_response",
-    "forward_cot", "generate_policy", "get_data_config", "gta_records", "load_clevr_scenes", "load_dataset_dir",
-    "load_samples", "outcome_report", "override_rulebook", "plot_outcomes", "render_object", "render_scene",
-    "sample_scene", "save_dataset", "score_tool_call", "set_text_similarity", "token_report", "tokenizer_corpus",
-    "write_samples",
+    "ATTRIBUTES", "COLUMNS", "Condition", "DATA_PRESETS", "DataConfig", "OVERRIDE_QUERY", "Policy", "PolicyError",
+    "QUERY", "Rulebook", "SceneError", "TOOLS", "build_clevr_policy", "build_gta_policy", "build_messages",
+    "build_split", "chance_report", "clevr_policies", "dataset_fingerprint", "format_response", "forward_cot",
+    "generate_policy", "get_data_config", "gta_records", "load_clevr_scenes", "load_dataset_dir", "load_samples",
+    "outcome_report", "override_rulebook", "plot_outcomes", "render_object", "render_scene", "sample_scene",
+    "save_dataset", "scene_statistics", "score_tool_call", "set_text_similarity", "split_item_counts",
+    "split_overlap", "token_report", "tokenizer_corpus", "write_samples",
 ]

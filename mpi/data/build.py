@@ -12,6 +12,7 @@ the same config gives byte-identical data, in any process count.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -23,7 +24,7 @@ from typing import Any, Iterable
 
 from PIL import Image
 
-from .clevr import clevr_policies, clevr_records, make_rng, outcome_report
+from .clevr import clevr_policies, clevr_records, make_rng, outcome_report, split_object_keys
 from .gta import gta_records, render_spec
 from .scenes import load_clevr_scenes, render_object, sample_scene, scene_image
 
@@ -44,7 +45,9 @@ class DataConfig:
     image_size: int = 56  # square input images (toy-tiny 56, toy-small 112, paper-like 224)
     policy_image_size: int | None = None  # -M crops; None = max(28, image_size // 2)
     seed: int = 0
-    balanced: bool = True  # outcome-balanced scenes (rejection sampling); False = CLEVR's natural mix
+    balanced: bool = True  # outcome-balanced natural scenes (rejection sampling, exact); False = the natural mix
+    # test/override scenes never repeat a training scene's object multiset under the same policy name
+    test_unseen_objects: bool = True
     condition_kinds: tuple[str, ...] = ("exists",)  # add "count" and/or "and" for harder policies
     # objects per rendered scene (CLEVR: 3-10). The toy VLM learns to see far faster with few objects:
     # a small object is ~13 px, one of 16 image tokens at 112 px (benchmarks/bench_toy_perception.py).
@@ -54,8 +57,13 @@ class DataConfig:
     n_gta_train: int = 24  # paper: 451
     n_gta_test: int = 16  # paper: 106
     num_proc: int = 1  # processes that render images (output is identical for any value)
-    clevr_scenes_json: str | None = None  # real CLEVR_<split>_scenes.json instead of sampled scenes
-    clevr_image_dir: str | None = None  # ... and its image folder
+    # Real CLEVR instead of sampled scenes (see `clevr_scene_pool`): one scenes file per split,
+    # {"train": ".../CLEVR_train_scenes.json", "test": ".../CLEVR_val_scenes.json"} ("override" defaults to
+    # the test file), or one file for every split, divided by a hash of image_filename.
+    clevr_scenes_json: str | dict[str, str] | None = None
+    # ... and the images: one folder, or {"train": ".../images/train", "test": ".../images/val"}; required
+    clevr_image_dir: str | dict[str, str] | None = None
+    clevr_test_fraction: float = 0.2  # one scenes file for all splits: the share of its scenes that test/override get
 
     def __post_init__(self) -> None:
         self.depths = tuple(self.depths)
@@ -70,18 +78,24 @@ class DataConfig:
         for field_name in ("n_policies", "n_train_per_policy", "n_test", "n_gta_train", "n_gta_test", "image_size"):
             if getattr(self, field_name) < 0 or (field_name in ("n_policies", "image_size") and getattr(self, field_name) < 1):
                 raise ValueError(f"DataConfig.{field_name} must be positive, got {getattr(self, field_name)}")
+        check_real_clevr_config(self)
 
     @property
     def crop_size(self) -> int:
         return self.policy_image_size or max(28, self.image_size // 2)
 
 
-PRESETS: dict[str, dict[str, Any]] = {
+DATA_PRESETS: dict[str, dict[str, Any]] = {
     # seconds on a laptop; CI and unit tests
     "toy": dict(n_policies=2, n_train_per_policy=16, n_test=16, depths=(2,), image_size=56,
                 n_gta_train=24, n_gta_test=16),
     # toy learning runs (toy-small model, 112 px)
     "small": dict(n_policies=4, n_train_per_policy=250, n_test=200, depths=(2,), image_size=112, n_objects=(1, 4),
+                  n_gta_train=451, n_gta_test=106),
+    # one Colab T4 (the colab-t4 run preset): 4 policies x 125 train scenes per N (500 sequences, 63 optimizer steps
+    # of 1 x 8 per epoch, where the paper's 20K per N would be 2,500 steps) and 200 test items (its eval_limit).
+    # CLEVR's natural 3-10 objects: a pretrained VLM sees them (the toy-sized 1-4 of "small" is for the toy).
+    "colab": dict(n_policies=4, n_train_per_policy=125, n_test=200, depths=(2, 4, 6), image_size=224,
                   n_gta_train=451, n_gta_test=106),
     # the paper's sizes: 10 policies x 2K train per N, 2K test per N; GTAPolicy 451 / 106
     "paper": dict(n_policies=10, n_train_per_policy=2000, n_test=2000, depths=(2, 4, 6), image_size=224,
@@ -90,13 +104,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def get_data_config(name: str = "toy", **overrides: Any) -> DataConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown data preset {name!r}; choose one of {list(PRESETS)}")
+    if name not in DATA_PRESETS:
+        raise ValueError(f"unknown data preset {name!r}; choose one of {list(DATA_PRESETS)}")
     fields = {f.name for f in dataclasses.fields(DataConfig)}
     bad = [k for k in overrides if k not in fields]
     if bad:
         raise ValueError(f"unknown DataConfig field(s) {bad}; fields are {sorted(fields)}")
-    return DataConfig(name=name, **{**PRESETS[name], **overrides})
+    return DataConfig(name=name, **{**DATA_PRESETS[name], **overrides})
 
 
 # ----------------------------------------------------------------------------- schema
@@ -149,14 +163,16 @@ def _map(fn, jobs: list, num_proc: int, desc: str) -> list:
                          disable=len(jobs) < 500))
 
 
-def _to_dataset(rows: list[dict[str, Any]]):
+def records_to_dataset(rows: list[dict[str, Any]]):
+    """Item records (dicts with every COLUMNS field) as a datasets.Dataset with this package's features."""
     from datasets import Dataset
 
     return Dataset.from_dict({c: [r[c] for r in rows] for c in COLUMNS}, features=features())
 
 
 # ----------------------------------------------------------------------------- ClevrPolicy
-def _split_sizes(cfg: DataConfig, split: str) -> list[int]:
+def _per_policy_sizes(cfg: DataConfig, split: str) -> list[int]:
+    """ClevrPolicy items of `split` per policy (per tree depth): the test and override items spread evenly."""
     if split == "train":
         return [cfg.n_train_per_policy] * cfg.n_policies
     total = cfg.n_test if split == "test" else (cfg.n_override if cfg.n_override is not None else cfg.n_test)
@@ -172,16 +188,37 @@ def clevr_split_records(cfg: DataConfig, split: str, depth: int, variant: str | 
     override = split == "override"
     policies = clevr_policies(depth, cfg.n_policies, cfg.seed, variant, cfg.condition_kinds, override=override,
                               image_fraction=cfg.m_image_fraction, max_images=cfg.m_max_images)
-    pool = None
-    if cfg.clevr_scenes_json:
-        pool = load_clevr_scenes(cfg.clevr_scenes_json, cfg.clevr_image_dir)
+    pool = clevr_scene_pool(cfg, split) if cfg.clevr_scenes_json else None  # this split's real CLEVR scenes
+    # test and override: no object set of the training split under the same policy name
+    exclude = (train_object_keys(cfg, depth, clevr_scene_pool(cfg, "train") if pool is not None else None)
+               if split != "train" and cfg.test_unseen_objects else None)
     records = []
-    for policy, n in zip(policies, _split_sizes(cfg, split)):
+    for policy, n in zip(policies, _per_policy_sizes(cfg, split)):
         # the override split is evaluated on test-like scenes, drawn from their own stream
         records += clevr_records([policy], n, split=split, seed=cfg.seed, image_size=cfg.image_size,
                                  balanced=cfg.balanced, override=override, scene_pool=pool,
-                                 n_objects=tuple(cfg.n_objects))
+                                 n_objects=tuple(cfg.n_objects), exclude_keys=exclude)
+    if pool is not None:
+        _warn_repeated_scenes(records, split, depth, len(pool))
     return records
+
+
+def train_object_keys(cfg: DataConfig, depth: int, pool: list[dict[str, Any]] | None = None) -> dict[str, frozenset]:
+    """Per policy name, the object sets (`clevr.object_set_key`) of the training split at `depth`
+    (drawn, not rendered; cached per process for sampled scenes)."""
+    if pool is not None:
+        policies = clevr_policies(depth, cfg.n_policies, cfg.seed, "T", cfg.condition_kinds)
+        return split_object_keys(policies, cfg.n_train_per_policy, split="train", seed=cfg.seed,
+                                 balanced=cfg.balanced, n_objects=tuple(cfg.n_objects), scene_pool=pool)
+    return _sampled_train_keys(cfg.seed, depth, cfg.n_policies, cfg.n_train_per_policy, tuple(cfg.condition_kinds),
+                               cfg.balanced, tuple(cfg.n_objects))
+
+
+@functools.lru_cache(maxsize=16)
+def _sampled_train_keys(seed: int, depth: int, n_policies: int, n_train: int, kinds: tuple[str, ...],
+                        balanced: bool, n_objects: tuple[int, int]) -> dict[str, frozenset]:
+    policies = clevr_policies(depth, n_policies, seed, "T", kinds)  # -T and -M share the trees
+    return split_object_keys(policies, n_train, split="train", seed=seed, balanced=balanced, n_objects=n_objects)
 
 
 def build_clevr_policy(cfg: DataConfig, split: str = "train", depth: int | None = None, variant: str | None = None):
@@ -202,16 +239,158 @@ def build_clevr_policy(cfg: DataConfig, split: str = "train", depth: int | None 
         row["images"] = [{"bytes": png, "path": None}]
         row["policy_images"] = [{"bytes": b, "path": None} for b in crops[key]]
         rows.append(row)
-    return _to_dataset(rows)
+    return records_to_dataset(rows)
+
+
+# ----------------------------------------------------------------------------- real CLEVR
+def _per_split(value: Any, split: str) -> Any:
+    """A per-split setting: the value itself, or value[split] (override falls back to test)."""
+    if not isinstance(value, dict):
+        return value
+    return value.get(split, value.get("test") if split == "override" else None)
+
+
+def check_real_clevr_config(cfg: DataConfig) -> None:
+    """Raise ValueError (naming the field and the fix) for a real-CLEVR setting that cannot work."""
+    scenes, images = cfg.clevr_scenes_json, cfg.clevr_image_dir
+    if not scenes:
+        if images:
+            raise ValueError("DataConfig.clevr_image_dir is set but clevr_scenes_json is not; pass the scenes "
+                             "file(s) that go with the images, or drop clevr_image_dir")
+        return
+    for field_name, value in (("clevr_scenes_json", scenes), ("clevr_image_dir", images)):
+        if isinstance(value, dict):
+            bad = [k for k in value if k not in SPLITS]
+            if bad:
+                raise ValueError(f"DataConfig.{field_name}: unknown split key(s) {bad}; use {list(SPLITS)}")
+            if not all(isinstance(v, (str, os.PathLike)) and str(v) for v in value.values()):
+                raise ValueError(f"DataConfig.{field_name}: every value must be a path, got {value!r}")
+        elif value is not None and not isinstance(value, (str, os.PathLike)):
+            raise ValueError(f"DataConfig.{field_name} must be a path or a dict split -> path, got {value!r}")
+    if not images:
+        raise ValueError("DataConfig.clevr_scenes_json is set but clevr_image_dir is not: without the real images "
+                         "every picture would be an empty floor. Pass the image folder(s), e.g. "
+                         "clevr_image_dir={'train': '.../images/train', 'test': '.../images/val'}")
+    if isinstance(scenes, dict):
+        missing = [k for k in ("train", "test") if k not in scenes]
+        if missing:
+            raise ValueError(f"DataConfig.clevr_scenes_json needs a file for {missing} (one scenes file per split, "
+                             f"e.g. {{'train': 'CLEVR_train_scenes.json', 'test': 'CLEVR_val_scenes.json'}}), "
+                             f"or one path for all splits (divided by image_filename)")
+        train = os.path.realpath(scenes["train"])
+        for k in ("test", "override"):
+            if k in scenes and os.path.realpath(scenes[k]) == train:
+                raise ValueError(f"DataConfig.clevr_scenes_json: '{k}' and 'train' are the same file {scenes[k]}; "
+                                 f"test scenes must not be training scenes. Pass a different file, or one path "
+                                 f"for all splits (divided by image_filename, clevr_test_fraction)")
+    elif not 0.0 < cfg.clevr_test_fraction < 1.0:
+        raise ValueError(f"DataConfig.clevr_test_fraction must be in (0, 1) when one clevr_scenes_json feeds every "
+                         f"split, got {cfg.clevr_test_fraction!r}")
+    for split in SPLITS:
+        if _per_split(images, split) is None and _per_split(scenes, split) is not None:
+            raise ValueError(f"DataConfig.clevr_image_dir has no folder for split {split!r}; add the key "
+                             f"{split!r} (or 'test' for override) or pass one folder for all splits")
+
+
+@functools.lru_cache(maxsize=8)
+def _load_scene_file(path: str, image_dir: str, mtime_ns: int, size: int) -> tuple[dict[str, Any], ...]:
+    # cached per process: every depth and split of a build reads each file once (mtime/size invalidate)
+    return tuple(load_clevr_scenes(path, image_dir, require_images=True))
+
+
+def _scene_file(path: Any, image_dir: Any) -> list[dict[str, Any]]:
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return load_clevr_scenes(path, image_dir, require_images=True)  # raises the SceneError that names it
+    return list(_load_scene_file(path, os.fspath(image_dir), st.st_mtime_ns, st.st_size))
+
+
+def hash_split(image_filename: str, test_fraction: float) -> str:
+    """'test' or 'train' for one scene of a shared scenes file: a fixed hash of its image_filename,
+    so the division does not depend on the file's order, the seed or the other scenes."""
+    digest = hashlib.sha256(image_filename.encode("utf-8")).digest()
+    return "test" if int.from_bytes(digest[:8], "big") / 2.0**64 < test_fraction else "train"
+
+
+def _scene_identity(scene: dict[str, Any]) -> tuple:
+    objects = tuple((o["shape"], o["color"], o["size"], o["material"], tuple(o.get("clevr_pixel_coords", ())))
+                    for o in scene["objects"])
+    return scene.get("image_filename"), objects
+
+
+def clevr_scene_pool(cfg: DataConfig, split: str) -> list[dict[str, Any]]:
+    """The real CLEVR scenes of one split, with their images (see `load_clevr_scenes`).
+
+    One file per split (`clevr_scenes_json={"train": ..., "test": ...}`; override uses test's unless
+    given): the file of this split, checked to share no scene (same image file, or same filename and
+    objects) with the train file. One file for all splits: its scenes are divided by `hash_split` of
+    image_filename, `clevr_test_fraction` going to test and override. Either way no scene is in both
+    train and test; a scene listed twice in one file is kept once (with a warning).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    scenes_json, image_dir = _per_split(cfg.clevr_scenes_json, split), _per_split(cfg.clevr_image_dir, split)
+    if scenes_json is None or image_dir is None:
+        raise ValueError(f"DataConfig.clevr_scenes_json / clevr_image_dir give nothing for split {split!r}")
+    scenes = _scene_file(scenes_json, image_dir)
+    if not isinstance(cfg.clevr_scenes_json, dict):
+        side = "train" if split == "train" else "test"
+        scenes = [s for s in scenes if hash_split(s["image_filename"], cfg.clevr_test_fraction) == side]
+        if not scenes:
+            raise ValueError(f"{scenes_json}: none of its scenes falls in the {side} share (clevr_test_fraction="
+                             f"{cfg.clevr_test_fraction}); use a larger file or one scenes file per split")
+    elif split != "train":
+        train = _scene_file(cfg.clevr_scenes_json["train"], _per_split(cfg.clevr_image_dir, "train"))
+        train_paths = {os.path.realpath(s["image_path"]) for s in train}
+        train_ids = {_scene_identity(s) for s in train}
+        shared = [s for s in scenes if os.path.realpath(s["image_path"]) in train_paths or _scene_identity(s) in train_ids]
+        if shared:
+            raise ValueError(
+                f"{scenes_json} ({split}) shares {len(shared)} of {len(scenes)} scenes with the train file "
+                f"{cfg.clevr_scenes_json['train']} (first: {shared[0]['image_filename']!r}); pass disjoint files "
+                f"(CLEVR_train_scenes.json for train, CLEVR_val_scenes.json for test) or one path for all splits")
+    return scenes
+
+
+def _warn_repeated_scenes(records: list[dict[str, Any]], split: str, depth: int, pool_size: int) -> None:
+    """Warn when one policy's items of a split reuse a real CLEVR scene (the pool is drawn with replacement)."""
+    import warnings
+
+    seen: dict[str, set[str]] = {}
+    repeats = 0
+    for r in records:
+        names = seen.setdefault(r["policy_name"], set())
+        name = r["scene"].get("image_filename", "")
+        repeats += name in names
+        names.add(name)
+    if repeats:
+        warnings.warn(f"ClevrPolicy {split} N={depth}: {repeats} of {len(records)} items reuse a scene that the "
+                      f"same policy already has (the pool holds {pool_size} scenes; an outcome that few scenes "
+                      f"reach repeats). A larger clevr_scenes_json, or fewer items per policy, avoids it",
+                      stacklevel=3)
 
 
 # ----------------------------------------------------------------------------- GTAPolicy
+def _gta_items(cfg: DataConfig, split: str) -> int:
+    return {"train": cfg.n_gta_train, "test": cfg.n_gta_test,
+            "override": cfg.n_override if cfg.n_override is not None else cfg.n_gta_test}[split]
+
+
+def split_item_counts(cfg: DataConfig, dataset: str = "clevr") -> dict[str, int]:
+    """Items per split (train, test, override) that `build_split(cfg, dataset, split)` makes, without building
+    anything (the dry run prints them); for ClevrPolicy per tree depth in cfg.depths."""
+    if dataset == "gta":
+        return {split: _gta_items(cfg, split) for split in SPLITS}
+    return {split: sum(_per_policy_sizes(cfg, split)) for split in SPLITS}
+
+
 def build_gta_policy(cfg: DataConfig, split: str = "train"):
     """A GTAPolicy split as a `datasets.Dataset` (images rendered at cfg.image_size)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    n = {"train": cfg.n_gta_train, "test": cfg.n_gta_test,
-         "override": cfg.n_override if cfg.n_override is not None else cfg.n_gta_test}[split]
+    n = _gta_items(cfg, split)
     records = gta_records(n, split=split, seed=cfg.seed, image_size=cfg.image_size, override=split == "override")
     jobs = [(spec, cfg.image_size) for r in records for spec in r["specs"]]
     pngs = iter(_map(_render_gta, jobs, cfg.num_proc, "render GTA images"))
@@ -221,7 +400,7 @@ def build_gta_policy(cfg: DataConfig, split: str = "train"):
         row["images"] = [{"bytes": next(pngs), "path": None} for _ in r["specs"]]
         row["policy_images"] = []
         rows.append(row)
-    return _to_dataset(rows)
+    return records_to_dataset(rows)
 
 
 def build_split(cfg: DataConfig, dataset: str, split: str = "train", **kw: Any):
@@ -291,7 +470,8 @@ def tokenizer_corpus(seed: int = 0, n: int = 2000) -> list[str]:
     rounds = 0
     while len(texts) < n:
         for depth, pols in policies_by_depth.items():
-            for r in clevr_records(pols, 4, split=f"corpus{rounds}", seed=seed, image_size=56):
+            # legacy scenes: this text keys the toy model's cache (mpi.toy.toy_path), so it must not change
+            for r in clevr_records(pols, 4, split=f"corpus{rounds}", seed=seed, image_size=56, legacy_scenes=True):
                 texts += [r["query"], format_response(r["cot"], r["answer"]), format_response(None, r["answer"])]
         for r in gta_records(16, split=f"corpus{rounds}", seed=seed, image_size=56, override=rounds % 2 == 1):
             extra = json.loads(r["extra"])
@@ -315,6 +495,10 @@ def token_report(
 ) -> list[dict[str, Any]]:
     """Mean text tokens of the policy vs the policy-free prompt, per dataset, variant and N.
 
+    tokenizers: name -> tokenizer to count with, e.g. `mpi.modeling.available_tokenizers()` (the toy one and
+    the real ones in the local cache). Passed in because the toy tokenizer is itself trained on this package's
+    text (mpi.toy imports mpi.data), so mpi.data must not import the toy.
+
     The policy count is what `build_messages(..., with_policy=True)` adds over `with_policy=False`
     (text only; -M policies also carry `n_policy_images` images). This is the cost that
     internalization removes from every request.
@@ -322,7 +506,9 @@ def token_report(
     from .messages import build_messages
 
     cfg = cfg or DataConfig()
-    tokenizers = tokenizers if tokenizers is not None else available_tokenizers()
+    if not tokenizers:
+        raise ValueError("token_report needs tokenizers={name: tokenizer}: pass "
+                         "tokenizers=mpi.modeling.available_tokenizers() (the toy's and the locally cached ones)")
     groups: list[tuple[str, str, int, list[dict[str, Any]]]] = []
     for depth in depths:
         for variant in ("T", "M"):
@@ -353,36 +539,6 @@ def token_report(
                          "saved_fraction": round(pol / (pol + query), 3) if pol + query else 0.0,
                          "n_policy_images": recs[0]["policy_text"].count("<image>")})
     return rows
-
-
-def available_tokenizers(max_real: int = 2) -> dict[str, Any]:
-    """The toy tokenizer (if `mpi.toy` provides it) and up to `max_real` real ones already in the
-    local Hugging Face cache. Never downloads."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    toks: dict[str, Any] = {}
-    from mpi.toy import load_toy_tokenizer  # always available offline: a failure here is a real bug
-
-    toks["toy"] = load_toy_tokenizer()
-    candidates = ["Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2-VL-2B-Instruct",
-                  "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct"]
-    try:
-        from huggingface_hub import constants
-
-        hub = Path(constants.HF_HUB_CACHE)
-        cached = [p.name[len("models--"):].replace("--", "/") for p in hub.glob("models--*")] if hub.is_dir() else []
-        candidates = [c for c in candidates if c in cached] + [c for c in cached if c not in candidates]
-    except Exception:
-        candidates = []
-    for name in candidates:
-        if sum(k != "toy" for k in toks) >= max_real:
-            break
-        try:
-            from transformers import AutoTokenizer
-
-            toks[name] = AutoTokenizer.from_pretrained(name, local_files_only=True)
-        except Exception:
-            continue
-    return toks
 
 
 # ----------------------------------------------------------------------------- scenes only

@@ -10,12 +10,20 @@ Rules the generator keeps (and `Policy.validate` checks):
 - a node never repeats a condition of its own path;
 - both answers of every node stay possible given the path above it, so every leaf is reachable
   (`unreachable_leaves` reports any that are not, e.g. in a hand-written tree).
+
+A tree of N layers is full: 2**N outcomes (64 at N = 6, where the paper reports 55 without a rule
+that would remove leaves; see data_samples/README.md).
+
+`NaturalPathSampler` draws the objects of a natural scene given one path (exactly what rejection
+sampling would give) and `fit_balance_weights` the per-policy tilt that keeps an outcome-balanced
+split's object counts and attribute values at the natural statistics.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -358,6 +366,267 @@ def sample_objects_for(
             rng.shuffle(objects)
             return objects
     return find_witness(constraints, n_objects=n_objects)
+
+
+# ----------------------------------------------------------------------------- natural scenes per path
+class UnreachableOutcome(RuntimeError):
+    """No natural scene reaches an outcome (or none did within the sampling budget)."""
+
+
+def _is_type_set(cond: Condition) -> bool:
+    # "at least 1 matching object" is a plain exists over a set of object types
+    return cond.kind in ("exists", "and") or (cond.kind == "count" and cond.count <= 1)
+
+
+def natural_object_types(rng: random.Random, n_objects: tuple[int, int]) -> list[int]:
+    """Type indices of one natural scene: count uniform over n_objects, each object uniform over the
+    96 types, i.e. each attribute uniform and independent, like `scenes.sample_scene`."""
+    n_types = len(ALL_OBJECT_TYPES)
+    return [rng.randrange(n_types) for _ in range(rng.randint(*n_objects))]
+
+
+# value index of every attribute for every object type: (96, 4)
+_TYPE_VALUE = [[list(ATTRIBUTES[a]).index(t[a]) for a in ATTRIBUTES] for t in ALL_OBJECT_TYPES]
+
+
+class NaturalPathSampler:
+    """Objects of a natural scene conditioned on following one path of a tree.
+
+    Natural means `scenes.sample_scene`'s distribution: the object count uniform over `n_objects`,
+    every object uniform over the 96 object types. Conditioning on the path is what rejection
+    sampling does (draw natural scenes, keep those whose walk ends at the target outcome). For
+    paths of `exists`/`and` conditions it is done here exactly, without rejections, so rare
+    outcomes cost nothing and the draws have the distribution of rejection sampling:
+
+    - a "no" answer removes the matching types, so objects are drawn from an allowed set A;
+    - each "yes" answer j needs at least one object in P_j = A & match_j. By inclusion-exclusion,
+      F(k, R) = P(k objects drawn from A hit every P_j, j in R)
+              = sum over S subset of R of (-1)^|S| (1 - q(union_{j in S} P_j))^k,
+      q(X) being the chance that one object drawn from A falls in X;
+    - the count n is drawn with weight w(n) (V_A / V)^n F(n, all), then the objects one at a time:
+      the next object's group g (the P_j it hits) with weight q(g) F(objects left, R minus g),
+      and a type inside the group in proportion to its weight.
+
+    Weights generalize the natural sampler before conditioning: the count n with weight
+    `count_weights` w(n), each object's type with probability v(type) / V (`type_weights` v; q is v
+    restricted to A). With the defaults (w = 1, v = 1: q uniform on A, V_A/V = |A|/96) this is
+    exactly natural sampling given the path. `fit_balance_weights` picks w and v so that a balanced
+    mix of outcomes keeps the natural count and attribute statistics.
+
+    Paths with `count` conditions (at least 2 or 3 matching objects) use plain rejection from
+    natural scenes (weights ignored), at most `budget` draws per scene, and raise
+    `UnreachableOutcome` beyond it.
+    """
+
+    def __init__(self, constraints: list[tuple[Condition, bool]], n_objects: tuple[int, int] = (3, 10),
+                 label: str = "path", budget: int = 200_000, count_weights: list[float] | None = None,
+                 type_weights: list[float] | None = None) -> None:
+        self.constraints = list(constraints)
+        self.n_objects = (int(n_objects[0]), int(n_objects[1]))
+        self.label = label
+        self.budget = budget
+        self.exact = all(_is_type_set(c) for c, _ in self.constraints)
+        self._checks = [(_type_mask(c), c.count if c.kind == "count" else 1, want) for c, want in self.constraints]
+        if not self.exact:
+            return
+        allowed = (1 << len(ALL_OBJECT_TYPES)) - 1
+        for c, want in self.constraints:
+            if not want:
+                allowed &= ~_type_mask(c)
+        positives = [_type_mask(c) & allowed for c, want in self.constraints if want]
+        self.allowed = _bits(allowed)
+        self.m = len(positives)
+        self.full = (1 << self.m) - 1
+        # signature of an allowed type: the bitmask of the positive sets it falls in
+        self.signature = [sum(1 << j for j, p in enumerate(positives) if p >> t & 1) for t in self.allowed]
+        lo, hi = self.n_objects
+        natural = _path_tables(self.allowed, self.signature, self.m, [1.0] * len(ALL_OBJECT_TYPES), hi)
+        self._p_natural = float(sum(natural["base"][lo:]) / (hi - lo + 1))
+        self.set_weights(count_weights, type_weights)
+
+    # -- tables
+    def set_weights(self, count_weights: list[float] | None, type_weights: list[float] | None) -> None:
+        """Tilt the sampler this path conditions (None: natural); see the class docstring."""
+        import numpy as np
+
+        lo, hi = self.n_objects
+        v = np.ones(len(ALL_OBJECT_TYPES)) if type_weights is None else np.asarray(type_weights, dtype=float)
+        w = np.ones(hi - lo + 1) if count_weights is None else np.asarray(count_weights, dtype=float)
+        tables = _path_tables(self.allowed, self.signature, self.m, v, hi)
+        self._F = tables["F"].tolist()  # F[k][R], k = 0..hi
+        self._base = tables["base"][lo:]  # (V_A/V)^n F(n, all), n = lo..hi
+        self._n_weights = (w * self._base).tolist()
+        groups: dict[int, list[int]] = {}
+        for t, sig in zip(self.allowed, self.signature):
+            groups.setdefault(sig, []).append(t)
+        total = float(v[self.allowed].sum()) if self.allowed else 1.0
+        self._groups = []
+        for sig, types in sorted(groups.items()):
+            tw = [float(v[t]) for t in types]
+            self._groups.append((sig, types, tw, sum(tw) / total))
+
+    def f(self, k: int, need: int) -> float:
+        """P(k objects drawn from the allowed types hit every positive set in the bitmask `need`)."""
+        return self._F[k][need]
+
+    def probability(self) -> float | None:
+        """P(a natural scene follows this path); None when not computed exactly (`count` paths)."""
+        return self._p_natural if self.exact else None
+
+    def sample_types(self, rng: random.Random) -> list[int]:
+        """Type indices (into ALL_OBJECT_TYPES) of one scene that follows the path."""
+        if not self.exact:
+            return self._reject(rng)
+        if not any(w > 0 for w in self._n_weights):
+            raise UnreachableOutcome(
+                f"{self.label}: no scene of {self.n_objects[0]}-{self.n_objects[1]} objects follows this path")
+        n = self.n_objects[0] + _pick(rng, self._n_weights)
+        need, types, F = self.full, [], self._F
+        for left in range(n - 1, -1, -1):
+            row = F[left]
+            k = _pick(rng, [q * row[need & ~sig] for sig, _, _, q in self._groups])
+            sig, group, tw, _ = self._groups[k]
+            types.append(group[_pick(rng, tw)] if len(group) > 1 else group[0])
+            need &= ~sig
+        return types
+
+    def holds(self, types: list[int]) -> bool:
+        return all((sum(mask >> t & 1 for t in types) >= need) == want for mask, need, want in self._checks)
+
+    def _reject(self, rng: random.Random) -> list[int]:
+        for _ in range(self.budget):
+            types = natural_object_types(rng, self.n_objects)
+            if self.holds(types):
+                return types
+        raise UnreachableOutcome(
+            f"{self.label}: none of {self.budget:,} natural scenes ({self.n_objects[0]}-{self.n_objects[1]} objects) "
+            f"followed this path; the outcome is too rare to balance. Use balanced=False, fewer layers, or "
+            f"only 'exists'/'and' conditions (sampled exactly)")
+
+
+@functools.lru_cache(maxsize=8192)
+def _subset_structure(signature: tuple[int, ...], m: int, hi: int) -> tuple[Any, Any, Any]:
+    """What F's tables need besides the weights: which types fall in each union of positive sets,
+    the inclusion-exclusion signs and the powers k = 0..hi (shared by paths of the same shape)."""
+    import numpy as np
+
+    subsets = np.arange(1 << m)
+    hits = ((np.asarray(signature, dtype=np.int64)[None, :] & subsets[:, None]) != 0).astype(float)
+    sign = np.where(np.array([bin(x).count("1") for x in subsets]) % 2, -1.0, 1.0)
+    return hits, sign, np.arange(hi + 1)[:, None]
+
+
+def _path_tables(allowed: list[int], signature: list[int], m: int, v, hi: int) -> dict[str, Any]:
+    """F[k, R] for k = 0..hi and every R (see NaturalPathSampler) and base[n] = (V_A/V)^n F(n, all)."""
+    import numpy as np
+
+    n_sets = 1 << m
+    if not allowed:
+        F = np.zeros((hi + 1, n_sets))
+        F[0, 0] = 1.0
+        return {"F": F, "base": np.zeros(hi + 1), "q": np.zeros(0)}
+    hits, sign, powers = _subset_structure(tuple(signature), m, hi)
+    v = np.asarray(v, dtype=float)
+    va = v[allowed]
+    q = va / va.sum()
+    miss = np.clip(1.0 - hits @ q, 0.0, 1.0)  # P(one object misses every P_j, j in S), per S
+    F = sign[None, :] * miss[None, :] ** powers
+    # subset-sum (zeta) transform: F[k, R] = sum over S subset of R (one binary axis per positive set)
+    F = F.reshape((hi + 1,) + (2,) * m)
+    for axis in range(1, m + 1):
+        F = np.cumsum(F, axis=axis)
+    F = np.clip(F.reshape(hi + 1, n_sets), 0.0, 1.0)
+    ratio = va.sum() / v.sum()
+    base = ratio ** powers[:, 0] * F[:, n_sets - 1]
+    return {"F": F, "base": base, "q": q}
+
+
+def _mixture_statistics(paths: list[NaturalPathSampler], v, w) -> tuple[Any, Any]:
+    """For an equal mix of the paths under weights (v per type, w per count): P(n) and E[objects of each type]."""
+    import numpy as np
+
+    lo, hi = paths[0].n_objects
+    ns = np.arange(lo, hi + 1)
+    p_n = np.zeros(len(ns))
+    counts = np.zeros(len(ALL_OBJECT_TYPES))
+    for path in paths:
+        t = _path_tables(path.allowed, path.signature, path.m, v, hi)
+        pn = w * t["base"][lo:]
+        if pn.sum() <= 0:
+            continue
+        pn = pn / pn.sum()
+        p_n += pn
+        F = t["F"]
+        full = path.full
+        rest = full & ~np.asarray(path.signature)
+        # E[objects of type t | n] = n q_t F(n-1, all minus sig_t) / F(n, all); where F(n, all) = 0, pn = 0
+        f_all = F[ns, full]
+        scale = np.divide(pn * ns, f_all, out=np.zeros_like(f_all), where=f_all > 0)
+        counts[path.allowed] += t["q"] * (scale @ F[ns - 1][:, rest])
+    return p_n / len(paths), counts / len(paths)
+
+
+def fit_balance_weights(paths: list[NaturalPathSampler], iters: int = 300, tol: float = 0.002,
+                        max_log: float = 3.0, step: float = 1.0) -> dict[str, Any]:
+    """Weights that keep an equal mix of the outcomes close to natural scenes.
+
+    Rejection sampling per outcome is exact, but an equal mix of outcomes is not the natural mix:
+    "no small object" has 1-object scenes far more often than "a small cyan object". The weights
+    w(n) (object count) and v(type) = prod over attributes of v_a(value) tilt the sampler that
+    every outcome conditions (count with weight w(n), types with probability proportional to v),
+    the same for all outcomes of a policy. Iterative scaling fits them so that the equal mix has a
+    uniform object count over n_objects and uniform attribute values: the natural sampler's
+    statistics. This family is the Lagrange solution of "draw each outcome's scenes as close to
+    its natural conditional as possible (mean KL divergence) with those pooled statistics", so a
+    converged fit changes the natural scenes as little as the statistics allow. Log-weights are
+    capped at +-max_log; a tree whose balanced mix cannot reach the natural statistics (e.g. "is
+    there a brown object?" at the root with 1-4 objects: half the scenes hold brown, so brown is
+    at least 20% of objects) stops at the closest it gets, and `gap` says how close (the largest
+    share error).
+    """
+    import numpy as np
+
+    exact = [p for p in paths if p.exact]
+    lo, hi = paths[0].n_objects
+    n_bins = hi - lo + 1
+    type_value = np.asarray(_TYPE_VALUE)
+    log_v = [np.zeros(len(vals)) for vals in ATTRIBUTES.values()]
+    log_w = np.zeros(n_bins)
+    gap, best = 0.0, (math.inf, 0)
+    if len(exact) < len(paths) or not exact:
+        return {"count_weights": None, "type_weights": None, "gap": None, "iterations": 0}
+    for it in range(iters):
+        v = np.exp(sum(lv[type_value[:, a]] for a, lv in enumerate(log_v)))
+        p_n, counts = _mixture_statistics(exact, v, np.exp(log_w))
+        shares = [np.bincount(type_value[:, a], weights=counts, minlength=len(lv)) / counts.sum()
+                  for a, lv in enumerate(log_v)]
+        gap = max([np.abs(p_n - 1 / n_bins).max()] + [np.abs(s - 1 / len(s)).max() for s in shares])
+        if gap < tol:
+            break
+        if gap < best[0] - 1e-4:
+            best = (gap, it)
+        elif it - best[1] >= 10:
+            break  # stalled: the natural statistics are out of reach for this tree (see docstring)
+        with np.errstate(divide="ignore"):
+            log_w = np.clip(log_w + np.where(p_n > 0, np.log(1 / n_bins / np.maximum(p_n, 1e-300)), 0.0),
+                            -max_log * n_bins, max_log * n_bins)
+            for a, s in enumerate(shares):
+                log_v[a] = np.clip(log_v[a] + step * np.log(1 / len(s) / np.maximum(s, 1e-300)), -max_log, max_log)
+    v = np.exp(sum(lv[type_value[:, a]] for a, lv in enumerate(log_v)))
+    # rounded, so that the draws do not hang on the last bits of floating-point sums
+    return {"count_weights": [float(f"{x:.6g}") for x in np.exp(log_w - log_w.max())],
+            "type_weights": [float(f"{x:.6g}") for x in v / v.max()], "gap": float(gap), "iterations": it + 1}
+
+
+def _pick(rng: random.Random, weights: list[float]) -> int:
+    """Index drawn with probability proportional to weights (one rng.random() call)."""
+    total = sum(weights)
+    x = rng.random() * total
+    for i, w in enumerate(weights):
+        x -= w
+        if x < 0 and w > 0:
+            return i
+    return max(i for i, w in enumerate(weights) if w > 0)  # float round-off at the top end
 
 
 # ----------------------------------------------------------------------------- generation

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .build import COLUMNS, _to_dataset, build_clevr_policy, build_gta_policy, get_data_config
+from .build import COLUMNS, records_to_dataset, build_clevr_policy, build_gta_policy, get_data_config
 from .clevr import clevr_policies
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "data_samples"
@@ -94,7 +94,7 @@ def load_samples(dataset: str = "clevr", root: str | Path = DEFAULT_ROOT):
         for key in ("images", "policy_images"):
             rec[key] = [{"bytes": (folder / rel).read_bytes(), "path": None} for rel in rec[key]]
         rows.append(rec)
-    return _to_dataset(rows)
+    return records_to_dataset(rows)
 
 
 if __name__ == "__main__":

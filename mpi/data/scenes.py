@@ -406,64 +406,219 @@ def crop_object(image: Image.Image, obj: dict[str, Any], scene_size: int | None 
 
 
 # ----------------------------------------------------------------------------- real CLEVR
-def validate_scene(scene: dict[str, Any], where: str = "scene") -> None:
-    """Raise SceneError naming the field if a scene does not follow CLEVR's object schema."""
-    if not isinstance(scene.get("objects"), list):
-        raise SceneError(f"{where}: missing field 'objects' (a list of CLEVR objects)")
-    for k, obj in enumerate(scene["objects"]):
+# A real CLEVR scene graph is validated field by field when loaded, so that a bad file fails at once
+# with the file, the scene index and the field named, not later inside a policy or the renderer.
+_SCENE_FIX = "fix or remove this scene in the file (real CLEVR scenes come from CLEVR_<split>_scenes.json)"
+
+
+def _is_real_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_scene(scene: Any, where: str = "scene") -> None:
+    """Raise SceneError naming the field if a scene does not follow CLEVR's scene schema.
+
+    Checks: the scene is an object with a non-empty `objects` list; each object is an object with
+    CLEVR's four attributes (known values) and `pixel_coords` = [x, y, depth] of finite numbers;
+    `3d_coords` (if present) = three finite numbers, `rotation` (if present) a finite number.
+    """
+    if not isinstance(scene, dict):
+        raise SceneError(f"{where}: a scene must be a JSON object with an 'objects' field, got "
+                         f"{type(scene).__name__} {str(scene)[:60]!r}; {_SCENE_FIX}")
+    objects = scene.get("objects")
+    if not isinstance(objects, list):
+        raise SceneError(f"{where}: missing field 'objects' (a list of CLEVR objects), got "
+                         f"{type(objects).__name__}; {_SCENE_FIX}")
+    if not objects:
+        raise SceneError(f"{where}: field 'objects' is empty; CLEVR scenes hold 3-10 objects and a policy "
+                         f"needs at least one; {_SCENE_FIX}")
+    for k, obj in enumerate(objects):
+        at = f"{where} object {k}"
+        if not isinstance(obj, dict):
+            raise SceneError(f"{at}: an object must be a JSON object, got {type(obj).__name__}; {_SCENE_FIX}")
         for attr in ATTRIBUTES:
             if attr not in obj:
-                raise SceneError(f"{where} object {k}: missing field '{attr}'")
-            check_attribute(attr, obj[attr], where=f"{where} object {k}")
-        if "pixel_coords" not in obj:
-            raise SceneError(f"{where} object {k}: missing field 'pixel_coords' ([x, y, depth] in pixels)")
+                raise SceneError(f"{at}: missing field '{attr}' (one of {list(ATTRIBUTES[attr])}); {_SCENE_FIX}")
+            check_attribute(attr, obj[attr], where=at)
+        coords = obj.get("pixel_coords")
+        if coords is None:
+            raise SceneError(f"{at}: missing field 'pixel_coords' ([x, y, depth] in pixels); {_SCENE_FIX}")
+        if not (isinstance(coords, (list, tuple)) and len(coords) == 3 and all(map(_is_real_number, coords))):
+            raise SceneError(f"{at}: field 'pixel_coords' must be [x, y, depth], three finite numbers, got "
+                             f"{coords!r:.60}; {_SCENE_FIX}")
+        if coords[2] <= 0:
+            raise SceneError(f"{at}: field 'pixel_coords' has depth {coords[2]!r}; the depth (third value) is "
+                             f"the distance to the camera and must be > 0; {_SCENE_FIX}")
+        if "3d_coords" in obj and not (isinstance(obj["3d_coords"], (list, tuple)) and len(obj["3d_coords"]) == 3
+                                       and all(map(_is_real_number, obj["3d_coords"]))):
+            raise SceneError(f"{at}: field '3d_coords' must be three finite numbers, got "
+                             f"{obj['3d_coords']!r:.60}; {_SCENE_FIX}")
+        if "rotation" in obj and not _is_real_number(obj["rotation"]):
+            raise SceneError(f"{at}: field 'rotation' must be a finite number (degrees), got "
+                             f"{obj['rotation']!r:.60}; {_SCENE_FIX}")
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def image_header_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image from its header only (PNG: 24 bytes; others: Pillow's lazy open).
+
+    Raises SceneError naming the file when it is not a readable image. Reading the header of every
+    file is cheap (microseconds); decoding errors further in are reported by `scene_image`.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+        if head[:8] == _PNG_SIGNATURE and head[12:16] == b"IHDR":
+            width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        else:
+            with Image.open(path) as img:
+                width, height = img.size
+    except Exception as exc:  # UnidentifiedImageError, OSError, ...
+        raise SceneError(f"{path}: not a readable image ({type(exc).__name__}: {exc}); replace the file with "
+                         f"the original CLEVR image") from exc
+    if width < 1 or height < 1:
+        raise SceneError(f"{path}: image header says {width}x{height} pixels; replace the file with the original")
+    return width, height
+
+
+def letterbox_offsets(width: int, height: int) -> tuple[int, int, int]:
+    """(side, dx, dy): a width x height image centred on a side x side square (side = the longer edge)."""
+    side = max(width, height)
+    return side, (side - width) // 2, (side - height) // 2
 
 
 def load_clevr_scenes(
-    scenes_json: str | Path, image_dir: str | Path | None = None, limit: int | None = None
+    scenes_json: str | Path,
+    image_dir: str | Path | None = None,
+    limit: int | None = None,
+    *,
+    require_images: bool = False,
 ) -> list[dict[str, Any]]:
-    """Load a real `CLEVR_<split>_scenes.json`; with `image_dir`, check that every image is there.
+    """Load a real `CLEVR_<split>_scenes.json`; with `image_dir`, check and attach every image.
 
-    Each returned scene gets `image_path` (when `image_dir` is given) so that items can load the
-    real picture instead of rendering one. Errors name the scene, object and field at fault.
+    Every scene is validated (`validate_scene`); errors name the file, the scene index, the object
+    and the field. A scene listed twice (same `image_filename` and objects) is kept once, with a
+    warning; the same filename with different objects is an error.
+
+    With `image_dir`, each scene gets `image_path`, and its `pixel_coords` are moved into the frame
+    of the square picture that `scene_image` makes: the whole image letterboxed onto a square of
+    side max(width, height) (`image_size`), so no object that the policy counts is cut away. The
+    original pixel coordinates stay in `clevr_pixel_coords`. `require_images=True` makes a missing
+    `image_dir` an error instead of keeping the scene graphs only.
     """
+    import warnings
+
     scenes_json = Path(scenes_json)
     if not scenes_json.is_file():
         raise SceneError(f"scenes_json: no file at {scenes_json} (expected CLEVR_<split>_scenes.json)")
-    data = json.loads(scenes_json.read_text())
+    if require_images and image_dir is None:
+        raise SceneError(f"{scenes_json}: no image folder given; pass the folder of this split's CLEVR images "
+                         f"(DataConfig.clevr_image_dir, e.g. CLEVR_v1.0/images/val)")
+    try:
+        data = json.loads(scenes_json.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SceneError(f"{scenes_json}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+                         f"the file is probably truncated or corrupt, download it again") from exc
+    except UnicodeDecodeError as exc:
+        raise SceneError(f"{scenes_json}: not UTF-8 text ({exc}); is this really a CLEVR scenes JSON?") from exc
     scenes = data["scenes"] if isinstance(data, dict) and "scenes" in data else data
     if not isinstance(scenes, list):
-        raise SceneError(f"{scenes_json}: expected a top-level field 'scenes' holding a list")
+        raise SceneError(f"{scenes_json}: expected a top-level field 'scenes' holding a list (CLEVR's layout) "
+                         f"or a list of scenes, got {type(scenes).__name__}")
     scenes = scenes[:limit] if limit else scenes
+    kept: list[dict[str, Any]] = []
+    first_by_name: dict[str, tuple[int, list]] = {}
+    n_duplicates = 0
     for i, scene in enumerate(scenes):
-        validate_scene(scene, where=f"{scenes_json.name} scene {i} ({scene.get('image_filename', '?')})")
+        where = f"{scenes_json.name} scene {i}"
+        validate_scene(scene, where=where)
+        name = scene.get("image_filename")
+        if image_dir is not None or name is not None:
+            if not isinstance(name, str) or not name.strip() or Path(name).name != name:
+                raise SceneError(f"{where}: field 'image_filename' must be a plain file name such as "
+                                 f"'CLEVR_val_000000.png', got {name!r}; {_SCENE_FIX}")
+        if name is not None:
+            if name in first_by_name:
+                j, objects = first_by_name[name]
+                if objects != scene["objects"]:
+                    raise SceneError(f"{where}: image_filename {name!r} is also scene {j}'s, with other objects; "
+                                     f"two scene graphs cannot describe one image; {_SCENE_FIX}")
+                n_duplicates += 1
+                continue
+            first_by_name[name] = (i, scene["objects"])
+        scene = dict(scene)  # the file's dicts stay untouched
+        scene["clevr_source"] = f"{scenes_json.name} scene {i}"
+        kept.append(scene)
+    if n_duplicates:
+        warnings.warn(f"{scenes_json}: {n_duplicates} scene(s) repeat an earlier scene (same image_filename and "
+                      f"objects) and were dropped, so that no scene appears twice in one split", stacklevel=2)
     if image_dir is not None:
         image_dir = Path(image_dir)
         if not image_dir.is_dir():
-            raise SceneError(f"image_dir: {image_dir} is not a folder")
-        missing = [s.get("image_filename", f"<scene {i} has no image_filename>") for i, s in enumerate(scenes)
-                   if not (image_dir / str(s.get("image_filename", ""))).is_file()]
+            raise SceneError(f"image_dir: {image_dir} is not a folder (expected the images of {scenes_json.name})")
+        missing = [s["image_filename"] for s in kept if not (image_dir / s["image_filename"]).is_file()]
         if missing:
             raise SceneError(
-                f"image_dir {image_dir} does not match {scenes_json.name}: {len(missing)} of {len(scenes)} "
+                f"image_dir {image_dir} does not match {scenes_json.name}: {len(missing)} of {len(kept)} "
                 f"'image_filename' entries are missing (first: {missing[:3]}); pass the folder of the same split"
             )
-        for scene in scenes:
-            scene["image_path"] = str(image_dir / scene["image_filename"])
-    return scenes
+        for scene in kept:
+            path = image_dir / scene["image_filename"]
+            width, height = image_header_size(path)
+            side, dx, dy = letterbox_offsets(width, height)
+            scene["image_path"] = str(path)
+            scene["clevr_image_size"] = [width, height]
+            scene["image_size"] = side
+            objects = []
+            for obj in scene["objects"]:
+                obj = dict(obj)
+                u, v, depth = obj["pixel_coords"]
+                obj["clevr_pixel_coords"] = list(obj["pixel_coords"])
+                obj["pixel_coords"] = [u + dx, v + dy, depth]
+                objects.append(obj)
+            scene["objects"] = objects
+    return kept
+
+
+def _letterbox(img: Image.Image) -> Image.Image:
+    """The whole picture centred on a square; the bars take the mean colour of the edges they extend."""
+    width, height = img.size
+    side, dx, dy = letterbox_offsets(width, height)
+    if dx == dy == 0:
+        return img
+    pixels = np.asarray(img, dtype=np.float64)
+    edges = (np.concatenate([pixels[0], pixels[-1]]) if dy else
+             np.concatenate([pixels[:, 0], pixels[:, -1]]))
+    fill = tuple(int(round(c)) for c in edges.mean(0))
+    square = Image.new("RGB", (side, side), fill)
+    square.paste(img, (dx, dy))
+    return square
 
 
 def scene_image(scene: dict[str, Any], image_size: int) -> Image.Image:
-    """The scene's picture: the real CLEVR file when the scene has one, else a rendering."""
-    if scene.get("image_path"):
-        with Image.open(scene["image_path"]) as img:
-            img = img.convert("RGB")
-            # Real CLEVR is 480x320: centre-crop to a square, then resize.
-            w, h = img.size
-            side = min(w, h)
-            img = img.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
-            return img.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return render_scene(scene, image_size)
+    """The scene's picture: the real CLEVR file when the scene has one, else a rendering.
+
+    A real image (CLEVR's are 480x320) is letterboxed whole onto a square, then resized, so every
+    object in the scene graph stays in the picture; `pixel_coords` from `load_clevr_scenes` are
+    already in that square's frame (side `image_size` of the scene).
+    """
+    path = scene.get("image_path")
+    if not path:
+        if "clevr_source" in scene:  # a real scene graph: its coordinates are not the renderer's
+            raise SceneError(f"{scene['clevr_source']}: a real CLEVR scene without its image; load it with "
+                             f"image_dir (DataConfig.clevr_image_dir) instead of drawing an empty floor")
+        return render_scene(scene, image_size)
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")  # decodes: a truncated or corrupt file fails here
+    except Exception as exc:
+        source = scene.get("clevr_source", scene.get("image_filename", "?"))
+        raise SceneError(f"{path} ({source}): cannot decode the image ({type(exc).__name__}: {exc}); "
+                         f"replace it with the original CLEVR file") from exc
+    return _letterbox(img).resize((image_size, image_size), Image.Resampling.BICUBIC)
 
 
 def describe_object(obj: dict[str, Any]) -> str:
@@ -474,8 +629,11 @@ def describe_object(obj: dict[str, Any]) -> str:
 def public_scene(scene: dict[str, Any]) -> dict[str, Any]:
     """The scene graph as stored in an item's `extra` (CLEVR fields only, no local paths)."""
     keep = ("shape", "color", "size", "material", "3d_coords", "rotation", "pixel_coords", "bbox")
-    return {
+    out = {
         "image_index": scene.get("image_index", 0),
         "image_filename": scene.get("image_filename", ""),
         "objects": [{k: o[k] for k in keep if k in o} for o in scene["objects"]],
     }
+    if "clevr_image_size" in scene:  # real CLEVR: pixel_coords are in the letterboxed square of this side
+        out["image_size"] = scene["image_size"]
+    return out

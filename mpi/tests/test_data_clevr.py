@@ -1,12 +1,15 @@
-"""ClevrPolicy: gold outcomes vs an independent evaluator, tree rules, balance, determinism, errors."""
+"""ClevrPolicy: gold outcomes vs an independent evaluator, tree rules, balance, determinism, errors,
+exact natural sampling per outcome, natural scene statistics, unseen test scenes, full N=6 trees."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mpi.data import (
@@ -27,8 +30,23 @@ from mpi.data import (
     sample_scene,
     save_dataset,
 )
-from mpi.data.clevr import clevr_policies
-from mpi.data.policies import find_witness
+from mpi.data.build import clevr_split_records
+from mpi.data.clevr import (
+    clevr_policies,
+    item_object_lists,
+    natural_outcome_probabilities,
+    natural_scene_statistics,
+    scene_statistics,
+    split_overlap,
+)
+from mpi.data.policies import (
+    ALL_OBJECT_TYPES,
+    Condition,
+    NaturalPathSampler,
+    UnreachableOutcome,
+    _mixture_statistics,
+    find_witness,
+)
 
 VALUES = {
     "shape": {"cube", "sphere", "cylinder"},
@@ -258,3 +276,194 @@ def test_bad_scene_file_and_image_folder_are_named(tmp_path):
     with pytest.raises(SceneError, match=r"CLEVR_val_000003\.png"):
         load_clevr_scenes(_write_clevr(tmp_path / "b" if (tmp_path / "b").mkdir() is None else None, drop_image=True),
                           tmp_path / "b" / "images")
+
+
+# --- how scenes are drawn: natural scenes per outcome, natural statistics, unseen test scenes, N=6
+_DEPTH3 = {"name": "L3-Hand", "depth": 3, "root": {
+    "id": "1", "condition": {"attr": "size", "value": "small"},
+    "yes": {"id": "1.1",
+            "condition": {"kind": "and", "attr": "color", "value": "red", "attr2": "shape", "value2": "cube"},
+            "yes": {"id": "1.1.1", "condition": {"attr": "material", "value": "metal"},
+                    "yes": {"id": "1.1.1.1", "outcome": "Case 1"}, "no": {"id": "1.1.1.2", "outcome": "Case 2"}},
+            "no": {"id": "1.1.2", "condition": {"attr": "color", "value": "blue"},
+                   "yes": {"id": "1.1.2.1", "outcome": "Case 3"}, "no": {"id": "1.1.2.2", "outcome": "Case 4"}}},
+    "no": {"id": "1.2", "condition": {"attr": "material", "value": "metal"},
+           "yes": {"id": "1.2.1", "condition": {"attr": "shape", "value": "sphere"},
+                   "yes": {"id": "1.2.1.1", "outcome": "Case 5"}, "no": {"id": "1.2.1.2", "outcome": "Case 6"}},
+           "no": {"id": "1.2.2", "condition": {"attr": "color", "value": "cyan"},
+                  "yes": {"id": "1.2.2.1", "outcome": "Case 7"}, "no": {"id": "1.2.2.2", "outcome": "Case 8"}}}}}
+_TYPES = [dict(zip(VALUES, combo)) for combo in itertools.product(*(sorted(v) for v in VALUES.values()))]
+_ATTR_W = {"shape": {"cube": 1.0, "sphere": 2.0, "cylinder": 0.5},
+           "color": {c: 1.0 + 0.25 * k for k, c in enumerate(sorted(VALUES["color"]))},
+           "size": {"small": 1.0, "large": 3.0}, "material": {"rubber": 1.0, "metal": 0.7}}
+
+
+def _enumerate_outcomes(tree: dict, n_max: int, count_w: list[float], attr_w: dict | None):
+    """By brute force over every ordered scene of 1..n_max objects: per outcome, the natural
+    probability, and for a tilted sampler (count n with weight count_w[n-1], each object's type with
+    probability proportional to prod of attr_w) conditioned on the outcome: P(n | outcome) and
+    E[objects with attr=value | outcome]."""
+    v = np.array([np.prod([attr_w[a][t[a]] for a in VALUES]) if attr_w else 1.0 for t in _TYPES])
+    v = v / v.sum()
+    paths = []
+
+    def rec(node, acc):
+        if "outcome" in node:
+            paths.append((node["outcome"], acc))
+            return
+        rec(node["yes"], acc + [(node["condition"], True)])
+        rec(node["no"], acc + [(node["condition"], False)])
+
+    rec(tree["root"], [])
+    out = {o: {"p": 0.0, "pn": np.zeros(n_max), "types": np.zeros(len(_TYPES))} for o, _ in paths}
+    for n in range(1, n_max + 1):
+        seqs = np.array(list(itertools.product(range(len(_TYPES)), repeat=n)))
+        weight = count_w[n - 1] * np.prod(v[seqs], axis=1)
+        holds = {}
+        for outcome, acc in paths:
+            ok = np.ones(len(seqs), bool)
+            for cond, want in acc:
+                key = json.dumps(cond, sort_keys=True)
+                if key not in holds:
+                    match = np.array([_cond_holds(cond, [t]) for t in _TYPES])
+                    holds[key] = match[seqs].any(axis=1)
+                ok &= holds[key] == want
+            out[outcome]["p"] += ok.mean() / n_max
+            out[outcome]["pn"][n - 1] = weight[ok].sum()
+            out[outcome]["types"] += np.bincount(seqs[ok].ravel(), weights=np.repeat(weight[ok], n),
+                                                 minlength=len(_TYPES))
+    for o in out:
+        z = out[o]["pn"].sum()
+        out[o]["pn"] /= z
+        out[o]["attr"] = {(a, val): sum(c for c, t in zip(out[o]["types"], _TYPES) if t[a] == val) / z
+                          for a, vals in VALUES.items() for val in vals}
+    return out
+
+
+def test_path_sampler_is_exact_against_brute_force_enumeration():
+    policy = Policy.from_dict(_DEPTH3)
+    count_w = [1.0, 0.6]  # scenes of 1-2 objects: 9,312 ordered scenes to enumerate
+    natural = _enumerate_outcomes(_DEPTH3, 2, [1.0, 1.0], None)
+    tilted = _enumerate_outcomes(_DEPTH3, 2, count_w, _ATTR_W)
+    v96 = [float(np.prod([_ATTR_W[a][t[a]] for a in VALUES])) for t in ALL_OBJECT_TYPES]
+    assert sum(natural[o]["p"] for o in natural) == pytest.approx(1.0)
+    for outcome, constraints in policy.leaf_constraints().items():
+        sampler = NaturalPathSampler(constraints, (1, 2))
+        assert sampler.probability() == pytest.approx(natural[outcome]["p"], abs=1e-12)
+        p_n, counts = _mixture_statistics([sampler], np.array(v96), np.array(count_w))
+        assert p_n == pytest.approx(tilted[outcome]["pn"], abs=1e-9)
+        for (a, val), expected in tilted[outcome]["attr"].items():
+            got = sum(c for c, t in zip(counts, ALL_OBJECT_TYPES) if t[a] == val)
+            assert got == pytest.approx(expected, abs=1e-9), (outcome, a, val)
+    # draws: every one walks to its target, and the tilted count histogram is the enumerated one
+    sampler = NaturalPathSampler(policy.leaf_constraints()["Case 1"], (1, 2), count_weights=count_w,
+                                 type_weights=v96)
+    rng = random.Random(7)
+    draws = [[ALL_OBJECT_TYPES[t] for t in sampler.sample_types(rng)] for _ in range(3000)]
+    assert all(_brute_force_outcome(_DEPTH3, d)[0] == "Case 1" for d in draws)
+    hist = np.bincount([len(d) for d in draws], minlength=3)[1:] / len(draws)
+    expected = tilted["Case 1"]["pn"]
+    assert np.all(np.abs(hist - expected) <= 4 * np.sqrt(expected * (1 - expected) / len(draws)) + 1e-9)
+
+
+def _gaps(stats, reference):
+    return {f: max(abs(stats[f].get(k, 0.0) - reference[f].get(k, 0.0)) for k in set(stats[f]) | set(reference[f]))
+            for f in ("n_objects", *VALUES)}
+
+
+def test_balanced_train_split_keeps_natural_scene_statistics():
+    cfg = get_data_config("small")
+    train = clevr_split_records(cfg, "train", 2)
+    natural = clevr_split_records(get_data_config("small", balanced=False), "train", 2)
+    stats = scene_statistics(train)
+    # the natural sampler by hand: counts uniform over 1..4, attributes uniform
+    by_hand = {"n_objects": {n: 0.25 for n in (1, 2, 3, 4)}, "shape": {v: 1 / 3 for v in VALUES["shape"]},
+               "color": {v: 1 / 8 for v in VALUES["color"]}, "size": {v: 0.5 for v in VALUES["size"]},
+               "material": {v: 0.5 for v in VALUES["material"]}}
+    assert natural_scene_statistics((1, 4)) == {**by_hand, "n_items": None}
+    for reference in (by_hand, scene_statistics(natural)):
+        gaps = _gaps(stats, reference)
+        assert max(gaps.values()) <= 0.05, gaps
+    # ... with outcomes still exactly balanced (250 items over 4 outcomes: 62 or 63 each)
+    for counts in outcome_report_counts(train).values():
+        assert sorted(counts) in ([62, 62, 63, 63],)
+
+
+def outcome_report_counts(records):
+    out: dict[str, Counter] = {}
+    for r in records:
+        out.setdefault(r["policy_name"], Counter())[r["answer"]] += 1
+    return {k: list(v.values()) for k, v in out.items()}
+
+
+def test_balanced_paper_like_objects_keep_natural_statistics():
+    objects = []
+    for p in clevr_policies(4, 4, seed=0):
+        items, _ = item_object_lists(p, 160, split="train", seed=0, n_objects=(3, 10))
+        objects += [{"policy_name": p.name, "scene": {"objects": o}} for _, o in items]
+    gaps = _gaps(scene_statistics(objects), natural_scene_statistics((3, 10)))
+    assert max(gaps.values()) <= 0.05, gaps
+    # without the tilt (plain rejection sampling per outcome, computed exactly) most scenes would
+    # hold 3 objects (natural: 1 in 8): the tilt is what keeps the statistics
+    untilted = [_mixture_statistics([NaturalPathSampler(c, (3, 10)) for c in p.leaf_constraints().values()],
+                                    np.ones(96), np.ones(8))[0] for p in clevr_policies(4, 4, seed=0)]
+    assert np.mean(untilted, axis=0)[0] > 0.3
+
+
+def test_split_overlap_counts_multisets_per_policy():
+    red = {"shape": "cube", "color": "red", "size": "small", "material": "metal"}
+    blue = {"shape": "sphere", "color": "blue", "size": "large", "material": "rubber"}
+    train = [{"policy_name": "A", "scene": {"objects": [red, blue]}}, {"policy_name": "A", "scene": {"objects": [red]}}]
+    test = [{"policy_name": "A", "scene": {"objects": [blue, red]}},  # same multiset, other order: seen
+            {"policy_name": "B", "scene": {"objects": [red, blue]}},  # another policy: unseen
+            {"policy_name": "A", "scene": {"objects": [red, red]}}]  # other multiplicity: unseen
+    report = split_overlap(train, test)
+    assert (report["n_items"], report["n_seen"]) == (3, 1)
+    assert report["unseen_share"] == pytest.approx(2 / 3) and report["per_policy"] == {"A": 0.5, "B": 1.0}
+
+
+@pytest.mark.parametrize("preset,depth", [("toy", 2), ("toy", 4), ("small", 2), ("small", 4)])
+def test_test_and_override_scenes_are_unseen_in_training(preset, depth):
+    cfg = get_data_config(preset)
+    train = clevr_split_records(cfg, "train", depth)
+    for split in ("test", "override"):
+        records = clevr_split_records(cfg, split, depth)
+        assert split_overlap(train, records)["unseen_share"] == 1.0, split
+        assert [r["extra"] for r in records] == [r["extra"] for r in clevr_split_records(cfg, split, depth)]
+        assert all(r["answer"] == r["policy"].evaluate(r["scene"])[0] for r in records)
+    if (preset, depth) == ("small", 2):
+        # without the rule, natural 1-4 object scenes do repeat training ones: the rule is doing the work
+        plain = clevr_split_records(get_data_config(preset, test_unseen_objects=False), "test", depth)
+        assert split_overlap(train, plain)["unseen_share"] < 0.97
+
+
+def test_n6_trees_are_full_and_every_outcome_is_balanced():
+    for policy in clevr_policies(6, 2, seed=0):
+        probs = natural_outcome_probabilities(policy, (3, 10))
+        assert sorted(probs, key=lambda c: int(c.split()[1])) == [f"Case {k}" for k in range(1, 65)]
+        assert all(p > 0 for p in probs.values()) and sum(probs.values()) == pytest.approx(1.0)
+        items, _ = item_object_lists(policy, 128, split="train", seed=0, n_objects=(3, 10),
+                                     match_natural=policy.meta["index"] == 0)
+        walked = Counter(policy.evaluate({"objects": o})[0] for _, o in items)
+        assert set(walked.values()) == {2} and len(walked) == 64
+        assert all(policy.evaluate({"objects": o})[0] == t for t, o in items)
+
+
+def test_unreachable_outcome_and_rare_count_path_are_named():
+    hand = Policy.from_dict({"name": "L2-Hand", "depth": 2, "root": {
+        "id": "1", "condition": {"attr": "size", "value": "small"},
+        "yes": {"id": "1.1", "condition": {"attr": "color", "value": "red"},
+                "yes": {"id": "1.1.1", "outcome": "Case 1"}, "no": {"id": "1.1.2", "outcome": "Case 2"}},
+        "no": {"id": "1.2", "condition": {"attr": "size", "value": "large"},
+               "yes": {"id": "1.2.1", "outcome": "Case 3"}, "no": {"id": "1.2.2", "outcome": "Case 4"}}}})
+    with pytest.raises(UnreachableOutcome, match=r"L2-Hand.*Case 4.*n_objects"):
+        item_object_lists(hand, 8, split="train", seed=0, n_objects=(3, 10))
+    three_red = [(Condition("color", "red", kind="count", count=3), True)]
+    with pytest.raises(UnreachableOutcome, match=r"L1-Count: outcome Case 1.*50 natural scenes"):
+        NaturalPathSampler(three_red, (1, 2), label="policy L1-Count: outcome Case 1", budget=50).sample_types(
+            random.Random(0))
+    # count conditions are drawn by plain rejection: the gold still matches the independent walk
+    cfg = get_data_config("toy", condition_kinds=("exists", "count", "and"), n_train_per_policy=8)
+    trees = {p.name: p.to_dict() for p in clevr_policies(2, 2, 0, kinds=cfg.condition_kinds)}
+    for r in clevr_split_records(cfg, "train", 2):
+        assert r["answer"] == _brute_force_outcome(trees[r["policy_name"]], r["scene"]["objects"])[0]

@@ -1,4 +1,4 @@
-"""mpi.memory: parameter counts against real modules, terms against hand arithmetic, and the refusal."""
+"""mpi.scale.memory: parameter counts against real modules, terms against hand arithmetic, and the refusal."""
 
 import dataclasses
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mpi.device import DeviceInfo
-from mpi.memory import (GiB, KNOWN_MODELS, NF4_BYTES_PER_PARAM, MemoryKnobs, MemoryTooLarge, ModelFacts,
+from mpi.scale.memory import (GiB, KNOWN_MODELS, NF4_BYTES_PER_PARAM, MemoryKnobs, MemoryTooLarge, ModelFacts,
                         check_fits, estimate_peak_memory, facts_from_config, format_estimate, generation_parts,
                         layer_activation_bytes, model_facts, scoring_parts, supervised_parts)
 

@@ -105,12 +105,16 @@ def test_scored_log_probs_equal_the_samplers(fresh):
         assert ((lp - sampler[rows]).abs() * mask[rows]).max() < 1e-4
 
 
-def test_guided_responses_are_scored_without_the_policy(fresh, monkeypatch):
-    """Every forward of the loss (new, old, reference) sees the policy-free prompt, guided rows included."""
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_guided_responses_are_scored_without_the_policy(fresh, monkeypatch, shared_prompt):
+    """Every forward of the loss (new, old, reference) sees the policy-free prompt, guided rows included.
+
+    shared_prompt=False: each pass feeds all 2G*2 rows as prompt + completion. True: each pass runs the 2
+    policy-free prompts once (the multimodal model's input) and the completions on their KV cache."""
     model, processor, build_messages = fresh
     cfg = get_grpo_config("poro-grpo", num_generations=2, max_completion_length=6, num_iterations=2,
-                          log_behaviour_ratio=False, progress=False)
-    fed, generating = [], [False]
+                          log_behaviour_ratio=False, progress=False, shared_prompt_scoring=shared_prompt)
+    fed, fed_inner, generating = [], [], [False]
     real_generate = poro.generate_group
 
     def spy_generate(*args, **kwargs):
@@ -123,8 +127,12 @@ def test_guided_responses_are_scored_without_the_policy(fresh, monkeypatch):
     def record(module, args, kwargs):
         fed.append((generating[0], kwargs["input_ids"].clone()))
 
+    def record_inner(module, args, kwargs):  # the sampler's prefill and the shared-prompt pass enter here
+        fed_inner.append((generating[0], kwargs["input_ids"].clone()))
+
     monkeypatch.setattr(poro, "generate_group", spy_generate)
     handle = model.get_base_model().register_forward_pre_hook(record, with_kwargs=True)
+    handle_inner = model.get_base_model().model.register_forward_pre_hook(record_inner, with_kwargs=True)
     try:
         items = _items(2)
         torch.manual_seed(0)
@@ -133,13 +141,21 @@ def test_guided_responses_are_scored_without_the_policy(fresh, monkeypatch):
         train_on_rollout(model, opt, processor, ro, cfg, build_messages)
     finally:
         handle.remove()
+        handle_inner.remove()
     decode = processor.tokenizer.decode
-    assert any(POLICY_MARK in decode(row) for gen, ids in fed if gen for row in ids)  # the sampler did see the policy
+    assert any(POLICY_MARK in decode(row) for gen, ids in fed_inner if gen for row in ids)  # the sampler saw it
+    free = encode_prompts(processor, *prompt_texts(processor, items, False, build_messages))["input_ids"]
+    T = ro.completion_ids.shape[1]
+    if shared_prompt:
+        # old (num_iterations > 1) + reference (beta > 0) + 2 iterations of new = 4 passes, each over the 2 prompts
+        loss_feeds = [ids for gen, ids in fed_inner if not gen]
+        assert not [ids for gen, ids in fed if not gen]  # no whole-sequence forward
+        assert len(loss_feeds) == 4 and all(torch.equal(ids, free) for ids in loss_feeds)
+        assert ro.guided.tolist() == [False, False, True, True] * 2
+        return
     loss_feeds = [ids for gen, ids in fed if not gen]
     # old (num_iterations > 1) + reference (beta > 0) + 2 iterations of new = 4 passes over all 2G*2 rows
     assert len(loss_feeds) == 4 and all(ids.shape[0] == 8 for ids in loss_feeds)
-    free = encode_prompts(processor, *prompt_texts(processor, items, False, build_messages))["input_ids"]
-    T = ro.completion_ids.shape[1]
     for ids in loss_feeds:
         for row in range(8):
             assert POLICY_MARK not in decode(ids[row])

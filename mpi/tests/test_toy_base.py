@@ -112,12 +112,12 @@ def test_bad_config_names_the_field():
 
 
 def test_perception_phase_then_object_ramp():
-    from mpi.toy_base import _max_objects
+    from mpi.toy_base import curriculum_max_objects
 
     cfg = toy_base_config("tiny", perception_steps=2, curriculum_steps=2, max_objects=4, pool_size=24,
                           task_weights={"describe": 1.0, "exists": 1.0})
     # steps 0-1: one object; then 1 + frac * 3 objects, frac = 0, 0.5, 1, 1 (round-half-even: 2.5 -> 2)
-    assert [_max_objects(s, cfg) for s in range(6)] == [1, 1, 1, 2, 4, 4]
+    assert [curriculum_max_objects(s, cfg) for s in range(6)] == [1, 1, 1, 2, 4, 4]
     pool = training_pool(cfg)
     first, rest = pool[:2 * cfg.batch_size], pool[2 * cfg.batch_size:]
     assert all(e["task"] == "describe" and len(e["scene"]["objects"]) == 1 for e in first)

@@ -3,7 +3,7 @@
 `mpi.poro` is the teaching path: every line of GRPO visible. When generation is the bottleneck (long
 policies, large G, 7B models on several GPUs) this module runs the same method on TRL's GRPOTrainer,
 which can generate with vLLM and trains under any accelerate config. Optional: `pip install trl==1.16.0`
-(and `vllm` for use_vllm=True); neither is in requirements.txt.
+(trl is pinned in requirements.txt; `vllm` for use_vllm=True is not).
 
 What PolicyRollout changes in TRL, and where (one subclass, three hooks):
 
@@ -21,7 +21,7 @@ The guided half is treated as the paper does ("as_own": no correction). With vLL
 importance correction would divide by pi(o|q,P); we hand it NaN sampling log-probs for the guided rows, which
 TRL treats as "no correction", and keep its correction for the own rows.
 
-    from mpi.poro_trl import train_poro_trl
+    from mpi.scale.poro_trl import train_poro_trl
     trainer = train_poro_trl(model, processor, items, grpo_cfg, "runs/poro_trl", use_vllm=False)
 """
 
@@ -104,6 +104,12 @@ def trl_config(cfg, out_dir: str | Path, *, num_processes: int = 1, use_vllm: bo
                          "mpi.poro.train_poro, or set dynamic_sampling=False")
     if cfg.offpolicy_rule != "as_own":
         raise ValueError(f"the TRL path implements the paper's offpolicy_rule='as_own' only, got {cfg.offpolicy_rule!r}")
+    if cfg.adaptive_guidance:
+        raise ValueError("adaptive_guidance (guided samples only for all-wrong groups) is not implemented on the TRL "
+                         "path; use mpi.poro.train_poro, or set adaptive_guidance=False")
+    if cfg.guided_context != "own_policy":
+        raise ValueError(f"guided_context={cfg.guided_context!r} (the wrong-policy control) is not implemented on the "
+                         "TRL path; use mpi.poro.train_poro, or set guided_context='own_policy'")
     dtype = pick_dtype(describe_device(get_device()))
     values = dict(
         output_dir=str(out_dir), num_generations=cfg.group_size,
@@ -119,6 +125,7 @@ def trl_config(cfg, out_dir: str | Path, *, num_processes: int = 1, use_vllm: bo
         logging_steps=1, report_to="none", remove_unused_columns=False, save_strategy="no",
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not torch.cuda.is_available(),
         disable_tqdm=not cfg.progress, lr_scheduler_type="constant",
+        disable_dropout=cfg.disable_dropout,  # as mpi.poro: sampler and scorer both without dropout
     )
     values.update(overrides)
     return trl.GRPOConfig(**values)
@@ -205,7 +212,7 @@ def make_trainer(model, processor, items: Sequence[dict], cfg, out_dir: str | Pa
                  num_processes: int | None = None, **config_overrides: Any):
     """A ready PolicyRolloutGRPOTrainer (call .train()). `cfg` is an mpi.poro.GRPOConfig; reward_funcs
     replaces [accuracy, format] (TRL signature: f(completions, item_index, **kw) -> list[float])."""
-    from mpi import distributed as dist
+    from mpi.scale import distributed as dist
     from mpi.poro import default_build_messages, vision_token_ids
 
     cfg.validate()

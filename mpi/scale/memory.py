@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 GiB = 2**30
-STAGES = ("cpt", "sft", "rl")
+MEMORY_STAGES = ("cpt", "sft", "rl")
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes + 8-bit absmax per 64 + fp32 per 256 blocks
 CUDA_CONTEXT_GIB = 0.5  # CUDA context + cuBLAS workspaces, outside torch's allocator
@@ -277,7 +277,8 @@ def layer_activation_bytes(f: ModelFacts, knobs: MemoryKnobs) -> float:
     return float(total)
 
 
-def _weights_bytes(f: ModelFacts, knobs: MemoryKnobs, trainable: bool) -> float:
+def weights_bytes(f: ModelFacts, knobs: MemoryKnobs, trainable: bool) -> float:
+    """Bytes of the model's weights as loaded (4-bit layers, the rest in the compute dtype)."""
     total = f.total_params()
     if knobs.quantization == "4bit":
         quantised = f.num_layers * f.layer_linear_params()
@@ -286,7 +287,8 @@ def _weights_bytes(f: ModelFacts, knobs: MemoryKnobs, trainable: bool) -> float:
     return total * knobs.bytes
 
 
-def _trainable_bytes(f: ModelFacts, knobs: MemoryKnobs) -> float:
+def trainable_bytes(f: ModelFacts, knobs: MemoryKnobs) -> float:
+    """Bytes of what training adds per trainable weight: its fp32 copy, gradient and AdamW states."""
     if knobs.lora_r:
         return f.lora_params(knobs.lora_r) * 16.0  # fp32 weight + grad + 2 AdamW states
     if knobs.quantization == "4bit":
@@ -328,8 +330,8 @@ def estimate_peak_memory(cfg_or_facts, stage: str = "sft", knobs: MemoryKnobs | 
     e.g. dtype="fp16", gradient_checkpointing=True, num_processes=8), a model name, or ModelFacts
     together with `knobs`.
     """
-    if stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if stage not in MEMORY_STAGES:
+        raise ValueError(f"stage must be one of {MEMORY_STAGES}, got {stage!r}")
     if isinstance(cfg_or_facts, ModelFacts):
         facts = cfg_or_facts
         knobs = dataclasses.replace(knobs or MemoryKnobs(), **overrides)
@@ -386,7 +388,7 @@ def scoring_parts(f: ModelFacts, k: MemoryKnobs) -> dict[str, float]:
 
 def _estimate(f: ModelFacts, k: MemoryKnobs, stage: str) -> MemoryEstimate:
     notes: list[str] = []
-    static = {"weights": _weights_bytes(f, k, trainable=True), "trainable": _trainable_bytes(f, k)}
+    static = {"weights": weights_bytes(f, k, trainable=True), "trainable": trainable_bytes(f, k)}
     if stage in ("cpt", "sft"):
         parts, phase = {**static, **supervised_parts(f, k)}, "train"
         notes.append(f"{k.batch_size * k.max_length} tokens per forward (batch_size x max_length, padding included)")
@@ -548,15 +550,15 @@ KNOWN_GPUS = {  # name -> (total GiB as torch reports it, bf16)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m mpi.memory --preset colab-t4 [--gpu t4] [--stage rl] [--num-processes 8] [--set field=value]"""
+    """python -m mpi.scale.memory --preset colab-t4 [--gpu t4] [--stage rl] [--num-processes 8] [--set field=value]"""
     import argparse
 
     from mpi.config import PRESETS, get_config
     from mpi.device import DeviceInfo, describe_device
 
-    p = argparse.ArgumentParser(prog="python -m mpi.memory", description="expected peak GPU memory per stage")
+    p = argparse.ArgumentParser(prog="python -m mpi.scale.memory", description="expected peak GPU memory per stage")
     p.add_argument("--preset", default=None, choices=sorted(PRESETS))
-    p.add_argument("--stage", default="all", choices=("all",) + STAGES)
+    p.add_argument("--stage", default="all", choices=("all",) + MEMORY_STAGES)
     p.add_argument("--gpu", default=None, choices=sorted(KNOWN_GPUS), help="default: the detected device")
     p.add_argument("--num-processes", type=int, default=1, help="data-parallel processes (prompts are split)")
     p.add_argument("--set", action="append", default=[], metavar="KNOB=VALUE",
@@ -574,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides[key.strip()] = json.loads(value) if value not in ("", None) else None
     cfg = get_config(args.preset)
     status = 0
-    for stage in (STAGES if args.stage == "all" else (args.stage,)):
+    for stage in (MEMORY_STAGES if args.stage == "all" else (args.stage,)):
         try:
             preflight(cfg, stage, device, num_processes=args.num_processes, **overrides)
             print(f"  fits {getattr(device, 'name', '') or device.type}\n")

@@ -1,0 +1,51 @@
+"""The methods the course compares and the training stages each one chains (pipeline, report and dry run).
+
+A method is a chain of training stages, each trained on top of the previous one: TriMPI is VM-CPT, then
+CoT SFT, then PoRo-GRPO. Chains share prefixes (CoT SFT, CoT SFT + GRPO and CoT SFT + DAPO start from one CoT
+SFT adapter), so `training_chains` trains each prefix once.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+# method -> its training chain (each element one stage, trained on top of the previous one)
+METHODS: dict[str, tuple[str, ...]] = {
+    "in-context": (),
+    "direct-sft": ("sft-direct",),
+    "cot-sft": ("sft-cot",),
+    "vmcpt-cot-sft": ("cpt", "sft-cot"),
+    "cot-sft-grpo": ("sft-cot", "grpo"),
+    "cot-sft-dapo": ("sft-cot", "dapo"),
+    "trimpi-grpo": ("cpt", "sft-cot", "poro-grpo"),
+    "trimpi-dapo": ("cpt", "sft-cot", "poro-dapo"),
+}
+METHOD_LABELS = {
+    "in-context": "in-context policy (zero-shot)",
+    "direct-sft": "direct SFT",
+    "cot-sft": "CoT SFT",
+    "vmcpt-cot-sft": "VM-CPT + CoT SFT",
+    "cot-sft-grpo": "CoT SFT + GRPO",
+    "cot-sft-dapo": "CoT SFT + DAPO",
+    "trimpi-grpo": "TriMPI (PoRo-GRPO)",
+    "trimpi-dapo": "TriMPI (PoRo-DAPO)",
+}
+DEFAULT_METHODS = ("in-context", "cot-sft", "trimpi-grpo")
+SUPERVISED_STAGES = ("cpt", "sft-cot", "sft-direct")  # trained by mpi.supervised
+RL_STAGES = ("grpo", "dapo", "poro-grpo", "poro-dapo")  # trained by mpi.poro
+
+
+def memory_stage(stage: str) -> str:
+    """The mpi.scale.memory estimate a training stage is checked against: "cpt", "sft" or "rl"."""
+    return "rl" if stage in RL_STAGES else ("cpt" if stage == "cpt" else "sft")
+
+
+def training_chains(methods: Sequence[str]) -> list[tuple[str, ...]]:
+    """Every prefix of every method's chain, once, parents before children."""
+    chains: list[tuple[str, ...]] = []
+    for m in methods:
+        chain = METHODS[m]
+        for i in range(1, len(chain) + 1):
+            if chain[:i] not in chains:
+                chains.append(chain[:i])
+    return sorted(chains, key=len)

@@ -1,0 +1,311 @@
+"""A hand-written sampling loop for the GRPO rollout, and the shared-prompt scoring forward.
+
+Why not `model.generate`: at toy scale the step is dominated by per-token Python overhead, not by
+arithmetic. This loop does per step only what sampling needs (one decoder forward on the new token,
+the suppress / temperature / top-k / top-p of `sampling_kwargs`, one multinomial draw) and it
+
+* runs each prompt's prefill ONCE and copies its KV cache to the G rows that sample from it
+  (`generate(num_return_sequences=G)` prefills, and encodes the images of, every copy);
+* folds the LoRA update into a temporary copy of each adapted weight for the sampling pass
+  (`lora_merged`), so a decode step runs one matmul per projection instead of three;
+* stops as soon as every row has emitted a stop token.
+
+The distribution is the one `generate` samples from: softmax((z with the vision ids at -inf) / T),
+then HF's top-k and top-p filters, in HF's order, and one categorical draw per step from the float32
+probabilities (inverse CDF by default; `torch.multinomial`, generate's own draw, on request). Finished rows get the pad token, as in `generate`. Only the Qwen2-VL family (and the
+toy model, which is one) is supported; `supports_fast_sampling` says when, else callers use `generate`.
+
+`shared_prompt_log_probs` is the scoring-side twin: the policy-free prompt of a group is the same for
+all 2G rows, so it runs once per group (with gradients when enabled) and its KV cache is indexed out
+to the rows; only the completions run per row. Same log-probs as the full forward up to float rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Iterator, Sequence
+
+import torch
+
+# Temporary merged copies of the adapted weights may cost at most this much extra memory; above it (a 7B
+# model) the loop keeps peft's unmerged LoRA forward, whose overhead is small next to the matmuls there.
+MERGE_BUDGET_BYTES = 512 * 2**20
+
+
+def base_model(model):
+    """The transformers model under a peft wrapper (the model itself when it has none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _vl_parts(model):
+    """(the *ForConditionalGeneration, its multimodal model, its language model) or None."""
+    base = base_model(model)
+    inner = getattr(base, "model", None)
+    lm = getattr(inner, "language_model", None)
+    if lm is None or not hasattr(inner, "get_rope_index") or not hasattr(base, "lm_head"):
+        return None
+    return base, inner, lm
+
+
+def supports_fast_sampling(model) -> bool:
+    """The loop needs a Qwen2-VL-style model: get_rope_index for the 3-D positions, a language model that
+    takes a cache and position ids, and an lm_head."""
+    return _vl_parts(model) is not None
+
+
+# =========================================================================== LoRA folded in for sampling
+
+
+def _mergeable_lora_layers(model) -> list:
+    out = []
+    for module in model.modules():
+        base_layer = getattr(module, "base_layer", None)
+        if not (hasattr(module, "lora_A") and hasattr(module, "get_delta_weight")
+                and isinstance(base_layer, torch.nn.Linear) and type(base_layer) is torch.nn.Linear):
+            continue  # a quantized (bitsandbytes) base layer cannot take a float delta: keep its LoRA forward
+        if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
+            continue
+        if not base_layer.weight.dtype.is_floating_point:
+            continue
+        active = [a for a in getattr(module, "active_adapters", []) if a in module.lora_A]
+        if any(a in getattr(module, "lora_variant", {}) for a in active):
+            continue  # DoRA and other variants are not a plain B @ A delta
+        if active:
+            out.append((module, active))
+    return out
+
+
+@contextlib.contextmanager
+def lora_merged(model, budget_bytes: int = MERGE_BUDGET_BYTES) -> Iterator[bool]:
+    """Inside the block each plain-Linear LoRA layer computes with W + scale * B @ A in one matmul.
+
+    The merged weight is a NEW tensor swapped in for the block; the original W is swapped back on exit,
+    bit for bit (peft's merge / unmerge would add and subtract the delta in place and drift W by a
+    rounding error every step). No gradients inside. Yields whether it merged (False: over the budget)."""
+    layers = _mergeable_lora_layers(model)
+    extra = sum(m.base_layer.weight.numel() * m.base_layer.weight.element_size() for m, _ in layers)
+    if not layers or extra > budget_bytes:
+        yield False
+        return
+    saved = []
+    try:
+        with torch.no_grad():
+            for module, active in layers:
+                weight = module.base_layer.weight
+                merged = weight.detach().clone()
+                for adapter in active:
+                    merged += module.get_delta_weight(adapter).to(merged.dtype)
+                saved.append((module, weight.data, module._disable_adapters))
+                weight.data = merged
+                module._disable_adapters = True  # peft's forward is then base_layer(x): the merged matmul only
+        yield True
+    finally:
+        for module, original, flag in saved:
+            module.base_layer.weight.data = original
+            module._disable_adapters = flag
+
+
+# =========================================================================== the distribution
+
+
+def filter_logits(scores: torch.Tensor, temperature: float | None, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """HF's TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper, in generate's order, on float32
+    scores (min_tokens_to_keep=1, filter value -inf)."""
+    if temperature is not None and temperature != 1.0:
+        scores = scores / temperature
+    if top_k:
+        k = min(max(int(top_k), 1), scores.shape[-1])
+        kth = torch.topk(scores, k)[0][..., -1, None]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_indices = torch.sort(scores, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - top_p)
+        remove[..., -1:] = False
+        scores = scores.masked_fill(remove.scatter(1, sorted_indices, remove), float("-inf"))
+    return scores
+
+
+def draw(probs: torch.Tensor, method: str = "inverse_cdf") -> torch.Tensor:
+    """One token per row from `probs` (N, V). "inverse_cdf": the first index whose cumulative probability
+    exceeds u * total, u ~ U[0, 1) (exactly the categorical distribution; a zero-probability token has an
+    empty interval and is never drawn), ~20x cheaper than torch.multinomial on CPU. "multinomial": what
+    generate calls, so that with the same seed the same tokens come out (the tests use this)."""
+    if method == "multinomial":
+        return torch.multinomial(probs, num_samples=1).squeeze(1)
+    if method != "inverse_cdf":
+        raise ValueError(f"draw method must be 'inverse_cdf' or 'multinomial', got {method!r}")
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(probs.shape[-1] - 1)
+
+
+# =========================================================================== the loop
+
+
+def _preallocated_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A DynamicLayer whose keys / values live in a buffer sized for the whole rollout: a decode step
+        writes its token in place instead of `torch.cat`-copying the whole cache (which, with 2G rows
+        behind a long policy prompt, moved ~100 MB per step on the toy). `keys` / `values` are views of
+        the filled part, so attention sees exactly what a DynamicLayer would hold."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+            super().__init__()
+            n, h, length, _ = keys.shape
+            self._k = keys.new_empty(n, h, capacity, keys.shape[-1])
+            self._v = values.new_empty(n, h, capacity, values.shape[-1])
+            self._k[:, :, :length] = keys
+            self._v[:, :, :length] = values
+            self.length, self.device, self.is_initialized = length, keys.device, True
+            self.keys, self.values = self._k[:, :, :length], self._v[:, :, :length]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n = key_states.shape[-2]
+            if self.length + n > self._k.shape[2]:  # past the planned length: grow as a DynamicLayer would
+                self._k = torch.cat([self._k, torch.empty_like(self._k)], dim=2)
+                self._v = torch.cat([self._v, torch.empty_like(self._v)], dim=2)
+            self._k[:, :, self.length:self.length + n] = key_states
+            self._v[:, :, self.length:self.length + n] = value_states
+            self.length += n
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+            return self.keys, self.values
+
+    return PreallocatedLayer
+
+
+def _preallocate(cache, extra: int) -> None:
+    """Swap each filled DynamicLayer of `cache` for a PreallocatedLayer with room for `extra` more tokens."""
+    layer_class = _preallocated_layer_class()
+    for i, layer in enumerate(cache.layers):
+        if type(layer).__name__ != "DynamicLayer" or not layer.is_initialized:
+            continue  # sliding-window or other layer kinds keep their own update
+        cache.layers[i] = layer_class(layer.keys, layer.values, layer.keys.shape[2] + extra)
+
+
+def _prompt_positions(inner, enc: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-D rope positions of the (left-padded) prompts and each row's delta: the text position of a token
+    appended after n real tokens is n + delta, as `compute_3d_position_ids` continues it in generate."""
+    kwargs = {k: enc[k] for k in ("image_grid_thw", "video_grid_thw", "second_per_grid_ts") if enc.get(k) is not None}
+    mm = enc.get("mm_token_type_ids")
+    if mm is None:
+        mm = torch.zeros_like(enc["input_ids"], dtype=torch.int32)
+    position_ids, deltas = inner.get_rope_index(enc["input_ids"], mm_token_type_ids=mm,
+                                                attention_mask=enc["attention_mask"], **kwargs)
+    return position_ids, deltas.view(-1)
+
+
+@torch.no_grad()
+def sample(model, enc: dict[str, torch.Tensor], *, num_return_sequences: int, max_new_tokens: int,
+           stop_ids: Sequence[int], pad_id: int | None, suppress_ids: Sequence[int] = (),
+           temperature: float | None = 1.0, top_p: float | None = 1.0, top_k: int | None = 0, greedy: bool = False,
+           merge_lora: bool = True, return_log_probs: bool = False, draw_method: str = "inverse_cdf") -> dict[str, Any]:
+    """Completions for left-padded prompts `enc` (from `mpi.poro.encode_prompts`, on the model's device):
+    num_return_sequences rows per prompt, prompt after prompt, as `generate` lays them out.
+
+    Returns completion_ids (N, steps) on CPU with pad after a row's stop token, and, with return_log_probs,
+    log_probs (N, steps): log softmax((z, vision ids at -inf) / T) of each sampled token (no top-k / top-p:
+    the distribution the loss scores; pad positions are 0). draw_method: see `draw`. Call in eval mode."""
+    parts = _vl_parts(model)
+    if parts is None:
+        raise ValueError("mpi.sampling.sample needs a Qwen2-VL-family model (get_rope_index, language_model, "
+                         "lm_head); use model.generate for others (GRPOConfig(sampler='hf'))")
+    base, inner, lm = parts
+    from transformers import DynamicCache
+
+    device = enc["input_ids"].device
+    stops = torch.tensor(sorted(set(stop_ids)), device=device)
+    fill = int(pad_id) if pad_id is not None else int(stops[0])
+    blocked = torch.tensor(sorted(set(suppress_ids)), device=device, dtype=torch.long) if suppress_ids else None
+    G = int(num_return_sequences)
+    position_ids, deltas = _prompt_positions(inner, enc)
+    cache = DynamicCache(config=lm.config)
+    merge = lora_merged(model) if merge_lora else contextlib.nullcontext(False)
+    with merge:
+        # prefill once per prompt (images encoded once per prompt), then G copies of its cache
+        prompt_kwargs = {k: v for k, v in enc.items() if k not in ("num_images",)}
+        out = inner(**prompt_kwargs, position_ids=position_ids, cache=cache, use_cache=True)
+        hidden = out.last_hidden_state[:, -1]
+        rows = torch.arange(hidden.shape[0], device=device).repeat_interleave(G)
+        cache.batch_select_indices(rows)
+        _preallocate(cache, max_new_tokens)
+        hidden = hidden[rows]
+        mask = enc["attention_mask"][rows]
+        next_position = (mask.sum(1) + deltas.to(device)[rows]).long()  # text position of the first new token
+        N = hidden.shape[0]
+        unfinished = torch.ones(N, dtype=torch.bool, device=device)
+        tokens, log_probs = [], []
+        embed = lm.get_input_embeddings()
+        for step in range(max_new_tokens):
+            logits = base.lm_head(hidden).float()
+            if blocked is not None:
+                logits = logits.index_fill(-1, blocked, float("-inf"))
+            if greedy:
+                token = logits.argmax(-1)
+            else:
+                scores = filter_logits(logits, temperature, top_k, top_p)
+                token = draw(scores.softmax(-1), draw_method)
+            token = torch.where(unfinished, token, torch.full_like(token, fill))
+            if return_log_probs:
+                scaled = logits / temperature if (temperature and not greedy) else logits
+                lp = scaled.log_softmax(-1).gather(1, token[:, None]).squeeze(1)
+                log_probs.append(torch.where(unfinished, lp, torch.zeros_like(lp)))
+            tokens.append(token)
+            unfinished = unfinished & ~torch.isin(token, stops)
+            if step + 1 == max_new_tokens or not bool(unfinished.any()):
+                break
+            mask = torch.cat([mask, mask.new_ones(N, 1)], dim=1)
+            pos = next_position.view(1, N, 1).expand(3, N, 1)
+            out = lm(inputs_embeds=embed(token[:, None]), attention_mask=mask, position_ids=pos, cache=cache,
+                     use_cache=True)
+            hidden = out.last_hidden_state[:, -1]
+            next_position = next_position + 1
+    result = {"completion_ids": torch.stack(tokens, 1).cpu()}
+    if return_log_probs:
+        result["log_probs"] = torch.stack(log_probs, 1).cpu()
+    return result
+
+
+# =========================================================================== shared-prompt scoring
+
+
+def shared_prompt_supported(model) -> bool:
+    """The shared-prompt forward needs the cache path; gradient checkpointing drops the cache in a
+    gradient-tracking forward, so it is used then only without gradients."""
+    if _vl_parts(model) is None:
+        return False
+    base = base_model(model)
+    if not (base.training and torch.is_grad_enabled()):
+        return True
+    return not any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
+
+
+def shared_prompt_logits(model, prompt: dict[str, torch.Tensor], prompt_rows: torch.Tensor,
+                         completion_ids: torch.Tensor, completion_attention: torch.Tensor) -> torch.Tensor:
+    """Logits (N, T, V) predicting each completion token: the prompts (U of them, left-padded, with their
+    image inputs) run once, their KV cache is indexed out to the N rows (prompt_rows[n] = the prompt of
+    row n), and the completions run on top. Gradients flow into the shared prompt pass (summed over its
+    rows, as the per-row forward's would be)."""
+    base, inner, lm = _vl_parts(model)
+    from transformers import DynamicCache
+
+    device = completion_ids.device
+    position_ids, deltas = _prompt_positions(inner, prompt)
+    cache = DynamicCache(config=lm.config)
+    prompt_kwargs = {k: v for k, v in prompt.items() if k not in ("num_images",)}
+    out = inner(**prompt_kwargs, position_ids=position_ids, cache=cache, use_cache=True)
+    cache.batch_select_indices(prompt_rows)
+    last = out.last_hidden_state[:, -1][prompt_rows]  # predicts completion token 0
+    mask = torch.cat([prompt["attention_mask"][prompt_rows], completion_attention.to(prompt["attention_mask"].dtype)], 1)
+    N, T = completion_ids.shape
+    start = prompt["attention_mask"][prompt_rows].sum(1) + deltas.to(device)[prompt_rows]
+    pos = (start.view(N, 1) + torch.arange(T, device=device).view(1, T)).long()
+    hidden = last[:, None]
+    if T > 1:
+        rest = lm(inputs_embeds=lm.get_input_embeddings()(completion_ids[:, :-1]), attention_mask=mask[:, :-1],
+                  position_ids=pos[:, :-1].unsqueeze(0).expand(3, N, T - 1), cache=cache, use_cache=True)
+        hidden = torch.cat([hidden, rest.last_hidden_state], dim=1)
+    return base.lm_head(hidden)

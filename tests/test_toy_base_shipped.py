@@ -1,0 +1,62 @@
+"""The toy base shipped in the repo: it is found without a cache, matches its recipe, and reproduces its numbers.
+
+Every machine starts the toy preset from these weights, so the course's numbers do not depend on a 20-40 minute
+pretraining run that each machine would redo (`python -m mpi toy-base --rebuild` still trains it again).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mpi.toy_base import (SHIPPED_ROOT, general_skill_accuracy, general_skill_items, recipe_record, toy_base_config,
+                          toy_base_path)
+
+SHIPPED = SHIPPED_ROOT / "toy-small-s0"
+
+
+def _info() -> dict:
+    return json.loads((SHIPPED / "toy_base.json").read_text())
+
+
+def test_shipped_base_is_small_and_matches_the_toy_recipe():
+    assert (SHIPPED / "model.safetensors").exists(), "the toy base is not shipped: python -m mpi toy-base --ship"
+    size_mb = sum(f.stat().st_size for f in SHIPPED.iterdir()) / 2**20
+    assert size_mb < 10, f"the shipped toy base is {size_mb:.1f} MB"
+    info = _info()
+    assert info["recipe"] == recipe_record(toy_base_config("toy")), "the shipped base was trained with another recipe"
+    assert info["weights_dtype"] == "float16"
+
+
+def test_a_machine_without_a_cache_finds_the_shipped_base(tmp_path, monkeypatch):
+    monkeypatch.setenv("MPI_CACHE", str(tmp_path / "empty-cache"))
+    assert toy_base_path(toy_base_config("toy")) == SHIPPED
+    # another recipe is never served the shipped weights
+    assert toy_base_path(toy_base_config("toy", steps=7)) != SHIPPED
+    # a rebuild writes into the cache, never over the shipped copy
+    assert toy_base_path(toy_base_config("toy"), shipped=False).is_relative_to(tmp_path)
+
+
+def test_shipped_base_reproduces_its_recorded_general_skill_accuracy():
+    import torch
+
+    from mpi.modeling import load_model_and_processor
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as ship_toy_base measured it: greedy decoding is then bit-reproducible
+
+    info, cfg = _info(), toy_base_config("toy")
+    model, processor = load_model_and_processor(str(SHIPPED), quantization=None, lora=None, device="cpu",
+                                                trainable=False)
+    items = general_skill_items(cfg.model, cfg.n_eval, seed=cfg.seed, max_objects=cfg.max_objects)
+    try:
+        got = general_skill_accuracy(model, processor, items, max_new_tokens=cfg.max_new_tokens)
+    finally:
+        torch.set_num_threads(threads)
+    recorded = info["general_skill"]
+    assert got["n"] == recorded["n"] == cfg.n_eval
+    assert got["accuracy"] == pytest.approx(recorded["accuracy"], abs=1e-12)
+    assert got["per_task"] == pytest.approx(recorded["per_task"], abs=1e-12)
+    # and it learned something: well above the random-init toy it started from
+    assert recorded["accuracy"] > info["general_skill_random_init"]["accuracy"] + 0.1
