@@ -195,11 +195,16 @@ print(f"test items whose object set no training scene of their policy has: {over
 # %% [markdown] id="md-6-gtapolicy-tool-calls-chosen-by-a-ruleb"
 # ## 6. GTAPolicy: tool calls chosen by a rulebook
 #
-# The policy is a tool catalogue (tools with versions and typed arguments) and rules that choose a version from
-# the user profile — the OCR rule is the paper's: credits ≤ 250 → OCR_v5; 250 < credits ≤ 750 → OCR_v4 for
-# account A/B else OCR_v3; credits > 750 → OCR_v2 if age < 21 else OCR_v1; MathOCR when the image holds math.
-# An item has a profile, rendered images that fit the tool, a query, the calls so far, and the gold next call.
-# `score_tool_call` = 0.5·tool + 0.5·arguments (exact / token-F1 / eval-equality / IoU), never raising.
+# The policy is a tool catalogue (tools with versions and typed arguments) and the paper's 24 tool-calling rules.
+# Rules 1–20 choose a tool's version from the user profile; the OCR group is the paper's example: credits ≤ 250
+# → OCR_v5; 250 < credits ≤ 750 → OCR_v4 for account A/B else OCR_v3; credits > 750 → OCR_v2 if age < 21 else
+# OCR_v1; Rule 7, MathOCR when the image holds math, overrides them. Rules 21–24 are tips: describe every image
+# of a multi-image task first, find a region's box with TextToBbox first, use exact image names, and search with
+# k = 1 for a factual question, 4 for an open-ended one. The text says the first rule that applies decides.
+# An item has a profile, rendered images that fit the tool, a query, the calls so far, and the gold next call;
+# its CoT names the rule that decided.
+# `score_tool_call` = 0.5·tool + 0.5·arguments (exact / token-F1 / expression equality without `eval` / IoU),
+# never raising, never NaN.
 
 # %% id="code-16"
 gta = build_gta_policy(data_cfg, split="train")
@@ -212,7 +217,8 @@ gold = json.loads(g["answer"])
 wrong_version = dict(gold, name=gold["name"][:-1] + ("1" if not gold["name"].endswith("1") else "2"))
 for pred in (g["answer"], json.dumps(wrong_version), '{"name": "OCR_v1", "arguments": {}}', "not json"):
     print(f"{score_tool_call(pred, g['answer'])}  <- {pred[:70]}")
-print("\n".join(g["policy_text"].splitlines()[-16:-8]))
+rules = g["policy_text"].split("## Rules", 1)[1]
+print("## Rules" + rules[:rules.index("### GoogleSearch")])   # the first groups of the rulebook
 
 # %% [markdown] id="md-7-what-internalization-saves-policy-toke"
 # ## 7. What internalization saves: policy tokens vs query tokens

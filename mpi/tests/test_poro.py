@@ -4,32 +4,13 @@ import math
 
 import pytest
 import torch
-from PIL import Image
 
 from mpi import poro
 from mpi.grpo import completion_mask
+from mpi.tests.rl_helpers import POLICY_MARK, letter_share_reward, rl_items
 from mpi.poro import (build_scoring_batch, collect_rollout, encode_images_once, encode_prompts, forward_log_probs,
                       get_grpo_config, policy_free_batch, prompt_texts, rollout, stop_token_ids, train_on_rollout,
                       train_poro)
-
-POLICY_MARK = "# Condition 1 (rulebook-zeta):"
-
-
-def _items(n=3):
-    colors = [(200, 20, 20), (20, 200, 20), (20, 20, 200), (200, 200, 20)]
-    return [dict(id=f"t{i}", dataset="clevr", variant="T", depth=2, policy_name="L2-Test",
-                 policy_text=f"{POLICY_MARK} if there is a red object, go to 1.1; otherwise the response is Case 2.",
-                 policy_images=[], images=[Image.new("RGB", (56, 56), colors[i % 4])],
-                 query="According to the Policy: L2-Test, what should be the response for the given image?",
-                 cot="Condition 1 holds.", answer=f"Case {i % 2 + 1}", gold_path=["1"], override=False, extra="{}")
-            for i in range(n)]
-
-
-def _varied_reward(items, texts):
-    """A reward with spread on a random model's gibberish: share of letters among the characters."""
-    r = [sum(c.isalpha() for c in t) / max(len(t), 1) for t in texts]
-    return {"reward": r, "accuracy": [float(x > 0.5) for x in r]}
-
 
 @pytest.fixture(scope="module")
 def toy():
@@ -77,7 +58,7 @@ def test_scored_log_probs_equal_the_samplers(fresh):
     """Independent route: the log-probs the loss uses equal log_softmax of generate's own scores,
     for own responses behind the policy-free prompt and guided ones behind the policy prompt."""
     model, processor, build_messages = fresh
-    items = _items(2)
+    items = rl_items(2)
     tf, imf = prompt_texts(processor, items, False, build_messages)
     tp, imp = prompt_texts(processor, items, True, build_messages)
     enc = encode_prompts(processor, [t for p in zip(tf, tp) for t in p], [i for p in zip(imf, imp) for i in p])
@@ -134,9 +115,9 @@ def test_guided_responses_are_scored_without_the_policy(fresh, monkeypatch, shar
     handle = model.get_base_model().register_forward_pre_hook(record, with_kwargs=True)
     handle_inner = model.get_base_model().model.register_forward_pre_hook(record_inner, with_kwargs=True)
     try:
-        items = _items(2)
+        items = rl_items(2)
         torch.manual_seed(0)
-        ro = rollout(model, processor, items, cfg, build_messages, _varied_reward)
+        ro = rollout(model, processor, items, cfg, build_messages, letter_share_reward)
         opt = poro.make_optimizer(model, cfg)
         train_on_rollout(model, opt, processor, ro, cfg, build_messages)
     finally:
@@ -169,8 +150,8 @@ def test_train_writes_metrics_by_origin_and_samples(fresh, tmp_path):
     before = _trainable(model)
     cfg = get_grpo_config("poro-grpo", steps=2, num_generations=2, max_completion_length=6, prompts_per_step=2,
                           sample_every=2, progress=False, print_every=0, offpolicy_rule="tis")
-    result = train_poro(model, processor, _items(3), cfg, tmp_path, build_messages=build_messages,
-                        reward_fn=_varied_reward)
+    result = train_poro(model, processor, rl_items(3), cfg, tmp_path, build_messages=build_messages,
+                        reward_fn=letter_share_reward)
     row = result.rows[-1]
     for origin in ("own", "guided", "all"):
         for key in ("reward_mean", "reward_std", "accuracy", "zero_std_frac", "advantage_mean", "kl", "entropy",
@@ -197,20 +178,20 @@ def test_resume_gives_identical_weights(toy, tmp_path):
     kw = dict(num_generations=2, max_completion_length=4, prompts_per_step=1, progress=False, print_every=0,
               sample_every=0, save_every=2, learning_rate=1e-2)
     reset()
-    train_poro(model, processor, _items(3), get_grpo_config("poro-grpo", steps=4, **kw), tmp_path / "a",
-               build_messages=build_messages, reward_fn=_varied_reward, save_adapter=False)
+    train_poro(model, processor, rl_items(3), get_grpo_config("poro-grpo", steps=4, **kw), tmp_path / "a",
+               build_messages=build_messages, reward_fn=letter_share_reward, save_adapter=False)
     straight = _trainable(model)
     reset()
-    train_poro(model, processor, _items(3), get_grpo_config("poro-grpo", steps=2, **kw), tmp_path / "b",
-               build_messages=build_messages, reward_fn=_varied_reward, save_adapter=False)
+    train_poro(model, processor, rl_items(3), get_grpo_config("poro-grpo", steps=2, **kw), tmp_path / "b",
+               build_messages=build_messages, reward_fn=letter_share_reward, save_adapter=False)
     # The resumed run must restore weights, optimizer, RNG, prompt order and the KL reference from the
     # checkpoint: start it from other weights, from which kl_reference="start" would otherwise copy its reference.
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in init:
                 p.normal_(0, 0.3)
-    result = train_poro(model, processor, _items(3), get_grpo_config("poro-grpo", steps=4, **kw), tmp_path / "b",
-                        resume=True, build_messages=build_messages, reward_fn=_varied_reward, save_adapter=False)
+    result = train_poro(model, processor, rl_items(3), get_grpo_config("poro-grpo", steps=4, **kw), tmp_path / "b",
+                        resume=True, build_messages=build_messages, reward_fn=letter_share_reward, save_adapter=False)
     resumed = _trainable(model)
     assert any(not torch.equal(straight[n], init[n]) for n in init)  # training moved the weights
     assert all(torch.equal(straight[n], resumed[n]) for n in straight)
@@ -221,21 +202,21 @@ def test_dynamic_sampling_drops_flat_groups(fresh):
     model, processor, build_messages = fresh
 
     def flat_for_t0(items, texts):
-        r = _varied_reward(items, texts)["reward"]
+        r = letter_share_reward(items, texts)["reward"]
         r = [1.0 if it["id"] == "t0" else x for it, x in zip(items, r)]
         return {"reward": r, "accuracy": r}
 
     cfg = get_grpo_config("poro-dapo", num_generations=2, max_completion_length=4, prompts_per_step=3)
     sampler = poro.PromptSampler(3, seed=0)
     torch.manual_seed(0)
-    ro, tries = collect_rollout(model, processor, _items(3), sampler, cfg, build_messages, flat_for_t0)
+    ro, tries = collect_rollout(model, processor, rl_items(3), sampler, cfg, build_messages, flat_for_t0)
     assert "t0" not in [it["id"] for it in ro.items] and ro.num_groups == 3 and tries >= 2
     assert ro.completion_ids.shape[0] == 3 * cfg.group_size
 
     def always_flat(items, texts):
         return {"reward": [0.0] * len(texts), "accuracy": [0.0] * len(texts)}
 
-    ro, tries = collect_rollout(model, processor, _items(3), poro.PromptSampler(3, 0),
+    ro, tries = collect_rollout(model, processor, rl_items(3), poro.PromptSampler(3, 0),
                                 get_grpo_config("dapo", num_generations=2, max_completion_length=3,
                                                 max_resample_tries=3), build_messages, always_flat)
     assert ro is None and tries == 3
@@ -245,7 +226,7 @@ def test_policy_free_batch_layout(fresh):
     model, processor, build_messages = fresh
     cfg = get_grpo_config("grpo", num_generations=3, max_completion_length=4)
     torch.manual_seed(1)
-    ro = rollout(model, processor, _items(2), cfg, build_messages, _varied_reward)
+    ro = rollout(model, processor, rl_items(2), cfg, build_messages, letter_share_reward)
     batch = policy_free_batch(processor, ro, 3, build_messages)
     assert batch.prompt_index.tolist() == [0, 0, 0, 1, 1, 1] and not ro.guided.any()
     encode_images_once(model, batch)
@@ -259,7 +240,7 @@ def test_one_update_moves_probability_towards_the_rewarded_response(fresh):
     cfg = get_grpo_config("poro-grpo", num_generations=2, max_completion_length=5, learning_rate=5e-3, beta=0.0,
                           log_behaviour_ratio=False)
     torch.manual_seed(3)
-    ro = rollout(model, processor, _items(1), cfg, build_messages, _varied_reward)
+    ro = rollout(model, processor, rl_items(1), cfg, build_messages, letter_share_reward)
     ro.rewards["reward"] = torch.tensor([0.0, 0.0, 1.0, 0.0])  # reward the first guided response only
 
     def seq_logp():
@@ -286,7 +267,7 @@ def test_start_reference_is_the_policy_rl_started_from(toy):
         for n, p in sft.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
-    batch = encode_prompts(processor, *prompt_texts(processor, _items(1), False, build_messages))
+    batch = encode_prompts(processor, *prompt_texts(processor, rl_items(1), False, build_messages))
     batch.pop("num_images")
     assert poro.make_reference(sft, get_grpo_config("poro-grpo", beta=0.0)) is None  # no KL, no reference pass
     reference = poro.make_reference(sft, get_grpo_config("poro-grpo"))  # the default: "start"
@@ -321,7 +302,7 @@ def test_start_rl_from_makes_the_sft_policy_the_reference(toy):
         for n, p in sft.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
-    batch = encode_prompts(processor, *prompt_texts(processor, _items(1), False, build_messages))
+    batch = encode_prompts(processor, *prompt_texts(processor, rl_items(1), False, build_messages))
     batch.pop("num_images")
     with torch.no_grad():
         sft_logits = sft(**batch).logits

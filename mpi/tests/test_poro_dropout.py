@@ -4,28 +4,10 @@ num_iterations=1 the ratio pi/pi_old drifts from 1 and the KL to an identical re
 
 import pytest
 import torch
-from PIL import Image
 
 from mpi import poro
 from mpi.poro import get_grpo_config, rollout, train_on_rollout
-
-MARK = "# Condition 1 (rulebook-zeta):"
-
-
-def _items(n=2):
-    colors = [(200, 20, 20), (20, 200, 20), (20, 20, 200)]
-    return [dict(id=f"t{i}", dataset="clevr", variant="T", depth=2, policy_name="L2-Test",
-                 policy_text=f"{MARK} if there is a red object, go to 1.1; otherwise the response is Case 2.",
-                 policy_images=[], images=[Image.new("RGB", (56, 56), colors[i % 3])],
-                 query="According to the Policy: L2-Test, what should be the response for the given image?",
-                 cot="Condition 1 holds.", answer=f"Case {i % 2 + 1}", gold_path=["1"], override=False, extra="{}")
-            for i in range(n)]
-
-
-def _varied_reward(items, texts):
-    r = [sum(c.isalpha() for c in t) / max(len(t), 1) for t in texts]
-    return {"reward": r, "accuracy": [float(x > 0.5) for x in r]}
-
+from mpi.tests.rl_helpers import letter_share_reward, rl_items
 
 @pytest.fixture(scope="module")
 def continued():
@@ -59,7 +41,7 @@ def test_dropout_really_changes_the_output(continued):
     """Precondition of the tests below: in train mode two passes differ (else they would prove nothing)."""
     model, processor, build_messages, init = continued
     _reset(model, init)
-    enc = poro.encode_prompts(processor, *poro.prompt_texts(processor, _items(1), False, build_messages))
+    enc = poro.encode_prompts(processor, *poro.prompt_texts(processor, rl_items(1), False, build_messages))
     enc.pop("num_images")
     model.train()
     with torch.no_grad():
@@ -76,7 +58,7 @@ def test_ratio_is_one_and_kl_zero_at_the_first_update(continued, num_iterations)
     cfg = get_grpo_config("poro-grpo", num_generations=2, max_completion_length=6, num_iterations=num_iterations,
                           beta=0.04, kl_reference="start", learning_rate=0.0, log_behaviour_ratio=True)
     torch.manual_seed(0)
-    ro = rollout(model, processor, _items(2), cfg, build_messages, _varied_reward)
+    ro = rollout(model, processor, rl_items(2), cfg, build_messages, letter_share_reward)
     model.train()
     before = _dropout_modes(model)
     assert before and all(before)
@@ -97,7 +79,7 @@ def test_dropout_can_be_kept_on_by_choice(continued):
     cfg = get_grpo_config("poro-grpo", num_generations=2, max_completion_length=6, beta=0.04, learning_rate=0.0,
                           disable_dropout=False)
     torch.manual_seed(0)
-    ro = rollout(model, processor, _items(2), cfg, build_messages, _varied_reward)
+    ro = rollout(model, processor, rl_items(2), cfg, build_messages, letter_share_reward)
     m = train_on_rollout(model, poro.make_optimizer(model, cfg), processor, ro, cfg, build_messages,
                          poro.make_reference(model, cfg))
     assert m["all/ratio_mean"] == 1.0 and m["all/ratio_max"] == 1.0

@@ -3,23 +3,10 @@ scoring forward against the per-row forward."""
 
 import pytest
 import torch
-from PIL import Image
 
 from mpi import poro, sampling
+from mpi.tests.rl_helpers import rl_items
 from mpi.poro import build_scoring_batch, encode_prompts, forward_log_probs, get_grpo_config, prompt_texts
-
-POLICY_MARK = "# Condition 1 (rulebook-zeta):"
-
-
-def _items(n=2):
-    colors = [(200, 20, 20), (20, 200, 20), (20, 20, 200)]
-    return [dict(id=f"s{i}", dataset="clevr", variant="T", depth=2, policy_name="L2-Test",
-                 policy_text=f"{POLICY_MARK} if there is a red object, go to 1.1; otherwise the response is Case 2.",
-                 policy_images=[], images=[Image.new("RGB", (56, 56), colors[i % 3])],
-                 query=f"According to the Policy: L2-Test, what should be the response for image {i}?",
-                 cot="Condition 1 holds.", answer=f"Case {i % 2 + 1}", gold_path=["1"], override=False, extra="{}")
-            for i in range(n)]
-
 
 @pytest.fixture(scope="module")
 def toy():
@@ -68,7 +55,7 @@ def _ours(model, processor, enc, cfg, n, **kw):
 def test_greedy_equals_hf_generate(toy):
     model, processor, build = toy
     cfg = get_grpo_config("grpo", max_completion_length=12)
-    _, _, enc = _mixed_prompts(processor, build, _items())
+    _, _, enc = _mixed_prompts(processor, build, rl_items(2, id_prefix="s", numbered_query=True))
     hf = model.generate(**enc, **_hf_kwargs(model, processor, cfg, greedy=True))[:, enc["input_ids"].shape[1]:]
     for merge in (False, True):
         ours = _ours(model, processor, enc, cfg, 1, greedy=True, merge_lora=merge)["completion_ids"]
@@ -80,7 +67,7 @@ def test_sampled_tokens_equal_hf_generate_under_the_same_seed(toy):
     (with the LoRA unmerged the logits match generate's to the last bit here; top-k and top-p active)."""
     model, processor, build = toy
     cfg = get_grpo_config("grpo", max_completion_length=10, temperature=0.8, top_p=0.9, top_k=50)
-    _, _, enc = _mixed_prompts(processor, build, _items())
+    _, _, enc = _mixed_prompts(processor, build, rl_items(2, id_prefix="s", numbered_query=True))
     torch.manual_seed(3)
     hf = model.generate(**enc, **_hf_kwargs(model, processor, cfg), num_return_sequences=3)
     torch.manual_seed(3)
@@ -94,7 +81,7 @@ def test_sampled_log_probs_equal_the_teacher_forced_log_probs(toy):
     forward_log_probs of the same tokens (unmerged LoRA, one full forward), at T = 0.7."""
     model, processor, build = toy
     cfg = get_grpo_config("grpo", max_completion_length=10, temperature=0.7)
-    texts, images, enc = _mixed_prompts(processor, build, _items())
+    texts, images, enc = _mixed_prompts(processor, build, rl_items(2, id_prefix="s", numbered_query=True))
     torch.manual_seed(0)
     out = _ours(model, processor, enc, cfg, 2, return_log_probs=True)
     ids = out["completion_ids"]
@@ -112,7 +99,7 @@ def test_sampled_log_probs_equal_the_teacher_forced_log_probs(toy):
 def test_rows_stop_at_their_stop_token_and_the_loop_ends_when_all_have(toy):
     model, processor, build = toy
     cfg = get_grpo_config("grpo", max_completion_length=12)
-    _, _, enc = _mixed_prompts(processor, build, _items())
+    _, _, enc = _mixed_prompts(processor, build, rl_items(2, id_prefix="s", numbered_query=True))
     pad = processor.tokenizer.pad_token_id
     torch.manual_seed(1)
     free = _ours(model, processor, enc, cfg, 4, stop_ids=[-1])["completion_ids"]  # no stop: full length
@@ -147,7 +134,7 @@ def test_filter_logits_matches_hf_warpers():
 
 def test_lora_merged_gives_the_same_outputs_and_restores_weights_bit_for_bit(toy):
     model, processor, build = toy
-    _, _, enc = _mixed_prompts(processor, build, _items())
+    _, _, enc = _mixed_prompts(processor, build, rl_items(2, id_prefix="s", numbered_query=True))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         plain = model(**enc).logits
@@ -165,7 +152,7 @@ def test_shared_prompt_scoring_equals_the_per_row_forward_with_gradients(toy):
     """Values and LoRA gradients of the shared-prompt forward equal the whole-sequence forward's, on rows
     of two prompts with completions of different lengths (a micro-batch that splits a group too)."""
     model, processor, build = toy
-    items = _items(2)
+    items = rl_items(2, id_prefix="s", numbered_query=True)
     texts, images = prompt_texts(processor, items, False, build)
     g = torch.Generator().manual_seed(0)
     allowed = torch.tensor([t for t in range(5, 200) if t not in poro.vision_token_ids(model)])
@@ -199,7 +186,7 @@ def test_rollout_samples_the_same_completions_with_either_sampler(toy):
     """generate_from_prompts: sampler="fast" (LoRA unmerged and multinomial draws here) draws what
     sampler="hf" (model.generate) draws from the same seed, PoRo layout included."""
     model, processor, build = toy
-    texts, images, _ = _mixed_prompts(processor, build, _items())
+    texts, images, _ = _mixed_prompts(processor, build, rl_items(2, id_prefix="s", numbered_query=True))
     out = {}
     for name in ("hf", "fast"):
         cfg = get_grpo_config("poro-grpo", num_generations=2, max_completion_length=8, sampler=name)
@@ -225,7 +212,7 @@ def test_is_log_at_one_iteration_reuses_the_trained_pass(toy):
     cfg = get_grpo_config("poro-grpo", num_generations=2, max_completion_length=6, beta=0.0, learning_rate=0.0,
                           log_behaviour_ratio=True, progress=False)
     torch.manual_seed(0)
-    ro = poro.rollout(model, processor, _items(2), cfg, build,
+    ro = poro.rollout(model, processor, rl_items(2, id_prefix="s", numbered_query=True), cfg, build,
                       lambda its, txts: {"reward": [float(len(t) % 3) for t in txts], "accuracy": [0.0] * len(txts)})
     batch = poro.policy_free_batch(processor, ro, 4, build)
     poro.encode_images_once(model, batch)
@@ -257,7 +244,7 @@ def test_gradient_checkpointing_falls_back_to_the_per_row_forward():
 
     model, processor = load_model_and_processor("toy-tiny", quantization=None, lora=LoraSettings(r=4), seed=0,
                                                 device="cpu", gradient_checkpointing=True)
-    texts, images = prompt_texts(processor, _items(1), False, build_messages)
+    texts, images = prompt_texts(processor, rl_items(1, id_prefix="s", numbered_query=True), False, build_messages)
     ids = torch.tensor([[30, 31, 32, 33], [34, 35, 36, 37]])
     batch = build_scoring_batch(processor, texts, images, ids, torch.ones_like(ids), torch.tensor([0, 0]))
     model.train()
