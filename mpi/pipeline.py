@@ -768,12 +768,13 @@ def accuracy_table(run_dir: Path) -> str:
 
 
 def ensure_toy_base(plan: Plan, timer: Timer, log: Callable[[str], None]) -> None:
-    """Build (or reuse) the cached toy base and record its info in the run."""
-    from mpi.toy_base import build_toy_base, load_toy_base_info
+    """Use the shipped or cached toy base (build it once if neither exists) and record its info in the run."""
+    from mpi.toy_base import SHIPPED_ROOT, build_toy_base, load_toy_base_info
 
     path = toy_base_dir(plan)
     cached = (path / "toy_base.json").exists()
-    log(f"[{'skip' if cached else 'run '}] toy base -> {path}{' (cached)' if cached else ' (once, tens of minutes on toy-small)'}")
+    where = "shipped with the repo" if path.is_relative_to(SHIPPED_ROOT) else "cached"
+    log(f"[{'skip' if cached else 'run '}] toy base -> {path}{f' ({where})' if cached else ' (once, tens of minutes on toy-small)'}")
     t0 = time.perf_counter()
     build_toy_base(toy_base_cfg(plan), device=plan.cfg.device)
     timer.record("toy_base", time.perf_counter() - t0, skipped=cached)
