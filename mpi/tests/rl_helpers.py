@@ -23,3 +23,25 @@ def letter_share_reward(items, texts):
     """A reward with spread on a random model's gibberish: share of letters among the characters."""
     r = [sum(c.isalpha() for c in t) / max(len(t), 1) for t in texts]
     return {"reward": r, "accuracy": [float(x > 0.5) for x in r]}
+
+
+def toy_with_lora(r: int = 8, dropout: float = 0.0, lora_b_std: float | None = None, seed: int = 0):
+    """(model, processor, build_messages, initial trainable weights) for toy-tiny with a fresh LoRA.
+
+    lora_b_std: draw LoRA's B from N(0, std) instead of zeros, so the adapter already changes the output
+    (a continued adapter: dropout and fp16 effects are then visible)."""
+    import torch
+
+    from mpi.data.messages import build_messages
+    from mpi.modeling import LoraSettings, load_model_and_processor
+
+    model, processor = load_model_and_processor("toy-tiny", quantization=None, seed=seed, device="cpu",
+                                                lora=LoraSettings(r=r, dropout=dropout))
+    if lora_b_std is not None:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, lora_b_std)
+    init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return model, processor, build_messages, init

@@ -10,6 +10,7 @@ from PIL import Image
 
 from mpi import poro
 from mpi.poro import DynamicLossScaler, get_grpo_config, model_compute_dtype, needs_loss_scaling
+from mpi.tests.rl_helpers import toy_with_lora
 
 
 def test_the_decision_is_fp16_only():
@@ -119,8 +120,7 @@ def _varied_reward(items, texts):
 
 @pytest.fixture(scope="module")
 def toy():
-    from mpi.data.messages import build_messages
-    from mpi.modeling import LoraSettings, load_model_and_processor
+    return toy_with_lora(r=4, lora_b_std=0.1)
 
     model, processor = load_model_and_processor("toy-tiny", quantization=None, lora=LoraSettings(r=4), seed=0,
                                                 device="cpu")

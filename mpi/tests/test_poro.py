@@ -7,20 +7,14 @@ import torch
 
 from mpi import poro
 from mpi.grpo import completion_mask
-from mpi.tests.rl_helpers import POLICY_MARK, letter_share_reward, rl_items
+from mpi.tests.rl_helpers import POLICY_MARK, letter_share_reward, rl_items, toy_with_lora
 from mpi.poro import (build_scoring_batch, collect_rollout, encode_images_once, encode_prompts, forward_log_probs,
                       get_grpo_config, policy_free_batch, prompt_texts, rollout, stop_token_ids, train_on_rollout,
                       train_poro)
 
 @pytest.fixture(scope="module")
 def toy():
-    from mpi.data.messages import build_messages
-    from mpi.modeling import LoraSettings, load_model_and_processor
-
-    model, processor = load_model_and_processor("toy-tiny", quantization=None, lora=LoraSettings(r=8), seed=0,
-                                                device="cpu")
-    init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return model, processor, build_messages, init
+    return toy_with_lora(r=8)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from PIL import Image
 
 from mpi import poro
 from mpi.poro import get_grpo_config
+from mpi.tests.rl_helpers import toy_with_lora
 
 MARKS = {"L2-Alpha": "# Rulebook ALPHA: if red, Case 1.", "L2-Beta": "# Rulebook BETA: if blue, Case 2."}
 
@@ -27,13 +28,7 @@ def _items():
 
 @pytest.fixture(scope="module")
 def toy():
-    from mpi.data.messages import build_messages
-    from mpi.modeling import LoraSettings, load_model_and_processor
-
-    model, processor = load_model_and_processor("toy-tiny", quantization=None, lora=LoraSettings(r=4), seed=0,
-                                                device="cpu")
-    init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return model, processor, build_messages, init
+    return toy_with_lora(r=4)
 
 
 @pytest.fixture

@@ -7,13 +7,12 @@ import torch
 
 from mpi import poro
 from mpi.poro import get_grpo_config, rollout, train_on_rollout
-from mpi.tests.rl_helpers import letter_share_reward, rl_items
+from mpi.tests.rl_helpers import letter_share_reward, rl_items, toy_with_lora
 
 @pytest.fixture(scope="module")
 def continued():
     """toy-tiny with a LoRA of dropout 0.5 that RL continues (non-zero B: the dropout changes the output)."""
-    from mpi.data.messages import build_messages
-    from mpi.modeling import LoraSettings, load_model_and_processor
+    return toy_with_lora(r=8, dropout=0.5, lora_b_std=0.3)
 
     model, processor = load_model_and_processor("toy-tiny", quantization=None, lora=LoraSettings(r=8, dropout=0.5),
                                                 seed=0, device="cpu")
