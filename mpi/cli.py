@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.ship:
                 print(f"shipped: {ship_toy_base(base_cfg, device=cfg.device)}")
             return 0
-        methods = args.methods or (tuple(pipeline.METHODS) if args.all else None)
-        seeds = args.seeds or ([0, 1, 2] if args.all else None)
+        methods = args.methods or (tuple(pipeline.METHODS) if args.all else
+                                   tuple(pipeline.TABLE_METHODS) if args.table else None)
+        seeds = args.seeds or ([0, 1, 2] if args.all or args.table else None)
         plan = pipeline.make_plan(cfg, name=args.name, methods=methods, seeds=seeds)
         if args.dry_run:  # the plan, resolved configs and memory preflight; nothing loaded
             from mpi.dry_run import dry_run

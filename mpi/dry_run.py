@@ -200,7 +200,7 @@ def check_stages(plan, rep: DryRunReport, device_type: str) -> None:
             rep.say(_wrap(f"  {stage:<11} SupervisedConfig ", sup.to_dict()))
         elif stage in RL_STAGES:
             try:  # what train_stage trains with, the preset's and the user's RL overrides included
-                gcfg = rl_config(plan, stage, seed)
+                gcfg = rl_config(plan, stage, seed, plan.dataset_keys[0])  # rl_epochs: steps of the first dataset
             except (ValueError, TypeError) as err:
                 rep.problem(f"{stage} (GRPOConfig)", str(err),
                             "fix the RunConfig field it names (rl_steps, num_generations, max_completion_length, "

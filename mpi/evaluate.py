@@ -365,8 +365,21 @@ def mean_and_spread(values: Iterable[float]) -> dict[str, float]:
 
 
 def strip_for_json(result: Mapping[str, Any], keep_predictions: int = 20) -> dict[str, Any]:
-    """A result dict small enough to store: per-item rows dropped, a few predictions kept."""
+    """A result dict small enough to store: full per-item rows dropped, a few predictions kept, and one
+    compact `"item_scores": [[id, score], ...]` for EVERY item (what mpi.report's paired bootstrap pairs on).
+
+    Items without ids (a result from score_predictions alone) are named by their position, which pairs
+    correctly across methods because every method is evaluated on the same rows in the same order.
+    """
     out = {k: v for k, v in result.items() if k not in ("per_item", "predictions", "ids")}
+    all_per = list(result.get("per_item") or [])
+    all_ids = list(result.get("ids") or [])
+    if all_ids and len(all_ids) != len(all_per):
+        raise ValueError(f"strip_for_json: {len(all_ids)} ids but {len(all_per)} per_item rows; the result's "
+                         "'ids' and 'per_item' must list the same items in the same order")
+    if all_per:
+        names = all_ids if all_ids else list(range(len(all_per)))
+        out["item_scores"] = [[i, float(p["score"])] for i, p in zip(names, all_per)]
     preds = list(result.get("predictions") or [])[:keep_predictions]
     ids = list(result.get("ids") or [])[:keep_predictions]
     per = list(result.get("per_item") or [])[:keep_predictions]

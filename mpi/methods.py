@@ -17,7 +17,9 @@ METHODS: dict[str, tuple[str, ...]] = {
     "vmcpt-cot-sft": ("cpt", "sft-cot"),
     "cot-sft-grpo": ("sft-cot", "grpo"),
     "cot-sft-dapo": ("sft-cot", "dapo"),
+    "vmcpt-cot-sft-grpo": ("cpt", "sft-cot", "grpo"),
     "trimpi-grpo": ("cpt", "sft-cot", "poro-grpo"),
+    "trimpi-grpo-wrong": ("cpt", "sft-cot", "poro-grpo-wrong"),
     "trimpi-dapo": ("cpt", "sft-cot", "poro-dapo"),
 }
 METHOD_LABELS = {
@@ -27,12 +29,17 @@ METHOD_LABELS = {
     "vmcpt-cot-sft": "VM-CPT + CoT SFT",
     "cot-sft-grpo": "CoT SFT + GRPO",
     "cot-sft-dapo": "CoT SFT + DAPO",
+    "vmcpt-cot-sft-grpo": "VM-CPT + CoT SFT + GRPO",
     "trimpi-grpo": "TriMPI (PoRo-GRPO)",
+    "trimpi-grpo-wrong": "TriMPI, wrong policy in the guided half (control)",
     "trimpi-dapo": "TriMPI (PoRo-DAPO)",
 }
 DEFAULT_METHODS = ("in-context", "cot-sft", "trimpi-grpo")
+# The RL issue's table: RL above SFT? PoRo above plain GRPO? and the wrong-policy control (`--table`).
+TABLE_METHODS = ("in-context", "cot-sft", "cot-sft-grpo", "vmcpt-cot-sft", "vmcpt-cot-sft-grpo", "trimpi-grpo",
+                 "trimpi-grpo-wrong")
 SUPERVISED_STAGES = ("cpt", "sft-cot", "sft-direct")  # trained by mpi.supervised
-RL_STAGES = ("grpo", "dapo", "poro-grpo", "poro-dapo")  # trained by mpi.poro
+RL_STAGES = ("grpo", "dapo", "poro-grpo", "poro-dapo", "poro-grpo-wrong")  # trained by mpi.poro
 
 
 def memory_stage(stage: str) -> str:

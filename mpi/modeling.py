@@ -207,6 +207,8 @@ def load_model_and_processor(
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     if quant is None:
         model.to(device)
+    if quant == "4bit" and device.type == "cpu" and trainable:
+        keep_cpu_4bit_trainable(model)
     processor = load_processor(path)
 
     if quant == "4bit" and trainable:
@@ -226,6 +228,21 @@ def load_model_and_processor(
     if not trainable:
         model.eval()
     return model, processor
+
+
+def keep_cpu_4bit_trainable(model) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference; returns the number of layers switched.
+
+    On a CPU with AVX512-BF16, a `Linear4bit` in eval mode converts its weight to an inference-only layout
+    the first time it runs without grad, and keeps it. Every RL step samples in eval mode, then trains: the
+    trained forward on the repacked weight fails ("a view of a leaf Variable that requires grad is being used
+    in an in-place operation"). CUDA never repacks; this only matters for the CPU 4-bit path the tests take."""
+    switched = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
 
 
 def lora_module_names(model) -> list[str]:

@@ -1,7 +1,8 @@
 """`python -m mpi`: data -> toy base (cached) -> every method -> evaluation -> the paper's table.
 
     python -m mpi                                   # toy preset: in-context vs CoT SFT vs TriMPI, ClevrPolicy N=2
-    python -m mpi --all                             # all eight methods, seeds 0 1 2
+    python -m mpi --all                             # every method, seeds 0 1 2
+    python -m mpi --table                           # the RL comparison: 7 methods x seeds 0 1 2 x N = 2, 4
     python -m mpi --preset tiny --name ci           # CI-sized, a minute or two
     python -m mpi --methods cot-sft,trimpi-dapo --datasets clevr,gta --seeds 0,1
     python -m mpi report runs/toy                   # redraw report.md and the plots of a run
@@ -51,7 +52,8 @@ from mpi.atomic import atomic_directory, atomic_write_json
 from mpi.config import BOOKKEEPING_FIELDS, PRESETS, RunConfig, get_config
 # The methods, their chains and the stage kinds live in mpi.methods (the report and the dry run read them
 # too); notebooks and tests read them as pipeline.METHODS, pipeline.DEFAULT_METHODS as well.
-from mpi.methods import DEFAULT_METHODS, METHODS, RL_STAGES, SUPERVISED_STAGES, memory_stage, training_chains
+from mpi.methods import (DEFAULT_METHODS, METHODS, RL_STAGES, SUPERVISED_STAGES, TABLE_METHODS, memory_stage,
+                         training_chains)
 
 
 # Evaluation knobs per preset (RunConfig.extra overrides them by the same names). "grpo" holds
@@ -59,17 +61,29 @@ from mpi.methods import DEFAULT_METHODS, METHODS, RL_STAGES, SUPERVISED_STAGES, 
 # (a model that has learned nothing gives only all-equal groups), which proves nothing but costs minutes.
 EVAL_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": dict(eval_limit=8, eval_batch_size=8, eval_max_new_tokens=24, prefill_items=2, toy_base="tiny",
-                 grpo={"max_resample_tries": 2}),
-    # A ClevrPolicy N=2 CoT is ~80 toy tokens: RL completions must fit one, or every reward is 0.
+                 # validation every step proves the path; keep_best stays off: toy-tiny scores 0 on every val item,
+                 # so the best smoothed step would always be the start and the RL stage would be a copy of SFT
+                 grpo={"max_resample_tries": 2, "eval_every": 1, "eval_samples": 1}),
+    # A ClevrPolicy CoT is up to 90 (N=2) / 164 (N=4) toy tokens: answers must fit (RunConfig.max_completion_length).
     # The importance-ratio log (one more scoring pass, ~1.5x the step) is diagnostics only: off on the laptop.
     # Temperature 0.7: at 1.0 a quarter of the toy's samples lost the answer format (format reward 0.74 vs 0.98).
     # The headline accuracy on all 200 test items (the first 64 read 56% where all 200 read 70%, same model);
     # policy back in context and override on the first 64 (eval_side_limit), to keep the laptop run short.
-    "toy": dict(eval_limit=200, eval_side_limit=64, eval_batch_size=16, eval_max_new_tokens=160, prefill_items=8,
+    "toy": dict(eval_limit=200, eval_side_limit=64, eval_batch_size=16, eval_max_new_tokens=192, prefill_items=8,
                 toy_base="toy",
-                grpo={"max_completion_length": 112, "log_behaviour_ratio": False, "temperature": 0.7}),
-    "colab-t4": dict(eval_limit=200, eval_batch_size=4, eval_max_new_tokens=512, prefill_items=8, toy_base=None),
-    "paper": dict(eval_limit=None, eval_batch_size=8, eval_max_new_tokens=1024, prefill_items=16, toy_base=None),
+                grpo={"log_behaviour_ratio": False, "temperature": 0.7,
+                      # the schedule a fresh Adam needs, and the validation split's sampled accuracy every 10 steps
+                      # (2 answers per val item, smoothed): the stage keeps its best checkpoint, the start included
+                      "warmup_steps": 3, "lr_scheduler_type": "cosine", "eval_every": 10, "eval_samples": 2,
+                      "keep_best": True}),
+    # The GPU presets: the same schedule and best-validation checkpoint, validated every 50 steps (32 val items x 3
+    # answers on a 3B model is about the cost of 3 RL steps).
+    "colab-t4": dict(eval_limit=200, eval_batch_size=4, eval_max_new_tokens=512, prefill_items=8, toy_base=None,
+                     grpo={"warmup_steps": 10, "lr_scheduler_type": "cosine", "eval_every": 50, "eval_samples": 2,
+                           "keep_best": True}),
+    "paper": dict(eval_limit=None, eval_batch_size=8, eval_max_new_tokens=1024, prefill_items=16, toy_base=None,
+                  grpo={"warmup_steps": 10, "lr_scheduler_type": "cosine", "eval_every": 50, "eval_samples": 2,
+                        "keep_best": True}),
 }
 
 
@@ -93,6 +107,7 @@ EXTRA_KNOBS: dict[str, str] = {
     "toy_base_seed": "seed of the toy base (default 0)",
     "toy_base_overrides": "dict of mpi.toy_base.ToyBaseConfig fields",
     "grpo": "dict of mpi.poro.GRPOConfig fields for the RL stages",
+    "rl_learning_rates": "list: train each RL stage at every rate, keep the best on the validation split",
     "cpt": "dict of mpi.supervised.SupervisedConfig fields for VM-CPT",
     "sft": "dict of mpi.supervised.SupervisedConfig fields for the SFT stages",
     "data": "dict of mpi.data.DataConfig fields",
@@ -381,7 +396,9 @@ def build_data(plan: Plan, key: str, tmp: Path) -> dict[str, Any]:
     dcfg = data_config(plan.cfg, key)
     dataset = "gta" if key == "gta" else "clevr"
     sizes = {}
-    for split in ("train", "test", "override"):
+    from mpi.data import SPLITS
+
+    for split in SPLITS:
         ds = build_split(dcfg, dataset, split)
         save_dataset(ds, tmp / split)
         sizes[split] = len(ds)
@@ -394,6 +411,15 @@ def load_split(plan: Plan, key: str, split: str):
     from mpi.data import load_dataset_dir
 
     return load_dataset_dir(plan.run_dir / "data" / key / split)
+
+
+def validation_items(plan: Plan, key: str) -> list[dict[str, Any]] | None:
+    """The validation split as a list of items (None for a run directory built before the split existed)."""
+    path = plan.run_dir / "data" / key / "val"
+    if not path.exists():
+        return None
+    ds = load_split(plan, key, "val")
+    return [ds[i] for i in range(len(ds))] or None
 
 
 def with_cot_only(ds):
@@ -546,12 +572,31 @@ def stage_progress_callback(desc: str, log_every: int | None):
     return StageProgress()
 
 
-def rl_config(plan: Plan, stage: str, seed: int):
-    """The GRPOConfig an RL stage trains with: the RunConfig's rl_* fields, the preset's and the user's "grpo"
-    overrides, a checkpoint every save_every steps and a printed line every progress_every steps."""
+def rl_steps(plan: Plan, key: str | None) -> int:
+    """RunConfig.rl_steps, or with rl_epochs set, the budget rule: ceil(rl_epochs x train prompts of `key` /
+    prompts_per_step) steps."""
+    cfg = plan.cfg
+    if cfg.rl_epochs is None:
+        return cfg.rl_steps
+    if key is None:
+        raise PipelineError("rl_epochs sets the RL steps from the training split's size: pass the dataset key")
+    if cfg.rl_epochs <= 0:
+        raise PipelineError(f"rl_epochs must be > 0 (or null to use rl_steps), got {cfg.rl_epochs}")
+    from mpi.data import split_item_counts
+
+    n_train = split_item_counts(data_config(cfg, key), "gta" if key == "gta" else "clevr")["train"]
+    return max(1, math.ceil(cfg.rl_epochs * n_train / cfg.prompts_per_step))
+
+
+def rl_config(plan: Plan, stage: str, seed: int, key: str | None = None):
+    """The GRPOConfig an RL stage on dataset `key` trains with: the RunConfig's rl_* fields (rl_epochs through
+    `rl_steps`), the preset's and the user's "grpo" overrides, a checkpoint every save_every steps and a printed
+    line every progress_every steps."""
     from mpi.poro import grpo_config_from_run
 
     overrides = dict(plan.opts["grpo"])
+    if plan.cfg.rl_epochs is not None:
+        overrides.setdefault("steps", rl_steps(plan, key))
     if getattr(plan.cfg, "micro_batch_size", None) is not None:  # RunConfig's OOM knob for the RL step
         overrides.setdefault("micro_batch_size", plan.cfg.micro_batch_size)
     overrides.setdefault("save_every", max(1, int(plan.cfg.save_every)))
@@ -605,13 +650,22 @@ def train_stage(plan: Plan, key: str, seed: int, chain: tuple[str, ...], tmp: Pa
         from mpi import poro
         from mpi.poro import train_poro
 
-        gcfg = rl_config(plan, stage, seed)
+        gcfg = rl_config(plan, stage, seed, key)
         last = poro.latest_checkpoint(work)
         resumed_from = int(json.loads((last / "state.json").read_text())["step"]) if last is not None else None
-        result = train_poro(model, processor, train, gcfg, work, resume=True, save_adapter=False)
+        # the validation split picks the best checkpoint (keep_best) and shows the curve; never the test split
+        val = validation_items(plan, key) if gcfg.eval_every or gcfg.keep_best else None
+        rates = plan.cfg.extra.get("rl_learning_rates")
+        if rates:
+            del model
+            model, result = learning_rate_sweep(plan, seed, parent, train, gcfg, work, val, rates, desc)
+        else:
+            result = train_poro(model, processor, train, gcfg, work, resume=True, save_adapter=False, eval_items=val)
     else:
         raise PipelineError(f"unknown training stage {stage!r}")
     summary = _result_summary(result, work)
+    if (work / "learning_rate_sweep.json").exists():
+        summary["learning_rate_sweep"] = json.loads((work / "learning_rate_sweep.json").read_text())
     if procs.main:
         with atomic_directory(model_dir) as out:
             save_model(model, processor, out, base_model_path(plan))
@@ -620,6 +674,51 @@ def train_stage(plan: Plan, key: str, seed: int, chain: tuple[str, ...], tmp: Pa
             shutil.rmtree(work / sub, ignore_errors=True)
     procs.barrier()  # nobody reads model/ (or leaves) before it is written
     return {"chain": list(chain), "dataset": key, "seed": seed, "resumed_from_step": resumed_from, **summary}
+
+
+def learning_rate_sweep(plan: Plan, seed: int, parent: Path | None, train, gcfg, work: Path,
+                        val: list[dict[str, Any]] | None, rates: Sequence[float], desc: str):
+    """Train the RL stage once per learning rate (same seed, so the same prompts), each into work/lr_<rate>/ and
+    resumable, and return (the model with the winner's best-validation weights, a result whose rows are the
+    winner's). The winner: the highest best smoothed validation accuracy (GRPOConfig.best_metric); a tie goes
+    to the rate listed first. The test split plays no part."""
+    from mpi.device import seed_everything
+    from mpi.poro import TrainResult, load_trainable, train_poro
+
+    if not isinstance(rates, (list, tuple)) or not rates or not all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rates):
+        raise PipelineError(f"rl_learning_rates must be a non-empty list of positive numbers, got {rates!r}; "
+                            "e.g. --set 'rl_learning_rates=[3e-5,1e-4,3e-4]'")
+    if not val:
+        raise PipelineError("rl_learning_rates needs the validation split (data/<key>/val, built by this version's "
+                            "data stage) to choose a rate; rebuild the data under a new --name")
+    sweep = []
+    for rate in rates:
+        sub = work / f"lr_{rate:g}"
+        summary = sub / "sweep.json"
+        if not summary.exists():
+            seed_everything(seed)
+            model, processor = load_for_stage(plan, seed, parent, trainable=True)
+            cfg = dataclasses.replace(gcfg, learning_rate=float(rate), keep_best=True)
+            print(f"{desc}: learning rate {rate:g} ({len(sweep) + 1} of {len(rates)})")
+            res = train_poro(model, processor, train, cfg, sub, resume=True, save_adapter=False, eval_items=val)
+            atomic_write_json(summary, {"learning_rate": float(rate), "best_smoothed": res.best_value,
+                                        "best_step": res.best_step})
+            del model
+        sweep.append(json.loads(summary.read_text()))
+    winner = max(range(len(sweep)), key=lambda i: (sweep[i]["best_smoothed"], -i))
+    chosen = work / f"lr_{rates[winner]:g}"
+    print(f"{desc}: learning rates " + ", ".join(f"{r['learning_rate']:g} -> {r['best_smoothed']:.3f}" for r in sweep)
+          + f" (best smoothed validation accuracy); keeping {rates[winner]:g}")
+    atomic_write_json(work / "learning_rate_sweep.json", {"sweep": sweep, "chosen": sweep[winner]})
+    for rate in rates:  # the per-step checkpoints were for resuming; each rate's best/ weights stay
+        shutil.rmtree(work / f"lr_{rate:g}" / "checkpoints", ignore_errors=True)
+    model, _ = load_for_stage(plan, seed, parent, trainable=True)
+    load_trainable(model, chosen / "best" / "trainable.pt")
+    from mpi.metrics import read_metrics
+
+    return model, TrainResult(out_dir=chosen, adapter_dir=None, rows=read_metrics(chosen),
+                              final_step=gcfg.steps, best_step=sweep[winner]["best_step"])
 
 
 def _result_summary(result: Any, work: Path) -> dict[str, Any]:
@@ -847,7 +946,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", type=_csv(str), default=None, help="clevr, gta (default: the preset's)")
     p.add_argument("--depths", type=_csv(int), default=None, help="ClevrPolicy tree depths N, e.g. 2,4")
     p.add_argument("--seeds", type=_csv(int), default=None, help="e.g. 0,1,2 (default: 0)")
-    p.add_argument("--all", action="store_true", help="all eight methods and seeds 0,1,2 (unless given)")
+    p.add_argument("--all", action="store_true", help="every method and seeds 0,1,2 (unless given)")
+    p.add_argument("--table", action="store_true",
+                   help="the RL comparison: in-context, CoT SFT (+ GRPO), VM-CPT + CoT SFT (+ GRPO), TriMPI and its "
+                        "wrong-policy control, seeds 0,1,2, ClevrPolicy N=2,4 (unless given)")
     p.add_argument("--rebuild", action="store_true",
                    help="toy-base: train the toy base again on this machine (into the cache), even if one is shipped")
     p.add_argument("--ship", action="store_true",
@@ -874,6 +976,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         overrides["datasets"] = tuple(args.datasets)
     if args.depths:
         overrides["depths"] = tuple(args.depths)
+    elif getattr(args, "table", False):
+        overrides["depths"] = (2, 4)
     if args.out_dir:
         overrides["out_dir"] = args.out_dir
     cfg = get_config(args.preset, **overrides)

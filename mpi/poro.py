@@ -67,6 +67,7 @@ KL_REFERENCES = ("start", "no_adapter")
 GUIDED_CONTEXTS = ("own_policy", "wrong_policy")
 LOSS_SCALING = ("auto", "on", "off")
 SAMPLERS = ("fast", "hf")
+LR_SCHEDULERS = ("constant", "cosine")
 
 
 @dataclass
@@ -127,6 +128,12 @@ class GRPOConfig:
     # --- optimisation
     steps: int = 30
     learning_rate: float = 1e-4
+    # The schedule (TRL's names): a linear warm-up from 0 over warmup_steps (a fresh Adam's first steps are its
+    # largest: its second-moment estimate is still near 0), then "constant" or "cosine" down to
+    # min_lr_ratio x learning_rate at the last step. `learning_rate_at` is the whole rule.
+    lr_scheduler_type: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.99)
     max_grad_norm: float = 1.0
@@ -155,6 +162,13 @@ class GRPOConfig:
     eval_every: int = 0
     eval_samples: int = 4
     eval_seed: int = 1234
+    # Keep the best validation checkpoint: the run ends with the weights whose *smoothed* best_metric was
+    # highest (the step-0 weights included, so RL that only hurts gives back the model it started from).
+    # Smoothing: an exponential moving average with weight best_smoothing on the newest evaluation, because a
+    # single evaluation on a few dozen items is noisy (one item = 1/len(eval_items)); 1.0 = no smoothing.
+    keep_best: bool = False
+    best_metric: str = "val/sampled_accuracy"
+    best_smoothing: float = 0.5
 
     @property
     def group_size(self) -> int:
@@ -182,6 +196,10 @@ class GRPOConfig:
             (self.loss_scale_init > 0 and self.loss_scale_growth_interval >= 1,
              "loss_scale_init must be > 0 and loss_scale_growth_interval >= 1"),
             (self.eval_every >= 0 and self.eval_samples >= 1, "eval_every must be >= 0 and eval_samples >= 1"),
+            (self.lr_scheduler_type in LR_SCHEDULERS, f"lr_scheduler_type must be one of {LR_SCHEDULERS}"),
+            (self.warmup_steps >= 0 and 0 <= self.min_lr_ratio <= 1,
+             "warmup_steps must be >= 0 and min_lr_ratio in [0, 1]"),
+            (0 < self.best_smoothing <= 1, "best_smoothing must be in (0, 1] (1 = the raw metric)"),
             (self.group_size >= 2 or not self.scale_rewards,
              "a group of 1 has no spread: raise num_generations or turn on policy_rollout"),
         ]
@@ -201,6 +219,9 @@ GRPO_PRESETS: dict[str, dict[str, Any]] = {
     # The paper's PoRo-DAPO: eps 0.2/0.28, no KL, token mean, dynamic sampling (<= 20 tries).
     "poro-dapo": dict(policy_rollout=True, epsilon=0.2, epsilon_high=0.28, beta=0.0, loss_type="dapo",
                       dynamic_sampling=True, max_resample_tries=20),
+    # The control: PoRo-GRPO whose guided half reads ANOTHER policy (see GRPOConfig.guided_context).
+    "poro-grpo-wrong": dict(policy_rollout=True, epsilon=0.2, epsilon_high=0.3, beta=0.01, loss_type="grpo",
+                            dynamic_sampling=False, guided_context="wrong_policy"),
     # The same two without PolicyRollout (the paper's "VM-CPT + SFT + GRPO" ablation).
     "grpo": dict(policy_rollout=False, epsilon=0.2, epsilon_high=0.3, beta=0.01, loss_type="grpo",
                  dynamic_sampling=False),
@@ -1066,7 +1087,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, sampler: PromptSampler, cfg: GRPOConfig,
-                    reference: Callable | None = None, *, loss_scaler: DynamicLossScaler | None = None) -> Path:
+                    reference: Callable | None = None, *, loss_scaler: DynamicLossScaler | None = None,
+                    best: "BestCheckpoint | None" = None) -> Path:
     """trainable weights + optimizer + RNG + step + prompt cursor (+ the KL reference's weights, which a resumed
     run cannot rebuild from the model), written to a temp dir then renamed."""
     path = Path(out_dir) / "checkpoints" / f"step_{step:06d}"
@@ -1080,6 +1102,8 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, sampler: P
         state = {"step": step, "cursor": sampler.cursor, "config": cfg.to_dict()}
         if loss_scaler is not None:
             state["loss_scaler"] = loss_scaler.state_dict()
+        if best is not None:
+            state["best"] = best.state()
         (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
     checkpoints = sorted((Path(out_dir) / "checkpoints").glob("step_*"))
     for old in checkpoints[:-max(cfg.keep_checkpoints, 1)]:
@@ -1099,14 +1123,7 @@ def load_checkpoint(path: Path, model, optimizer, reference: Callable | None = N
             raise ValueError(f"checkpoint {path} has no KL reference weights (saved with another kl_reference); "
                              "resume with the same GRPOConfig")
         reference.load_state_dict(torch.load(path / "reference.pt", map_location="cpu"))
-    trainable = torch.load(path / "trainable.pt", map_location="cpu")
-    params = dict(model.named_parameters())
-    missing = sorted(set(trainable) - set(params))
-    if missing:
-        raise ValueError(f"checkpoint {path} has weights the model lacks ({missing[:3]}...): load the same model and LoRA settings")
-    with torch.no_grad():
-        for name, value in trainable.items():
-            params[name].copy_(value.to(params[name].device))
+    load_trainable(model, path / "trainable.pt")
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
     _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return state
@@ -1156,6 +1173,8 @@ class TrainResult:
     adapter_dir: Path | None
     rows: list[dict[str, Any]] = field(default_factory=list)
     final_step: int = 0
+    best_step: int | None = None  # keep_best: the step whose weights the model ends with (0 = the start)
+    best_value: float | None = None  # keep_best: its smoothed validation metric
 
 
 def collect_rollout(model, processor, dataset, sampler: PromptSampler, cfg: GRPOConfig, build_messages,
@@ -1180,6 +1199,79 @@ def collect_rollout(model, processor, dataset, sampler: PromptSampler, cfg: GRPO
             kept.append(ro.select_groups(keep, cfg.group_size))
             have += len(keep)
     return (concat_rollouts(kept) if kept else None), tries
+
+
+def learning_rate_at(cfg: GRPOConfig, step: int) -> float:
+    """The learning rate of optimizer step `step` (1-based): linear warm-up to cfg.learning_rate over
+    cfg.warmup_steps, then constant, or a cosine from the peak to min_lr_ratio x peak at step cfg.steps.
+    A pure function of the step, so a resumed run follows the schedule of an uninterrupted one."""
+    peak = cfg.learning_rate
+    if step <= cfg.warmup_steps:
+        return peak * step / max(cfg.warmup_steps, 1)
+    if cfg.lr_scheduler_type == "constant":
+        return peak
+    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
+    floor = cfg.min_lr_ratio * peak
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class BestCheckpoint:
+    """The best validation weights so far, by an exponential moving average of one metric.
+
+    `update(step, metrics, model)` folds the new value into the average and, when it is the best yet, writes
+    the trainable weights to out_dir/best/ (atomically, with best.json). `state()` goes into every regular
+    checkpoint, so a resumed run continues the same average. `restore(model)` loads the best weights."""
+
+    def __init__(self, out_dir: str | Path, metric: str, smoothing: float):
+        self.dir, self.metric, self.smoothing = Path(out_dir) / "best", metric, smoothing
+        self.average: float | None = None
+        self.best: float | None = None
+        self.best_step: int | None = None
+
+    def update(self, step: int, metrics: dict[str, Any], model) -> dict[str, float]:
+        if self.metric not in metrics:
+            raise ValueError(f"keep_best: metric {self.metric!r} is not among the validation metrics "
+                             f"{sorted(metrics)}; set GRPOConfig.best_metric to one of them")
+        value = float(metrics[self.metric])
+        self.average = value if self.average is None else self.smoothing * value + (1 - self.smoothing) * self.average
+        if self.best is None or self.average > self.best:
+            self.best, self.best_step = self.average, step
+            if dist.is_main_process():
+                with atomic_directory(self.dir) as tmp:
+                    torch.save({n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
+                               tmp / "trainable.pt")
+                    (tmp / "best.json").write_text(json.dumps(
+                        {"step": step, "metric": self.metric, "smoothed": self.average, "raw": value}, indent=2))
+        return {"val/smoothed": self.average, "val/best_step": float(self.best_step)}
+
+    def state(self) -> dict[str, Any]:
+        return {"average": self.average, "best": self.best, "best_step": self.best_step}
+
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.average, self.best, self.best_step = state["average"], state["best"], state["best_step"]
+
+    def restore(self, model) -> int | None:
+        """Copy the best weights into the model (every process reads the main process's file)."""
+        dist.wait_for_everyone()
+        path = self.dir / "trainable.pt"
+        if self.best_step is None or not path.exists():
+            return None
+        load_trainable(model, path)
+        return self.best_step
+
+
+def load_trainable(model, path: str | Path) -> None:
+    """Copy saved trainable weights ({name: tensor}, as BestCheckpoint and save_checkpoint write them) into
+    the model; a name the model lacks is an error naming the file."""
+    weights = torch.load(path, map_location="cpu")
+    params = dict(model.named_parameters())
+    missing = sorted(set(weights) - set(params))
+    if missing:
+        raise ValueError(f"{path} has weights the model lacks ({missing[:3]}...): load the same model and LoRA settings")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device))
 
 
 def make_optimizer(model, cfg: GRPOConfig) -> torch.optim.Optimizer:
@@ -1239,6 +1331,10 @@ def train_poro(model, processor, dataset, cfg: GRPOConfig, out_dir: str | Path, 
     loss_scaler = make_loss_scaler(model, cfg)  # fp16 compute only (see needs_loss_scaling)
     guide_for = wrong_policy_guide(dataset) if cfg.guided_context == "wrong_policy" and cfg.policy_rollout else None
     eval_items = list(eval_items) if eval_items else None
+    if cfg.keep_best and not eval_items:
+        raise ValueError("GRPOConfig.keep_best needs eval_items (a validation list) to choose the best step; "
+                         "pass eval_items= or set keep_best=False")
+    best = BestCheckpoint(out_dir, cfg.best_metric, cfg.best_smoothing) if cfg.keep_best else None
     sampler = dist.ShardedSampler(PromptSampler(len(dataset), cfg.seed))  # process p: positions p, p+W, ...
     local_cfg = dataclasses.replace(cfg, prompts_per_step=dist.local_count(cfg.prompts_per_step))
     start = 0
@@ -1248,6 +1344,8 @@ def train_poro(model, processor, dataset, cfg: GRPOConfig, out_dir: str | Path, 
         start, sampler.cursor = state["step"], state["cursor"]
         if loss_scaler is not None and "loss_scaler" in state:
             loss_scaler.load_state_dict(state["loss_scaler"])
+        if best is not None:
+            best.load_state(state.get("best"))
     logger = (MetricsLogger(out_dir, resume_step=start if ckpt is not None else None, echo=False)
               if dist.is_main_process() else dist.NullLogger())
     if dist.is_main_process():
@@ -1259,11 +1357,16 @@ def train_poro(model, processor, dataset, cfg: GRPOConfig, out_dir: str | Path, 
                                   reward_fn=reward_fn)
 
     if eval_items and start == 0:  # the baseline the validation curve starts from
-        logger.log(0, **dist.reduce_metrics(evaluate()))
+        baseline = dist.reduce_metrics(evaluate())
+        if best is not None:
+            baseline.update(best.update(0, baseline, model))
+        logger.log(0, **baseline)
     bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=f"{cfg.preset}",
                disable=not cfg.progress or not dist.is_main_process())
     for step in bar:
         t0, c0 = time.perf_counter(), time.process_time()
+        for group in optimizer.param_groups:  # the schedule is a function of the step (resume-exact)
+            group["lr"] = learning_rate_at(cfg, step)
         ro, tries = collect_rollout(model, processor, dataset, sampler, local_cfg, build_messages, reward_fn,
                                     guide_for=guide_for)
         metrics: dict[str, Any] = {"resample_tries": tries}
@@ -1287,14 +1390,19 @@ def train_poro(model, processor, dataset, cfg: GRPOConfig, out_dir: str | Path, 
         metrics["step_cpu_s"] = time.process_time() - c0  # CPU seconds of this process (robust to a busy machine)
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         if eval_items and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-            metrics.update(evaluate())  # after step_time: not part of the step's cost
+            val = dist.reduce_metrics(evaluate())  # after step_time: not part of the step's cost
+            metrics.update(val)
+            if best is not None:
+                metrics.update(best.update(step, val, model))
         row = logger.log(step, **dist.reduce_metrics(metrics))  # one row for all processes
         if cfg.print_every and step % cfg.print_every == 0 and dist.is_main_process():
             tqdm.write(format_row(row, [k for k in PRINT_KEYS if k in row]))
         bar.set_postfix(reward=f"{row.get('all/reward_mean', float('nan')):.3f}")
         if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps) and dist.is_main_process():
-            save_checkpoint(out_dir, step, model, optimizer, sampler, cfg, reference, loss_scaler=loss_scaler)
+            save_checkpoint(out_dir, step, model, optimizer, sampler, cfg, reference, loss_scaler=loss_scaler,
+                            best=best)
     bar.close()
+    best_step = best.restore(model) if best is not None else None
 
     adapter_dir = None
     if save_adapter and hasattr(model, "save_pretrained") and hasattr(model, "peft_config") and dist.is_main_process():
@@ -1304,7 +1412,8 @@ def train_poro(model, processor, dataset, cfg: GRPOConfig, out_dir: str | Path, 
     dist.wait_for_everyone()  # nobody returns before process 0 has written the adapter
     if save_adapter and adapter_dir is None and (out_dir / "adapter").exists():
         adapter_dir = out_dir / "adapter"
-    return TrainResult(out_dir=out_dir, adapter_dir=adapter_dir, rows=logger.rows, final_step=cfg.steps)
+    return TrainResult(out_dir=out_dir, adapter_dir=adapter_dir, rows=logger.rows, final_step=cfg.steps,
+                       best_step=best_step, best_value=best.best if best is not None else None)
 
 
 # =========================================================================== the starting point

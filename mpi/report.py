@@ -12,11 +12,25 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from mpi.atomic import atomic_write_json, atomic_write_text
 from mpi.evaluate import mean_and_spread
 from mpi.methods import METHOD_LABELS, METHODS
+
+# The paired comparisons the report draws, as (label, method_a, method_b): the row shows a - b with a
+# paired bootstrap 95% interval. None involves the in-context baseline, so all pair policy-free scores.
+PAIRED_COMPARISONS: tuple[tuple[str, str, str], ...] = (
+    ("GRPO − SFT", "cot-sft-grpo", "cot-sft"),
+    ("RL − SFT after VM-CPT", "vmcpt-cot-sft-grpo", "vmcpt-cot-sft"),
+    ("PoRo − GRPO", "trimpi-grpo", "vmcpt-cot-sft-grpo"),
+    ("PoRo − SFT", "trimpi-grpo", "vmcpt-cot-sft"),
+    ("PoRo − wrong policy", "trimpi-grpo", "trimpi-grpo-wrong"),
+)
+# the view whose per-item scores the comparisons pair (the trained methods' headline)
+PAIRED_VIEW = "policy_free"
 
 METRICS = {
     "accuracy": "accuracy (headline)",
@@ -57,15 +71,106 @@ def seed_metrics(done: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
+def paired_bootstrap(a_by_seed: Mapping[Any, Mapping[Any, float]], b_by_seed: Mapping[Any, Mapping[Any, float]],
+                     n_resamples: int = 10000, seed: int = 0, alpha: float = 0.05,
+                     names: tuple[str, str] = ("a", "b")) -> dict[str, Any]:
+    """Paired bootstrap of (a - b): each argument maps seed -> {item_id: score}.
+
+    Items are paired by (seed, id) present in both. The statistic is the mean over seeds of
+    (mean_a - mean_b) on that seed's paired items, so every seed weighs the same, as in the table's mean
+    over seeds. Each resample draws, within each seed, that seed's paired items with replacement, the
+    SAME draws for a and b (which is what makes it paired: item difficulty cancels in a - b); the
+    interval is the (alpha/2, 1 - alpha/2) percentile of the resampled statistics. Deterministic in `seed`.
+
+    Returns {"diff", "low", "high", "n_items", "n_seeds", "seeds", "n_unpaired"} (fractions, not points;
+    n_unpaired counts the items of either side that had no partner and were left out).
+    """
+    if n_resamples < 1:
+        raise ValueError(f"paired_bootstrap: n_resamples must be >= 1, got {n_resamples}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"paired_bootstrap: alpha must be in (0, 1), got {alpha}")
+    diffs: list[np.ndarray] = []
+    seeds: list[Any] = []
+    n_unpaired = 0
+    for s in sorted(set(a_by_seed) | set(b_by_seed), key=str):
+        a, b = a_by_seed.get(s) or {}, b_by_seed.get(s) or {}
+        common = [i for i in a if i in b]
+        n_unpaired += len(a) + len(b) - 2 * len(common)
+        if common:
+            diffs.append(np.array([float(a[i]) - float(b[i]) for i in common], dtype=np.float64))
+            seeds.append(s)
+    if not diffs:
+        raise ValueError(f"paired_bootstrap: {names[0]} and {names[1]} share no (seed, item id); they must be "
+                         f"evaluated on the same seeds and test items (a seeds {sorted(a_by_seed, key=str)}, "
+                         f"b seeds {sorted(b_by_seed, key=str)})")
+    rng = np.random.default_rng(seed)
+    stats = np.zeros(n_resamples, dtype=np.float64)
+    for d in diffs:
+        n = len(d)
+        # a chunk of resamples at a time keeps the (resamples x items) index array near 4M entries
+        chunk = max(1, 4_000_000 // n)
+        for start in range(0, n_resamples, chunk):
+            stop = min(n_resamples, start + chunk)
+            idx = rng.integers(0, n, size=(stop - start, n))
+            stats[start:stop] += d[idx].mean(axis=1)
+    stats /= len(diffs)
+    low, high = np.quantile(stats, [alpha / 2, 1 - alpha / 2])
+    return {"diff": float(np.mean([d.mean() for d in diffs])), "low": float(low), "high": float(high),
+            "n_items": int(sum(len(d) for d in diffs)), "n_seeds": len(diffs), "seeds": seeds,
+            "n_unpaired": int(n_unpaired)}
+
+
+def _item_scores(done: dict[str, Any]) -> dict[Any, float] | None:
+    """{item id: score} of the paired view, or None for a done.json written before item_scores existed."""
+    rows = (done.get(PAIRED_VIEW) or {}).get("item_scores")
+    if rows is None:
+        return None
+    scores = {i: float(score) for i, score in rows}
+    if len(scores) != len(rows):
+        # duplicate ids would pair the wrong items; leave this seed out rather than report a wrong interval
+        return None
+    return scores
+
+
+def paired_differences(item_scores: dict[str, dict[str, dict[str, dict[Any, float] | None]]],
+                       comparisons: Sequence[tuple[str, str, str]] = PAIRED_COMPARISONS,
+                       n_resamples: int = 10000, seed: int = 0) -> list[dict[str, Any]]:
+    """One entry per comparison whose two methods have an eval on some dataset key:
+    {"label", "a", "b", "by_key": {key: paired_bootstrap(...) or {"missing": why}}}."""
+    out = []
+    for label, a, b in comparisons:
+        by_key: dict[str, dict[str, Any]] = {}
+        for key, methods in sorted(item_scores.items()):
+            if a not in methods or b not in methods:
+                continue
+            sa = {s: v for s, v in methods[a].items() if v is not None}
+            sb = {s: v for s, v in methods[b].items() if v is not None}
+            if not sa or not sb:
+                by_key[key] = {"missing": "no per-item scores (done.json predates item_scores, or duplicate "
+                                          "item ids); re-run the eval stage of "
+                                          + " and ".join(m for m, v in ((a, sa), (b, sb)) if not v)}
+                continue
+            try:
+                by_key[key] = paired_bootstrap(sa, sb, n_resamples=n_resamples, seed=seed, names=(a, b))
+            except ValueError as e:
+                by_key[key] = {"missing": str(e)}
+        if by_key:
+            out.append({"label": label, "a": a, "b": b, "by_key": by_key})
+    return out
+
+
 def collect(run_dir: Path) -> dict[str, Any]:
-    """Everything the report shows, as plain data."""
+    """Everything the report shows, as plain data (plus "item_scores", which write_report leaves out of
+    metrics.json: the done.json files already hold them)."""
     run_dir = Path(run_dir)
     run = _load(run_dir / "run.json") or {}
     per_seed: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    item_scores: dict[str, dict[str, dict[str, dict[Any, float] | None]]] = {}
     for done_path in sorted((run_dir / "eval").glob("*/seed*/*/done.json")):
         method, seed_dir, key = done_path.parent.name, done_path.parent.parent.name, done_path.parent.parent.parent.name
         done = json.loads(done_path.read_text())
         per_seed.setdefault(key, {}).setdefault(method, {})[seed_dir[4:]] = seed_metrics(done)
+        item_scores.setdefault(key, {}).setdefault(method, {})[seed_dir[4:]] = _item_scores(done)
     summary: dict[str, dict[str, dict[str, Any]]] = {}
     for key, methods in per_seed.items():
         for method, seeds in methods.items():
@@ -80,6 +185,7 @@ def collect(run_dir: Path) -> dict[str, Any]:
     for done_path in sorted((run_dir / "cost").glob("*/done.json")):
         cost[done_path.parent.name] = json.loads(done_path.read_text())
     return {"run": run, "per_seed": per_seed, "summary": summary, "data": data, "cost": cost,
+            "paired": paired_differences(item_scores), "item_scores": item_scores,
             "toy_base": _load(run_dir / "toy_base.json"), "timings": _load(run_dir / "timings.json") or {}}
 
 
@@ -100,6 +206,36 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _signed_points(x: float) -> str:
+    """A fraction as signed points with a true minus sign: 0.035 -> '+3.5', -0.01 -> '−1.0'."""
+    v = round(100 * x, 1)
+    v = 0.0 if v == 0 else v  # no '-0.0'
+    return f"{v:+.1f}".replace("-", "−")
+
+
+def _fmt_paired(cell: dict[str, Any] | None) -> str:
+    if not cell or "missing" in cell:
+        return "–"
+    return f"{_signed_points(cell['diff'])} [{_signed_points(cell['low'])}, {_signed_points(cell['high'])}]"
+
+
+def _paired_section(paired: list[dict[str, Any]], keys: list[str]) -> list[str]:
+    labels = _labels()
+    lines = ["## Paired differences (bootstrap 95% interval)", ""]
+    rows = [[f"{p['label']} ({labels.get(p['a'], p['a'])} − {labels.get(p['b'], p['b'])})"]
+            + [_fmt_paired(p["by_key"].get(k)) for k in keys] for p in paired]
+    lines.append(_table(["comparison"] + keys, rows))
+    lines.append("")
+    lines.append("Points of policy-free accuracy, a − b: the mean over seeds of the per-seed difference on the "
+                 "test items both methods answered, with a paired bootstrap 95% interval (items resampled "
+                 "within each seed, the same draws for both methods).")
+    missing = sorted({f"{p['label']} on {k}: {c['missing']}" for p in paired for k, c in p["by_key"].items()
+                      if "missing" in c})
+    lines += [f"- – {m}" for m in missing]
+    lines.append("")
+    return lines
 
 
 def _methods_present(summary: dict[str, Any]) -> list[str]:
@@ -159,6 +295,8 @@ def markdown(data: dict[str, Any], wall_seconds: float | None = None) -> str:
     lines.append("")
     lines += reading(summary, chance)
     lines.append("")
+    if data.get("paired"):
+        lines += _paired_section(data["paired"], keys)
     for metric in ("policy_free", "with_policy", "override", "referral", "forgetting"):
         lines.append(f"## {METRICS[metric]}")
         lines.append("")
@@ -294,7 +432,8 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> dict
         raise FileNotFoundError(f"{run_dir} is not a run directory (no run.json); run `python -m mpi` first")
     data = collect(run_dir)
     data["run"]["name"] = run_dir.name
-    atomic_write_json(run_dir / "metrics.json", data)
+    # metrics.json keeps the paired intervals ("paired"), not the per-item scores they came from
+    atomic_write_json(run_dir / "metrics.json", {k: v for k, v in data.items() if k != "item_scores"})
     atomic_write_text(run_dir / "report.md", markdown(data, wall_seconds))
     plots = []
     if data["summary"]:

@@ -232,7 +232,7 @@ SFT_CHAIN, RL_CHAIN = ("cpt", "sft-cot"), ("cpt", "sft-cot", "poro-grpo")
 ensure_stage(plan, SFT_CHAIN)
 train = pipeline.load_split(plan, KEY, "train")
 test = pipeline.load_split(plan, KEY, "test")
-gcfg = pipeline.rl_config(plan, "poro-grpo", SEED)
+gcfg = pipeline.rl_config(plan, "poro-grpo", SEED, KEY)
 print({k: getattr(gcfg, k) for k in ("num_generations", "prompts_per_step", "steps", "temperature", "max_completion_length",
                                       "beta", "kl_reference", "epsilon", "epsilon_high", "loss_type", "learning_rate",
                                       "log_behaviour_ratio")})
@@ -368,19 +368,28 @@ del model, optimizer, reference
 # step and per origin (own vs guided): reward, accuracy, zero-std groups, advantage, KL, entropy, clip
 # fractions, lengths, truncation, the PPO ratio, and (if `log_behaviour_ratio`) the importance ratio
 # π(o|Q,I)/π(o|Q,I,P) that the paper's rule ignores (`offpolicy_rule="tis"` and `"shaping"` are the
-# alternatives). `pipeline.train_stage` calls it with the settings above and saves
+# alternatives). The learning rate warms up over `warmup_steps` and follows `lr_scheduler_type` (cosine on the toy).
+# Every `eval_every` steps it samples the **validation split** (object sets unseen in training, never the test
+# split) and logs sampled accuracy, pass@k and greedy accuracy; with `keep_best` the stage ends with the weights
+# of the best *smoothed* validation accuracy, the starting weights included, so RL that only hurts gives the
+# SFT model back. `pipeline.train_stage` calls it with the settings above and saves
 # `stages/<dataset>/seed0/cpt+sft-cot+poro-grpo/model`, the RL model notebook 05 evaluates.
+# (`--set 'rl_learning_rates=[3e-5,1e-4,3e-4]'` trains one run per rate and keeps the rate best on validation.)
 
 # %% id="code-24"
+import json
 from mpi.poro import mean_reward
-fixed = [test[i] for i in range(min(8, len(test)))]   # a fixed, held-out prompt set, policy-free
+fixed = pipeline.validation_items(plan, KEY)[:8]   # a fixed validation prompt set, policy-free (not the test split)
 sft_model, _ = load_stage_model(plan, SFT_CHAIN)
 before = mean_reward(sft_model, processor, fixed, gcfg, samples=4, build_messages=build_messages)
 del sft_model
 done = ensure_stage(plan, RL_CHAIN, here=True)
 rl_model, _ = load_stage_model(plan, RL_CHAIN)
 after = mean_reward(rl_model, processor, fixed, gcfg, samples=4, build_messages=build_messages)
-print(f"{done.get('steps')} RL steps in {done['seconds']:.0f}s | held-out mean reward (policy-free) "
+best_json = stage_path(plan, RL_CHAIN) / "work" / "best" / "best.json"   # written when keep_best is on
+kept = (f", kept step {json.loads(best_json.read_text())['step']} (best smoothed validation accuracy)"
+        if best_json.exists() else "")
+print(f"{done.get('steps')} RL steps in {done['seconds']:.0f}s{kept} | validation mean reward (policy-free) "
       f"before {before['reward']:.3f} -> after {after['reward']:.3f}")
 
 # %% id="code-25"
@@ -388,6 +397,8 @@ from mpi.metrics import plot_metrics
 plot_metrics(stage_metrics(plan, RL_CHAIN), keys=["own/reward_mean", "guided/reward_mean", "own/accuracy", "guided/accuracy",
                                                   "all/kl", "own/completion_length", "guided/completion_length",
                                                   "all/entropy"], title="PoRo-GRPO");
+from mpi.poro import plot_validation
+plot_validation(stage_path(plan, RL_CHAIN) / "work");   # the validation curve the best checkpoint was chosen on
 
 # %% id="code-26"
 from IPython.display import HTML, display

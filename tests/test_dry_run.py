@@ -54,7 +54,8 @@ def test_dry_run_shows_the_rl_config_train_stage_would_use(nothing_heavy):
     cadence included (the dry run once rebuilt it and missed print_every)."""
     cfg = get_config("toy", model="toy-tiny", rl_steps=200)
     shown = dry.plan_report(make_plan(cfg)).configs["poro-grpo"]
-    assert shown["temperature"] == 0.7 and shown["max_completion_length"] == 112  # EVAL_DEFAULTS["toy"]["grpo"]
+    assert shown["temperature"] == 0.7 and shown["keep_best"] is True  # EVAL_DEFAULTS["toy"]["grpo"]
+    assert shown["max_completion_length"] == cfg.max_completion_length == 176  # the RunConfig's, an N=4 CoT fits
     assert shown["log_behaviour_ratio"] is False
     assert shown["save_every"] == cfg.save_every == 10
     assert shown["print_every"] == 4  # 200 steps, at most 50 printed lines: one every ceil(200 / 50) steps
@@ -68,8 +69,8 @@ def test_dry_run_report_resolves_what_the_stages_would_train(nothing_heavy):
     # 4 training chains (sft-cot, cpt, cpt+sft-cot, cpt+sft-cot+poro-grpo) and 3 evaluations
     assert len(rep.stages) == 3 * (1 + 1 + 4 + 3) == 27
     assert rep.stages[:3] == ["data/clevr-T-N2", "data/clevr-T-N4", "data/clevr-T-N6"]
-    # the "colab" data preset now exists: 4 policies x 125 train scenes, 200 test items, at 224 px
-    assert rep.data["clevr-T-N4"]["sizes"] == {"train": 500, "test": 200, "override": 200}
+    # the "colab" data preset: 4 policies x 125 train scenes, 32 validation and 200 test items, at 224 px
+    assert rep.data["clevr-T-N4"]["sizes"] == {"train": 500, "val": 32, "test": 200, "override": 200}
     assert rep.data["clevr-T-N4"]["config"]["image_size"] == 224 and rep.data["clevr-T-N4"]["config"]["depths"] == (4,)
     # each stage's config carries the RunConfig fields it is made from
     assert rep.configs["cpt"]["mode"] == "cpt" and rep.configs["cpt"]["learning_rate"] == cfg.cpt_learning_rate
@@ -77,6 +78,7 @@ def test_dry_run_report_resolves_what_the_stages_would_train(nothing_heavy):
     rl = rep.configs["poro-grpo"]
     assert (rl["num_generations"], rl["max_completion_length"], rl["steps"], rl["micro_batch_size"]) == (4, 256, 200, 4)
     assert rep.configs["eval"]["eval_max_new_tokens"] == 512
+    assert (rl["keep_best"], rl["eval_every"], rl["lr_scheduler_type"]) == (True, 50, "cosine")
     # the memory preflight ran against a T4 (this machine has no GPU) and every stage fits it
     assert "Tesla T4" in rep.device and set(rep.memory) == {"cpt", "sft", "rl"}
     assert all(0 < m["peak_gib"] < (14.74 - 0.5) * 0.95 for m in rep.memory.values())

@@ -138,8 +138,9 @@ def test_training_chains_share_prefixes():
     assert len(chains) == len(set(chains))
     # cpt, sft-cot and sft-direct once each; cpt+sft-cot feeds both TriMPI runs and VM-CPT + CoT SFT
     assert ("cpt",) in chains and ("cpt", "sft-cot") in chains and ("sft-cot",) in chains
-    # by hand: sft-direct, sft-cot, cpt, cpt+sft-cot, sft-cot+grpo, sft-cot+dapo, cpt+sft-cot+poro-grpo/-dapo
-    assert len(chains) == 8
+    # by hand: sft-direct, sft-cot, cpt, cpt+sft-cot, sft-cot+grpo, sft-cot+dapo, cpt+sft-cot+grpo,
+    # cpt+sft-cot+poro-grpo / -dapo / -grpo-wrong
+    assert len(chains) == 10
     for chain in chains:  # parents come first
         assert chains.index(chain[:-1]) < chains.index(chain) if len(chain) > 1 else True
 
@@ -238,3 +239,93 @@ def test_a_stage_killed_after_its_done_marker_is_published_without_training(tmp_
     done = run_training_stage(plan, Timer(plan.run_dir), "train/x", path, retrain, lambda _: None)
     assert done["steps"] == 8 and is_done(path) and not partial_dir(path).exists()
     assert run_training_stage(plan, Timer(plan.run_dir), "train/x", path, retrain, lambda _: None)["steps"] == 8
+
+
+def _trainable_of(model_dir):
+    """The LoRA weights a stage saved, under the names model.named_parameters() gives them."""
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "adapter_model.safetensors"))
+
+
+def _same_weights(saved, trainable):
+    import torch
+
+    renamed = {n.replace(".default", ""): v for n, v in trainable.items()}
+    assert set(renamed) == set(saved)
+    return all(torch.equal(saved[n].float(), renamed[n].float()) for n in saved)
+
+
+def test_rl_stage_validates_on_the_val_split(tiny_run):
+    run_dir, _ = tiny_run
+    val = run_dir / "data" / "clevr-T-N2" / "val"
+    assert val.is_dir() and json.loads((run_dir / "data" / "clevr-T-N2" / "done.json").read_text())["sizes"]["val"] == 8
+    stage = run_dir / "stages" / "clevr-T-N2" / "seed0" / "cpt+sft-cot+poro-grpo"
+    rows = [json.loads(line) for line in (stage / "work" / "metrics.jsonl").read_text().splitlines()]
+    val_rows = [r for r in rows if "val/sampled_accuracy" in r]
+    assert [r["step"] for r in val_rows] == [0, 1, 2]  # tiny: eval_every=1 over 2 steps, the start included
+    assert not (stage / "work" / "best").exists()  # keep_best is off on tiny (see EVAL_DEFAULTS)
+
+
+def test_learning_rate_sweep_keeps_the_rate_best_on_validation(tmp_path, monkeypatch):
+    """rl_learning_rates: one RL run per rate; the stage keeps the rate whose smoothed validation accuracy is
+    highest. The validation score is scripted by rate (the toy-tiny model scores 0 at every rate), so the
+    winner is known: 1e-2, listed second (a pick by position or by the test split would fail)."""
+    import torch
+
+    from mpi import poro
+
+    calls = {}
+
+    def scripted(model, processor, items, cfg, **kw):  # 1e-2 improves with every evaluation, 1e-5 stays at 0.1
+        calls[cfg.learning_rate] = calls.get(cfg.learning_rate, 0) + 1
+        return {"val/sampled_accuracy": 0.2 * calls[cfg.learning_rate] if cfg.learning_rate > 1e-3 else 0.1}
+
+    monkeypatch.setattr(poro, "validation_metrics", scripted)
+    # a reward with spread on toy-tiny's gibberish, so that RL moves the weights at all (its accuracy is 0)
+    from mpi.tests.rl_helpers import letter_share_reward
+
+    monkeypatch.setattr(poro, "combined_rewards", lambda items, texts, weights: letter_share_reward(items, texts))
+    argv = ["--preset", "tiny", "--name", "sweep", "--out-dir", str(tmp_path), "--methods", "cot-sft-grpo",
+            "--set", "eval_side_limit=2", "--set", "rl_learning_rates=[1e-05, 0.01]"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(argv) == 0
+    stage = tmp_path / "sweep" / "stages" / "clevr-T-N2" / "seed0" / "sft-cot+grpo"
+    sweep = json.loads((stage / "work" / "learning_rate_sweep.json").read_text())
+    assert [r["learning_rate"] for r in sweep["sweep"]] == [1e-5, 1e-2]
+    # smoothed (weight 0.5) over steps 0, 1, 2: 1e-5 reads 0.1 throughout; 1e-2 reads 0.2, 0.3, 0.45
+    assert [r["best_smoothed"] for r in sweep["sweep"]] == pytest.approx([0.1, 0.45])
+    assert [r["best_step"] for r in sweep["sweep"]] == [0, 2]
+    assert sweep["chosen"]["learning_rate"] == 1e-2
+    done = json.loads((stage / "done.json").read_text())
+    assert done["learning_rate_sweep"]["chosen"]["learning_rate"] == 1e-2
+    winner = torch.load(stage / "work" / "lr_0.01" / "best" / "trainable.pt")
+    loser = torch.load(stage / "work" / "lr_1e-05" / "best" / "trainable.pt")
+    saved = _trainable_of(stage / "model")
+    assert _same_weights(saved, winner) and not _same_weights(saved, loser)
+
+
+def test_table_flag_plans_the_rl_comparison(tmp_path, capsys):
+    from mpi.methods import TABLE_METHODS
+
+    assert main(["--table", "--preset", "tiny", "--dry-run", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "seeds 0, 1, 2" in out
+    for key in ("clevr-T-N2", "clevr-T-N4"):
+        for method in TABLE_METHODS:
+            assert f"eval/{key}/seed2/{method}  <-" in out, (key, method)
+    assert "cpt+sft-cot+poro-grpo-wrong" in out
+
+
+def test_rl_epochs_is_the_budget_rule():
+    """rl_epochs passes over the training prompts: steps = ceil(epochs x train prompts / prompts_per_step)."""
+    from mpi.config import get_config
+    from mpi.pipeline import rl_config
+
+    plan = make_plan(get_config("toy", rl_epochs=1.2))  # 4 policies x 250 train prompts, 4 prompts per step
+    assert rl_config(plan, "poro-grpo", 0, "clevr-T-N2").steps == 300  # = 10 x rl_steps=30
+    plan = make_plan(get_config("toy", rl_epochs=0.01, prompts_per_step=3))
+    assert rl_config(plan, "grpo", 0, "clevr-T-N2").steps == 4  # ceil(10 / 3)
+    assert rl_config(make_plan(get_config("toy")), "grpo", 0, "clevr-T-N2").steps == 30  # None: rl_steps
+    with pytest.raises(PipelineError, match="rl_epochs must be > 0"):
+        rl_config(make_plan(get_config("toy", rl_epochs=-1.0)), "grpo", 0, "clevr-T-N2")

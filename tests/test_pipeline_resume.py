@@ -95,7 +95,7 @@ def _adapter(stage_dir: Path) -> dict[str, torch.Tensor]:
 
 def _losses(stage_dir: Path) -> list[tuple[int, float]]:
     rows = [json.loads(line) for line in (stage_dir / "work" / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows]
+    return [(r["step"], r["loss"]) for r in rows if r["step"] > 0]  # step 0: the RL stage's validation baseline
 
 
 @pytest.fixture(scope="module")

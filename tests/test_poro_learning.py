@@ -4,8 +4,8 @@ Seeded end to end on the toy-tiny VLM. A short supervised warm start (full fine-
 `\\boxed{Case k}` answers for all four outcomes) makes the model write boxed answers with k spread over
 the outcomes. RL then rewards ONE answer, "Case 1", on every prompt: a prompt-independent target, so the
 tiny model can reach it, and its LoRA also covers lm_head (with the output head frozen, attention/MLP
-LoRA on toy-tiny plateaus near p = 0.68 on a one-token target; here it reaches 0.29 in the same 15
-steps where lm_head LoRA reaches 0.96). Measured on the same fixed prompts with
+LoRA on toy-tiny plateaus near p = 0.68 on a one-token target; here it reaches 0.29 in 15 steps
+where lm_head LoRA reaches 0.96). Measured on the same fixed prompts with
 the same sampling seed: the sampled accuracy (128 answers) and the exact probability of " 1" after
 "\\boxed{Case". With the update switched off (learning_rate=0) both stay exactly where they started,
 so the margins below fail. Tens of seconds on a CPU, so it lives in tests/, not mpi/tests/.
@@ -66,7 +66,7 @@ def prob_of_case_1(model, processor, items, build_messages) -> float:
     return float(logp[:, -1].exp().mean())
 
 
-def rl_run(warm, preset: str, num_generations: int, steps: int, learning_rate: float, out_dir):
+def rl_run(warm, preset: str, num_generations: int, steps: int, learning_rate: float, out_dir, **schedule):
     """(before, after): sampled accuracy and prob_of_case_1 around one seeded RL run from the warm start."""
     from mpi.data.messages import build_messages
     from mpi.modeling import LANGUAGE_MODEL_LORA_TARGETS, LoraSettings
@@ -77,7 +77,7 @@ def rl_run(warm, preset: str, num_generations: int, steps: int, learning_rate: f
     model = start_rl_from(copy.deepcopy(base), lora)
     cfg = get_grpo_config(preset, steps=steps, num_generations=num_generations, prompts_per_step=2,
                           max_completion_length=8, learning_rate=learning_rate, progress=False, print_every=0,
-                          sample_every=0, seed=0)
+                          sample_every=0, seed=0, **schedule)
 
     def measure():
         acc = mean_reward(model, processor, fixed, cfg, samples=16, build_messages=build_messages)["accuracy"]
@@ -91,9 +91,11 @@ def rl_run(warm, preset: str, num_generations: int, steps: int, learning_rate: f
 # (preset, G per origin, steps): plain GRPO gets 2G own samples, so both train on groups of 8.
 @pytest.mark.parametrize("preset, num_generations", [("poro-grpo", 4), ("grpo", 8)])
 def test_rl_learns_a_reachable_target(warm_started, preset, num_generations, tmp_path):
-    before, after = rl_run(warm_started, preset, num_generations, steps=15, learning_rate=5e-3, out_dir=tmp_path)
-    # measured: accuracy 0.047 -> 0.82 (poro-grpo) / 0.83 (grpo), p_case_1 0.213 -> 0.963 / 0.983;
-    # with learning_rate=0 both stay at 0.047 and 0.213 exactly (the same weights, the same sampling seed)
+    before, after = rl_run(warm_started, preset, num_generations, steps=20, learning_rate=3e-3, out_dir=tmp_path)
+    # measured: accuracy 0.078 -> 0.73 (poro-grpo) / 0.79 (grpo), p_case_1 0.211 -> 0.964 / 0.982; with
+    # learning_rate=0 both stay at the start exactly (the same weights, the same sampling seed). The CPU's float
+    # kernels change the seeded trajectory: at 5e-3 for 15 steps one machine read 0.047 -> 0.82 and another
+    # collapsed at step 15 (reward 0.51 -> 0.0), so the rate is one that is stable on both.
     assert before["accuracy"] < 0.35 and before["p_case_1"] < 0.5, (before, after)
     assert after["accuracy"] > before["accuracy"] + 0.4, (before, after)
     assert after["p_case_1"] > 0.8, (before, after)  # the target is reached, not just approached

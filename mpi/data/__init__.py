@@ -14,6 +14,7 @@ Modules: `scenes` (CLEVR-style sampler, renderer, real-CLEVR loader), `policies`
 from .build import (
     COLUMNS,
     DATA_PRESETS,
+    SPLITS,
     DataConfig,
     build_clevr_policy,
     build_gta_policy,
@@ -37,7 +38,7 @@ from .scenes import ATTRIBUTES, SceneError, load_clevr_scenes, render_object, re
 from .scoring import score_tool_call, set_text_similarity
 
 __all__ = [
-    "ATTRIBUTES", "COLUMNS", "Condition", "DATA_PRESETS", "DataConfig", "OVERRIDE_QUERY", "Policy", "PolicyError",
+    "ATTRIBUTES", "COLUMNS", "Condition", "DATA_PRESETS", "SPLITS", "DataConfig", "OVERRIDE_QUERY", "Policy", "PolicyError",
     "QUERY", "Rulebook", "SceneError", "TOOLS", "build_clevr_policy", "build_gta_policy", "build_messages",
     "build_split", "chance_report", "clevr_policies", "dataset_fingerprint", "format_response", "forward_cot",
     "generate_policy", "get_data_config", "gta_records", "load_clevr_scenes", "load_dataset_dir", "load_samples",

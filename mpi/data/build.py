@@ -28,7 +28,9 @@ from .clevr import clevr_policies, clevr_records, make_rng, outcome_report, spli
 from .gta import gta_records, render_spec
 from .scenes import load_clevr_scenes, render_object, sample_scene, scene_image
 
-SPLITS = ("train", "test", "override")
+# val: model selection only (the RL stage's learning rate and its best checkpoint), drawn like test (object sets
+# unseen in training) from its own random stream; never used to report a result.
+SPLITS = ("train", "val", "test", "override")
 
 
 @dataclass
@@ -40,6 +42,7 @@ class DataConfig:
     n_train_per_policy: int = 16  # scenes per policy in the train split (paper: 2000)
     n_test: int = 16  # test items per depth, spread over the policies (paper: 2000)
     n_override: int | None = None  # override-split items per depth; None = n_test
+    n_val: int = 8  # validation items per depth (ClevrPolicy) or in all (GTAPolicy), spread over the policies
     depths: tuple[int, ...] = (2,)  # tree layers N (paper: 2, 4, 6)
     variant: str = "T"  # "T" text policy, "M" policy with image crops
     image_size: int = 56  # square input images (toy-tiny 56, toy-small 112, paper-like 224)
@@ -90,15 +93,15 @@ DATA_PRESETS: dict[str, dict[str, Any]] = {
     "toy": dict(n_policies=2, n_train_per_policy=16, n_test=16, depths=(2,), image_size=56,
                 n_gta_train=24, n_gta_test=16),
     # toy learning runs (toy-small model, 112 px)
-    "small": dict(n_policies=4, n_train_per_policy=250, n_test=200, depths=(2,), image_size=112, n_objects=(1, 4),
-                  n_gta_train=451, n_gta_test=106),
+    "small": dict(n_policies=4, n_train_per_policy=250, n_test=200, n_val=32, depths=(2,), image_size=112,
+                  n_objects=(1, 4), n_gta_train=451, n_gta_test=106),
     # one Colab T4 (the colab-t4 run preset): 4 policies x 125 train scenes per N (500 sequences, 63 optimizer steps
     # of 1 x 8 per epoch, where the paper's 20K per N would be 2,500 steps) and 200 test items (its eval_limit).
     # CLEVR's natural 3-10 objects: a pretrained VLM sees them (the toy-sized 1-4 of "small" is for the toy).
-    "colab": dict(n_policies=4, n_train_per_policy=125, n_test=200, depths=(2, 4, 6), image_size=224,
+    "colab": dict(n_policies=4, n_train_per_policy=125, n_test=200, n_val=32, depths=(2, 4, 6), image_size=224,
                   n_gta_train=451, n_gta_test=106),
     # the paper's sizes: 10 policies x 2K train per N, 2K test per N; GTAPolicy 451 / 106
-    "paper": dict(n_policies=10, n_train_per_policy=2000, n_test=2000, depths=(2, 4, 6), image_size=224,
+    "paper": dict(n_policies=10, n_train_per_policy=2000, n_test=2000, n_val=200, depths=(2, 4, 6), image_size=224,
                   n_gta_train=451, n_gta_test=106, num_proc=max(1, min(4, os.cpu_count() or 1))),
 }
 
@@ -175,7 +178,8 @@ def _per_policy_sizes(cfg: DataConfig, split: str) -> list[int]:
     """ClevrPolicy items of `split` per policy (per tree depth): the test and override items spread evenly."""
     if split == "train":
         return [cfg.n_train_per_policy] * cfg.n_policies
-    total = cfg.n_test if split == "test" else (cfg.n_override if cfg.n_override is not None else cfg.n_test)
+    total = {"test": cfg.n_test, "val": cfg.n_val,
+             "override": cfg.n_override if cfg.n_override is not None else cfg.n_test}[split]
     base, rem = divmod(total, cfg.n_policies)
     return [base + (1 if i < rem else 0) for i in range(cfg.n_policies)]
 
@@ -247,7 +251,7 @@ def _per_split(value: Any, split: str) -> Any:
     """A per-split setting: the value itself, or value[split] (override falls back to test)."""
     if not isinstance(value, dict):
         return value
-    return value.get(split, value.get("test") if split == "override" else None)
+    return value.get(split, value.get("test") if split in ("override", "val") else None)
 
 
 def check_real_clevr_config(cfg: DataConfig) -> None:
@@ -374,7 +378,7 @@ def _warn_repeated_scenes(records: list[dict[str, Any]], split: str, depth: int,
 
 # ----------------------------------------------------------------------------- GTAPolicy
 def _gta_items(cfg: DataConfig, split: str) -> int:
-    return {"train": cfg.n_gta_train, "test": cfg.n_gta_test,
+    return {"train": cfg.n_gta_train, "test": cfg.n_gta_test, "val": cfg.n_val,
             "override": cfg.n_override if cfg.n_override is not None else cfg.n_gta_test}[split]
 
 

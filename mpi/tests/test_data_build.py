@@ -63,8 +63,8 @@ def test_split_item_counts_are_what_build_split_makes():
     cfg = get_data_config("toy", n_policies=2, n_train_per_policy=3, n_test=5, depths=(2,), n_gta_train=4,
                           n_gta_test=2, image_size=56, num_proc=1)
     # by hand: train 2 policies x 3; test 5 spread over the policies; override defaults to the test count
-    assert split_item_counts(cfg, "clevr") == {"train": 6, "test": 5, "override": 5}
-    assert split_item_counts(cfg, "gta") == {"train": 4, "test": 2, "override": 2}
+    assert split_item_counts(cfg, "clevr") == {"train": 6, "val": 8, "test": 5, "override": 5}
+    assert split_item_counts(cfg, "gta") == {"train": 4, "val": 8, "test": 2, "override": 2}
     assert split_item_counts(get_data_config("toy", n_override=3), "gta")["override"] == 3
     assert len(build_split(cfg, "clevr", "test")) == 5  # the counts match a real (small) build
 
@@ -87,3 +87,18 @@ def test_n_objects_bounds_every_scene_and_bad_values_name_the_field():
     assert counts <= {1, 2} and counts
     with pytest.raises(ValueError, match="n_objects"):
         get_data_config("toy", n_objects=(0, 4))
+
+
+def test_validation_split_is_unseen_and_apart_from_test():
+    """val (model selection only) is drawn like test: no training object set under the same policy, and its own
+    stream, so no val item is a test item."""
+    from mpi.data import split_overlap
+
+    cfg = get_data_config("toy", n_policies=2, n_train_per_policy=6, n_test=6, n_val=6, image_size=56, num_proc=1)
+    train, val, test = (build_split(cfg, "clevr", s) for s in ("train", "val", "test"))
+    assert len(val) == 6 and sorted(set(val["policy_name"])) == sorted(set(train["policy_name"]))
+    assert split_overlap(train, val)["n_seen"] == 0
+    assert not set(val["id"]) & set(test["id"])
+    key = lambda ds: [(r["policy_name"], r["extra"]) for r in ds]  # the scene lives in extra
+    assert not set(key(val)) & set(key(test))
+    assert len(build_split(cfg, "gta", "val")) == 6

@@ -162,3 +162,24 @@ def test_unreachable_hub_id_fails_fast_with_offline_hint(monkeypatch):
         check_model_available("Qwen/Qwen2-VL-2B-Instruct", offline=False, reachable=lambda: False)
     with pytest.raises(ValueError, match="neither a toy name"):
         check_model_available("not-a-model")
+
+
+def test_qlora_on_cpu_trains_after_an_eval_mode_pass():
+    """RL samples in eval mode, then trains. On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for
+    inference on its first eval-mode no-grad call, and the next trained forward then fails; the loader switches
+    that repacking off for trainable 4-bit models (on other CPUs the repacking never happens)."""
+    import bitsandbytes as bnb
+
+    model, processor = load_model_and_processor("toy-tiny", quantization="4bit", lora=LoraSettings(r=4))
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit and all(getattr(m, "support_avx512bf16_for_cpu", False) is False for m in four_bit)
+    batch = chat_batch(processor, answer="A red square.")
+    model.eval()
+    with torch.no_grad():
+        model(**batch)  # the sampling pass
+    model.train()
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
+    loss = model(**batch, labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
