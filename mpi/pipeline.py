@@ -657,8 +657,8 @@ def train_stage(plan: Plan, key: str, seed: int, chain: tuple[str, ...], tmp: Pa
         val = validation_items(plan, key) if gcfg.eval_every or gcfg.keep_best else None
         rates = plan.cfg.extra.get("rl_learning_rates")
         if rates:
-            del model
-            model, result = learning_rate_sweep(plan, seed, parent, train, gcfg, work, val, rates, desc)
+            model, result = learning_rate_sweep(plan, seed, parent, model, processor, train, gcfg, work, val, rates,
+                                                desc)
         else:
             result = train_poro(model, processor, train, gcfg, work, resume=True, save_adapter=False, eval_items=val)
     else:
@@ -676,11 +676,11 @@ def train_stage(plan: Plan, key: str, seed: int, chain: tuple[str, ...], tmp: Pa
     return {"chain": list(chain), "dataset": key, "seed": seed, "resumed_from_step": resumed_from, **summary}
 
 
-def learning_rate_sweep(plan: Plan, seed: int, parent: Path | None, train, gcfg, work: Path,
+def learning_rate_sweep(plan: Plan, seed: int, parent: Path | None, model, processor, train, gcfg, work: Path,
                         val: list[dict[str, Any]] | None, rates: Sequence[float], desc: str):
     """Train the RL stage once per learning rate (same seed, so the same prompts), each into work/lr_<rate>/ and
     resumable, and return (the model with the winner's best-validation weights, a result whose rows are the
-    winner's). The winner: the highest best smoothed validation accuracy (GRPOConfig.best_metric); a tie goes
+    winner's). `model` is the stage's freshly loaded start; each later rate starts from a fresh load. The winner: the highest best smoothed validation accuracy (GRPOConfig.best_metric); a tie goes
     to the rate listed first. The test split plays no part."""
     from mpi.device import seed_everything
     from mpi.poro import TrainResult, load_trainable, train_poro
@@ -692,19 +692,21 @@ def learning_rate_sweep(plan: Plan, seed: int, parent: Path | None, train, gcfg,
     if not val:
         raise PipelineError("rl_learning_rates needs the validation split (data/<key>/val, built by this version's "
                             "data stage) to choose a rate; rebuild the data under a new --name")
-    sweep = []
+    sweep, fresh = [], True  # fresh: `model` still holds the start weights
     for rate in rates:
         sub = work / f"lr_{rate:g}"
         summary = sub / "sweep.json"
         if not summary.exists():
+            if not fresh:
+                del model
+                model, _ = load_for_stage(plan, seed, parent, trainable=True)
             seed_everything(seed)
-            model, processor = load_for_stage(plan, seed, parent, trainable=True)
+            fresh = False
             cfg = dataclasses.replace(gcfg, learning_rate=float(rate), keep_best=True)
             print(f"{desc}: learning rate {rate:g} ({len(sweep) + 1} of {len(rates)})")
             res = train_poro(model, processor, train, cfg, sub, resume=True, save_adapter=False, eval_items=val)
             atomic_write_json(summary, {"learning_rate": float(rate), "best_smoothed": res.best_value,
                                         "best_step": res.best_step})
-            del model
         sweep.append(json.loads(summary.read_text()))
     winner = max(range(len(sweep)), key=lambda i: (sweep[i]["best_smoothed"], -i))
     chosen = work / f"lr_{rates[winner]:g}"
@@ -713,7 +715,7 @@ def learning_rate_sweep(plan: Plan, seed: int, parent: Path | None, train, gcfg,
     atomic_write_json(work / "learning_rate_sweep.json", {"sweep": sweep, "chosen": sweep[winner]})
     for rate in rates:  # the per-step checkpoints were for resuming; each rate's best/ weights stay
         shutil.rmtree(work / f"lr_{rate:g}" / "checkpoints", ignore_errors=True)
-    model, _ = load_for_stage(plan, seed, parent, trainable=True)
+    # every trainable weight is overwritten, the frozen ones were never touched: no reload needed
     load_trainable(model, chosen / "best" / "trainable.pt")
     from mpi.metrics import read_metrics
 
