@@ -39,7 +39,7 @@ def test_optimizer_follows_the_schedule(tmp_path):
 
 
 def test_keep_best_ends_with_the_best_smoothed_step(tmp_path, monkeypatch):
-    model, processor, build_messages, init = toy_with_lora(r=4)
+    model, processor, build_messages, _ = toy_with_lora(r=4)
     # scripted validation accuracy per evaluation (steps 0, 1, 2, 3, 4): smoothed with weight 0.5 it reads
     # 0.2, 0.5, 0.45, 0.625, 0.3125 -> best at step 3, although the raw maximum (0.8) is at step 1
     script = iter([0.2, 0.8, 0.4, 0.8, 0.0])
