@@ -33,6 +33,9 @@ Measured with this script (lockstep, 1 thread, load average of the 2 CPUs in bra
     defaults (5 steps):                                   ours 4.02 s, TRL  7.85 s -> 1.95x wall, 1.93x CPU [2.1-2.3]
     defaults, with the inverse-CDF draw:                  ours 4.03 s, TRL  7.75 s -> 1.93x wall, 1.92x CPU [1.8-2.2]
     Run-to-run spread is large on this machine (TRL's own median moved 7.8 - 13.0 s).
+    after prefill buckets, the sampler's log-probs, one log-sum-exp for log-probs + entropy [0.0-0.7]:
+                                                          ours 2.29 s, TRL  4.86 s -> 2.12x wall (a second run: 2.94 vs 5.69 s, 1.93x)
+    --bf16 (ours: bfloat16 scoring passes, float32 head; TRL: bf16=True): ours 1.92 s, TRL 3.74 s -> 1.95x
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ def parse_args(argv=None):
     p.add_argument("--max-completion-length", type=int, default=112)
     p.add_argument("--sampler", default="fast", choices=["fast", "hf"], help="ours: mpi.sampling or HF generate")
     p.add_argument("--no-shared-prompt", action="store_true", help="ours: score prompt + completion per row")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 mixed precision in both: ours GRPOConfig(bf16=True) (the scoring passes), TRL "
+                        "TrainingArguments(bf16=True) (needs a CPU with AVX512-BF16 / AMX, or a GPU)")
     p.add_argument("--beta", type=float, default=0.01)
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-5)
@@ -115,7 +121,7 @@ def run_ours(args) -> dict:
                           prompts_per_step=args.prompts, max_completion_length=args.max_completion_length,
                           beta=args.beta, learning_rate=args.lr, seed=args.seed, progress=False, print_every=0,
                           sample_every=0, log_behaviour_ratio=False, sampler=args.sampler,
-                          shared_prompt_scoring=not args.no_shared_prompt)
+                          shared_prompt_scoring=not args.no_shared_prompt, bf16=args.bf16)
     waits: list[float] = []
     real_collect = poro.collect_rollout
 
@@ -178,7 +184,7 @@ def run_trl(args) -> dict:
         num_generations=args.num_generations, max_completion_length=args.max_completion_length, beta=args.beta,
         epsilon=0.2, epsilon_high=0.3, loss_type="grpo", scale_rewards="group", num_iterations=1,
         learning_rate=args.lr, max_steps=args.warmup + args.steps, logging_steps=1, report_to="none",
-        save_strategy="no", use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), fp16=False,
+        save_strategy="no", use_cpu=not cuda, bf16=args.bf16 or (cuda and torch.cuda.is_bf16_supported()), fp16=False,
         temperature=1.0, top_k=0, top_p=1.0, remove_unused_columns=False, gradient_checkpointing=False,
         disable_dropout=True, seed=args.seed, dataloader_num_workers=0, log_completions=False,
     )
@@ -259,7 +265,8 @@ def main(argv=None) -> int:
         return 0
     print(f"GRPO step: mpi.poro vs TRL {trl.__version__} GRPOTrainer | model {args.model} | {args.prompts} prompts x "
           f"G={args.num_generations} | max_completion_length {args.max_completion_length} | beta {args.beta} | "
-          f"LoRA r={args.lora_r} | ours: sampler={args.sampler}, shared_prompt_scoring={not args.no_shared_prompt} | "
+          f"LoRA r={args.lora_r} | bf16 {args.bf16} | ours: sampler={args.sampler}, "
+          f"shared_prompt_scoring={not args.no_shared_prompt} | "
           f"{args.steps} measured steps after {args.warmup} warm-up, steps interleaved | torch threads {args.threads or 'default'}")
     load_before = os.getloadavg()
     results = run_lockstep(argv)

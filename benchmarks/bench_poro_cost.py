@@ -18,6 +18,10 @@ Measured (toy-small, CPU, 1 thread, 3 steps, load average 2.5-3.0 on 2 CPUs):
     defaults:                        GRPO 2G 5.93 s, PoRo G+G 7.37 s (1.23x), with the IS log 8.62 s (1.51x)
     defaults, inverse-CDF draw [1.8-2.0]: GRPO 2G 3.93 s, PoRo G+G 4.84 s (1.26x), with the IS log 5.36 s (1.36x)
       (PoRo's extra 0.9 s: sampling +0.65 s, 1.68 -> 2.33 s; prefill alone is 0.06 s vs 0.3-0.4 s)
+    after prefill buckets + the sampler's log-probs as the behaviour term, 4 steps [0.7-0.8]:
+                                     GRPO 2G 2.10 s, PoRo G+G 2.21 s (1.07x), with the IS log 2.24 s (1.09x)
+      a later run [0.2-0.7]:         GRPO 2G 2.37 s, PoRo G+G 3.39 s (1.43x), with the IS log 3.25 s (1.37x)
+      --bf16 [1.0]:                  GRPO 2G 1.70 s, PoRo G+G 2.18 s (1.25x), with the IS log 2.26 s (1.32x)
 Both got faster; PoRo's extra cost is its guided prompts (300 tokens with the policy and its images vs
 83): their prefill, and every decode step attending over the longer, left-padded context of all 2G rows.
 That is a fixed cost, so the ratio grew as the shared part shrank. The IS log's extra pass over the
@@ -47,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-completion-length", type=int, default=112)
     p.add_argument("--sampler", default="fast", choices=["fast", "hf"])
     p.add_argument("--no-shared-prompt", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="GRPOConfig(bf16=True): the scoring passes in bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch's default)")
     args = p.parse_args(argv)
@@ -83,7 +88,7 @@ def main(argv=None) -> int:
     G = args.num_generations
     common = dict(steps=args.steps + 1, prompts_per_step=args.prompts, max_completion_length=args.max_completion_length,
                   seed=args.seed, progress=False, print_every=0, sample_every=0, sampler=args.sampler,
-                  shared_prompt_scoring=not args.no_shared_prompt)
+                  shared_prompt_scoring=not args.no_shared_prompt, bf16=args.bf16)
     configs = {
         f"GRPO 2G={2 * G}": get_grpo_config("grpo", num_generations=2 * G, **common),
         f"PoRo G+G={G}+{G}": get_grpo_config("poro-grpo", num_generations=G, log_behaviour_ratio=False, **common),
@@ -96,7 +101,7 @@ def main(argv=None) -> int:
                            sampler=PromptSampler(len(items), cfg.seed), rows=[])
     print(f"PolicyRollout cost | model {args.model} on {device.type} | {args.prompts} prompts/step | "
           f"max_completion_length {args.max_completion_length} | sampler {args.sampler} | shared-prompt scoring "
-          f"{not args.no_shared_prompt} | prompt tokens: policy-free {prompt_tokens(False):.0f}, with policy "
+          f"{not args.no_shared_prompt} | bf16 {args.bf16} | prompt tokens: policy-free {prompt_tokens(False):.0f}, with policy "
           f"{prompt_tokens(True):.0f} | {args.steps} steps after 1 warm-up, interleaved")
     load_before = os.getloadavg()
     peaks = {name: 0.0 for name in configs}

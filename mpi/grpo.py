@@ -89,6 +89,22 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     return -(logp.exp() * logp.masked_fill(torch.isinf(logp), 0.0)).sum(-1)
 
 
+def token_log_probs_and_entropy(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0):
+    """token_log_probs and token_entropy from ONE pass over the vocabulary (the loss needs both; separately
+    they scale and normalise the (B,T,V) logits twice): with z = logits / T and lse = logsumexp(z),
+    log p(id) = z[id] - lse and H = -sum p (z - lse) = lse - sum softmax(z) z. The entropy carries no gradient."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 (it divides the logits), got {temperature}")
+    z = logits.float() / temperature if temperature != 1.0 else logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - lse
+    with torch.no_grad():
+        zd, lsed = z.detach(), lse.detach()
+        # suppressed ids (z = -inf) have p = 0: their 0 * -inf is NaN, which nansum leaves out
+        entropy = lsed - (torch.exp(zd - lsed.unsqueeze(-1)) * zd).nansum(-1)
+    return logp, entropy
+
+
 def chunked_log_probs_and_entropy(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
                                   chunk_size: int | None = None, with_entropy: bool = False):
     """token_log_probs (and entropy) over row chunks of `chunk_size` sequences.
@@ -99,11 +115,13 @@ def chunked_log_probs_and_entropy(logits: torch.Tensor, ids: torch.Tensor, tempe
     chunk_size = chunk_size or logits.shape[0]
     logps, ents = [], []
     for start in range(0, logits.shape[0], chunk_size):
-        block = logits[start:start + chunk_size]
-        logps.append(token_log_probs(block, ids[start:start + chunk_size], temperature))
+        block, block_ids = logits[start:start + chunk_size], ids[start:start + chunk_size]
         if with_entropy:
-            with torch.no_grad():
-                ents.append(token_entropy(block.detach(), temperature))
+            lp, ent = token_log_probs_and_entropy(block, block_ids, temperature)
+            logps.append(lp)
+            ents.append(ent)
+        else:
+            logps.append(token_log_probs(block, block_ids, temperature))
     logp = torch.cat(logps, dim=0)
     return (logp, torch.cat(ents, dim=0)) if with_entropy else (logp, None)
 

@@ -4,8 +4,9 @@ One training step, in the order the code runs it:
 
 1. rollout   for each prompt, G responses from pi_old(.|q,I) ("own") and, with PolicyRollout on, G more
              from pi_old(.|q,I,P) ("guided"), all in ONE batched sampling loop (`mpi.sampling.sample`:
-             each prompt and its images prefilled once, its KV cache copied to its G rows; or
-             `model.generate` with sampler="hf"; the same distribution).
+             each prompt and its images prefilled once, its KV cache copied to its G rows, and each
+             drawn token's log-prob kept: pi_old(o|q,P) for the guided rows; or `model.generate` with
+             sampler="hf"; the same distribution).
 2. rewards   accuracy (+ format) for all 2G; DAPO's dynamic sampling drops groups whose rewards are all
              equal and samples more prompts (at most `max_resample_tries` times).
 3. advantages over the pooled 2G group (`mpi.grpo.group_advantages`).
@@ -108,7 +109,7 @@ class GRPOConfig:
     offpolicy_rule: str = "as_own"  # as_own (paper) | tis (truncated IS weight) | shaping (LUFFY)
     tis_cap: float = 2.0
     shaping_gamma: float = 0.1
-    log_behaviour_ratio: bool = True  # score guided responses under pi_old(.|q,P) to log the IS ratio
+    log_behaviour_ratio: bool = True  # log the IS ratio pi_old(o|q) / pi_old(o|q,P) (the sampler's log-probs)
     # --- controls of the guided half (is a gain internalization, or just extra samples / extra context?)
     # "own_policy" (the paper): the item's own policy in context. "wrong_policy": another policy's text and
     # images (the next policy name, in sorted order, found in the training set), same query and images;
@@ -142,6 +143,13 @@ class GRPOConfig:
     # Scoring runs each group's policy-free prompt once and shares its KV cache among the group's rows
     # (`mpi.sampling.shared_prompt_logits`); False = the whole prompt + completion per row.
     shared_prompt_scoring: bool = True
+    # bfloat16 autocast in the scoring passes (reference, old, behaviour and the trained forward / backward) of
+    # a float32 model: on a CPU with AVX512-BF16 or AMX (the toy) their matmuls run 2-4x faster. Weights, Adam
+    # and the loss's log-softmax stay float32. Sampling stays float32: there the step is attention over the KV
+    # cache, which CPU kernels run slower in bfloat16 (measured 3x). Off by default: float32 and bfloat16 runs
+    # give different numbers and the README's are float32; benchmarks/bench_grpo_vs_trl.py measures both. A
+    # bfloat16 / float16 model (CUDA) computes in its own dtype anyway.
+    bf16: bool = False
     # Dynamic loss scaling for fp16 compute (a T4): "auto" = on iff the model computes in float16
     # (see `needs_loss_scaling`), "on" / "off" force it. A step whose gradients overflow is skipped and the
     # scale halved; after `loss_scale_growth_interval` good updates it doubles.
@@ -322,6 +330,10 @@ class Rollout:
     gen_seconds: float = 0.0
     # one per group: the item whose policy the guided rows saw (None = `items`; differs for wrong_policy)
     guide_items: list[dict] | None = None
+    # (N, T) the sampler's log-prob of each drawn token under the prompt it was drawn from (0 after a row's
+    # end), at the sampling temperature; for the guided rows that is pi_old(o|q,P), the IS log's behaviour
+    # policy, so no scoring pass behind the policy prompt is needed. None when the sampler gave none (HF).
+    sample_log_probs: torch.Tensor | None = None
 
     @property
     def num_groups(self) -> int:
@@ -333,7 +345,8 @@ class Rollout:
                        eos_mask=self.eos_mask[rows], truncated=self.truncated[rows], guided=self.guided[rows],
                        texts=[self.texts[int(r)] for r in rows],
                        rewards={k: v[rows] for k, v in self.rewards.items()}, gen_seconds=self.gen_seconds,
-                       guide_items=None if self.guide_items is None else [self.guide_items[g] for g in keep])
+                       guide_items=None if self.guide_items is None else [self.guide_items[g] for g in keep],
+                       sample_log_probs=None if self.sample_log_probs is None else self.sample_log_probs[rows])
 
 
 def _pad_columns(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
@@ -353,6 +366,8 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
         texts=[t for p in parts for t in p.texts],
         rewards={k: torch.cat([p.rewards[k] for p in parts]) for k in parts[0].rewards},
         gen_seconds=sum(p.gen_seconds for p in parts), guide_items=guides,
+        sample_log_probs=(None if any(p.sample_log_probs is None for p in parts) else
+                          torch.cat([_pad_columns(p.sample_log_probs, width, 0) for p in parts])),
     )
 
 
@@ -368,10 +383,13 @@ def sampling_kwargs(model, processor, cfg: GRPOConfig) -> dict[str, Any]:
 
 @torch.no_grad()
 def generate_from_prompts(model, processor, texts: list[str], images: list[list], cfg: GRPOConfig, *,
-                          num_return_sequences: int | None = None, greedy: bool = False) -> dict[str, Any]:
+                          num_return_sequences: int | None = None, greedy: bool = False,
+                          return_log_probs: bool = False) -> dict[str, Any]:
     """`num_return_sequences` (default cfg.num_generations) completions per prompt, prompt after prompt,
     sampled with `sampling_kwargs` in eval mode (no dropout); greedy=True decodes the argmax instead.
-    cfg.sampler="fast" uses `mpi.sampling.sample` (same distribution, ~2x faster on the toy), "hf" generate."""
+    cfg.sampler="fast" uses `mpi.sampling.sample` (same distribution, ~2x faster on the toy), "hf" generate.
+    return_log_probs: also "log_probs" (N, T), each drawn token's log-prob at the sampling temperature, from
+    the fast sampler (None from generate)."""
     enc = encode_prompts(processor, texts, images)
     enc.pop("num_images")
     device = next(model.parameters()).device
@@ -384,20 +402,60 @@ def generate_from_prompts(model, processor, texts: list[str], images: list[list]
     was_training = model.training
     model.eval()
     start = time.perf_counter()
+    log_probs = None
     try:
-        if getattr(cfg, "sampler", "hf") == "fast" and sampling.supports_fast_sampling(model):
-            completion_ids = sampling.sample(
-                model, enc, num_return_sequences=n, max_new_tokens=cfg.max_completion_length, stop_ids=stops,
-                pad_id=kwargs["pad_token_id"], suppress_ids=kwargs["suppress_tokens"] or (),
-                temperature=kwargs["temperature"], top_p=kwargs["top_p"], top_k=kwargs["top_k"],
-                greedy=greedy)["completion_ids"]
-        else:
-            out = model.generate(**enc, **kwargs, num_return_sequences=n)
-            completion_ids = out[:, enc["input_ids"].shape[1]:].cpu()
+        completion_ids, log_probs = _sample(model, enc, cfg, n, stops, kwargs, greedy, return_log_probs)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
-    return {"completion_ids": completion_ids, "seconds": seconds, "stops": stops}
+    return {"completion_ids": completion_ids, "seconds": seconds, "stops": stops, "log_probs": log_probs}
+
+
+def _sample(model, enc, cfg: GRPOConfig, n: int, stops, kwargs, greedy: bool, return_log_probs: bool):
+    """(completion_ids on CPU, log_probs or None) from the fast sampler, else from model.generate."""
+    if getattr(cfg, "sampler", "hf") == "fast" and sampling.supports_fast_sampling(model):
+        out = sampling.sample(
+            model, enc, num_return_sequences=n, max_new_tokens=cfg.max_completion_length, stop_ids=stops,
+            pad_id=kwargs["pad_token_id"], suppress_ids=kwargs["suppress_tokens"] or (),
+            temperature=kwargs["temperature"], top_p=kwargs["top_p"], top_k=kwargs["top_k"],
+            greedy=greedy, return_log_probs=return_log_probs and not greedy)
+        return out["completion_ids"], out.get("log_probs")
+    out = model.generate(**enc, **kwargs, num_return_sequences=n)
+    return out[:, enc["input_ids"].shape[1]:].cpu(), None
+
+
+@contextlib.contextmanager
+def autocast(model, cfg: GRPOConfig) -> Iterator[None]:
+    """The scoring passes' precision: with cfg.bf16 a bfloat16 torch.autocast on the model's device, except the
+    output head, which computes in float32 (bfloat16 logits carry ~2-3 significant digits: on the toy's
+    learning test PoRo then reached accuracy 0.32 instead of 0.73 in 20 steps; MiniMax-M1 reports the same
+    head-precision effect on the train / sample mismatch). Without cfg.bf16, nothing changes."""
+    if not getattr(cfg, "bf16", False):
+        yield
+        return
+    device = next(model.parameters()).device
+    head = sampling.base_model(model).get_output_embeddings()
+    own = head.__dict__.get("forward")
+    original = head.forward
+
+    def float32_forward(x, *args, **kwargs):
+        with torch.autocast(device.type, enabled=False):
+            return original(x.float(), *args, **kwargs)
+
+    head.forward = float32_forward  # the instance attribute shadows the class's forward for this block only
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+
+
+def needs_behaviour_log_probs(cfg: GRPOConfig) -> bool:
+    """pi_old(o|q,P) of the guided rows is used: for the IS log or for the truncated-IS weights."""
+    return bool(cfg.policy_rollout and (cfg.log_behaviour_ratio or cfg.offpolicy_rule == "tis"))
 
 
 @torch.no_grad()
@@ -418,7 +476,7 @@ def generate_group(model, processor, items: Sequence[dict], cfg: GRPOConfig, bui
         images = [i for pair in zip(images_free, images_pol) for i in pair]
     else:
         texts, images = texts_free, images_free
-    return generate_from_prompts(model, processor, texts, images, cfg)
+    return generate_from_prompts(model, processor, texts, images, cfg, return_log_probs=needs_behaviour_log_probs(cfg))
 
 
 def score_completions(processor, items: Sequence[dict], gen: dict[str, Any], guided: torch.Tensor, cfg: GRPOConfig,
@@ -436,8 +494,10 @@ def score_completions(processor, items: Sequence[dict], gen: dict[str, Any], gui
     if cfg.truncated_completions == "penalize":
         scores["reward"] = scores["reward"] + overlong_penalty(eos_mask.sum(1), truncated, cfg.max_completion_length,
                                                                cfg.overlong_buffer)
+    log_probs = gen.get("log_probs")
     return Rollout(items=list(items), completion_ids=completion_ids, eos_mask=eos_mask, truncated=truncated,
-                   guided=guided, texts=texts, rewards=scores, gen_seconds=gen["seconds"], guide_items=guide_items)
+                   guided=guided, texts=texts, rewards=scores, gen_seconds=gen["seconds"], guide_items=guide_items,
+                   sample_log_probs=None if log_probs is None else log_probs * eos_mask)
 
 
 def rollout(model, processor, items: Sequence[dict], cfg: GRPOConfig, build_messages,
@@ -463,8 +523,10 @@ def adaptive_rollout(model, processor, items: list[dict], cfg: GRPOConfig, build
     Every group keeps 2G rows, own first; `guided` marks which second halves were guided."""
     G = cfg.num_generations
     own_cfg = dataclasses.replace(cfg, policy_rollout=False, adaptive_guidance=False)
-    first = score_completions(processor, items, generate_group(model, processor, items, own_cfg, build_messages),
-                              torch.zeros(G * len(items), dtype=torch.bool), cfg, reward_fn)
+    want = needs_behaviour_log_probs(cfg)
+    first = score_completions(processor, items, generate_from_prompts(
+        model, processor, *prompt_texts(processor, items, False, build_messages), own_cfg, return_log_probs=want),
+        torch.zeros(G * len(items), dtype=torch.bool), cfg, reward_fn)
     all_wrong = (first.rewards["accuracy"].view(len(items), G) <= 0).all(dim=1)
     guides = guide_items if guide_items is not None else items
     texts, images = [], []
@@ -472,7 +534,7 @@ def adaptive_rollout(model, processor, items: list[dict], cfg: GRPOConfig, build
         t, im = prompt_texts(processor, [guide if wrong else item], wrong, build_messages)
         texts += t
         images += im
-    gen = generate_from_prompts(model, processor, texts, images, own_cfg)
+    gen = generate_from_prompts(model, processor, texts, images, own_cfg, return_log_probs=want)
     second = score_completions(processor, items, gen, all_wrong.repeat_interleave(G), cfg, reward_fn)
     width = max(first.completion_ids.shape[1], second.completion_ids.shape[1])
     rows = torch.arange(len(items) * G).view(len(items), G)
@@ -491,6 +553,9 @@ def adaptive_rollout(model, processor, items: list[dict], cfg: GRPOConfig, build
         texts=[texts_all[i] for i in order],
         rewards={k: halves(first.rewards[k], second.rewards[k]) for k in first.rewards},
         gen_seconds=first.gen_seconds + second.gen_seconds, guide_items=guide_items,
+        sample_log_probs=(None if first.sample_log_probs is None or second.sample_log_probs is None else
+                          halves(_pad_columns(first.sample_log_probs, width, 0),
+                                 _pad_columns(second.sample_log_probs, width, 0))),
     )
 
 
@@ -888,7 +953,7 @@ def train_on_rollout(model, optimizer, processor, ro: Rollout, cfg: GRPOConfig, 
     without dropout, so at num_iterations=1 the ratio is exactly 1 and the KL to an unchanged reference 0.
     Leaves the model in train mode."""
     model.train()
-    with dropout_disabled(model, cfg.disable_dropout):
+    with dropout_disabled(model, cfg.disable_dropout), autocast(model, cfg):
         return _train_on_rollout(model, optimizer, processor, ro, cfg, build_messages, reference, loss_scaler)
 
 
@@ -915,7 +980,10 @@ def _train_on_rollout(model, optimizer, processor, ro: Rollout, cfg: GRPOConfig,
         old_logp = torch.zeros_like(loss_mask, dtype=torch.float32)
     ref_logp = score_no_grad(model, batch, cfg, reference=reference or True) if cfg.beta > 0 else None
     behaviour = torch.zeros_like(loss_mask, dtype=torch.float32)
-    if need_behaviour:
+    if need_behaviour and ro.sample_log_probs is not None and ro.sample_log_probs.shape == loss_mask.shape:
+        # the sampler's own log-probs: the same network (eval mode, LoRA folded in) on the prompt it sampled from
+        behaviour[guided] = ro.sample_log_probs[guided].float()
+    elif need_behaviour:  # generate gave no log-probs: score the guided rows behind the policy prompt
         bb = behaviour_batch(processor, ro, build_messages)
         encode_images_once(model, bb)
         behaviour[guided] = score_no_grad(model, bb, cfg)

@@ -7,7 +7,8 @@ import torch
 
 from mpi.grpo import (aggregate_loss, chunked_log_probs_and_entropy, clipped_surrogate, completion_mask,
                       group_advantages, k3_kl, mask_truncated, offpolicy_token_weights, overlong_penalty,
-                      shaped_offpolicy_loss, token_entropy, token_log_probs, zero_std_groups)
+                      shaped_offpolicy_loss, token_entropy, token_log_probs, token_log_probs_and_entropy,
+                      zero_std_groups)
 
 
 # ---- advantages. R=[1,0,0,0]: mean 0.25, squared deviations 0.5625 + 3*0.0625 = 0.75.
@@ -168,6 +169,26 @@ def test_shaped_offpolicy_loss():
     assert torch.allclose(loss, torch.tensor([[-1.0]]))
     loss.sum().backward()
     assert torch.allclose(logp.grad, torch.tensor([[-0.5]]))  # -A * 0.25
+
+
+def test_fused_log_probs_and_entropy_equal_the_separate_functions():
+    """One pass (logsumexp once) against token_log_probs + token_entropy: values, a suppressed (-inf) id,
+    T != 1, and the same gradient (the entropy carries none)."""
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(3, 4, 9, generator=g) * 3).index_fill(-1, torch.tensor([2]), float("-inf"))
+    ids = torch.randint(0, 9, (3, 4), generator=g).masked_fill(torch.zeros(3, 4, dtype=torch.bool), 0)
+    ids[ids == 2] = 1  # never a suppressed id (the sampler cannot draw it)
+    for T in (1.0, 0.7):
+        a = logits.clone().requires_grad_(True)
+        b = logits.clone().requires_grad_(True)
+        lp, ent = token_log_probs_and_entropy(a, ids, T)
+        ref = token_log_probs(b, ids, T)
+        assert torch.allclose(lp, ref, atol=1e-6)
+        assert torch.allclose(ent, token_entropy(logits, T), atol=1e-5) and torch.isfinite(ent).all()
+        assert not ent.requires_grad
+        lp.sum().backward()
+        ref.sum().backward()
+        assert torch.allclose(a.grad, b.grad, atol=1e-6)
 
 
 def test_entropy_with_suppressed_tokens():

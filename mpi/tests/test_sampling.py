@@ -205,12 +205,15 @@ def test_rollout_samples_the_same_completions_with_either_sampler(toy):
         get_grpo_config("grpo", sampler="vllm")
 
 
-def test_is_log_at_one_iteration_reuses_the_trained_pass(toy):
-    """num_iterations=1: the IS-ratio metrics come from the trained pass's detached log-probs, no extra
-    no-grad pass over the policy-free batch, and equal the ones computed by hand from two no-grad passes."""
+@pytest.mark.parametrize("sampler", ["fast", "hf"])
+def test_is_log_at_one_iteration_needs_no_extra_scoring_pass(toy, sampler):
+    """num_iterations=1: pi_old comes from the trained pass's detached log-probs and, with the fast sampler,
+    the behaviour pi_old(o|q,P) from the sampler's own log-probs, so no no-grad pass runs at all (generate
+    gives no log-probs: then the one pass behind the policy prompt). The IS metrics equal the ones computed
+    by hand from two no-grad scoring passes."""
     model, processor, build = toy
     cfg = get_grpo_config("poro-grpo", num_generations=2, max_completion_length=6, beta=0.0, learning_rate=0.0,
-                          log_behaviour_ratio=True, progress=False)
+                          log_behaviour_ratio=True, progress=False, sampler=sampler)
     torch.manual_seed(0)
     ro = poro.rollout(model, processor, rl_items(2, id_prefix="s", numbered_query=True), cfg, build,
                       lambda its, txts: {"reward": [float(len(t) % 3) for t in txts], "accuracy": [0.0] * len(txts)})
@@ -220,6 +223,10 @@ def test_is_log_at_one_iteration_reuses_the_trained_pass(toy):
     poro.encode_images_once(model, bb)
     behaviour = torch.zeros_like(ro.eos_mask, dtype=torch.float32)
     behaviour[ro.guided] = poro.score_no_grad(model, bb, cfg)
+    if sampler == "fast":  # the sampler's log-probs are the scoring pass's (merged vs unmerged LoRA: rounding)
+        assert torch.allclose(ro.sample_log_probs[ro.guided], behaviour[ro.guided] * ro.eos_mask[ro.guided], atol=1e-4)
+    else:
+        assert ro.sample_log_probs is None
     expected = poro.behaviour_ratio_metrics(poro.score_no_grad(model, batch, cfg), behaviour, ro.eos_mask, ro.guided,
                                             cfg.tis_cap)
     calls = []
@@ -231,9 +238,39 @@ def test_is_log_at_one_iteration_reuses_the_trained_pass(toy):
         poro.score_no_grad = real
         model.eval()
     assert "guided/is_ratio_mean" in expected
-    assert calls == [int(ro.guided.sum())]  # only the behaviour pass (guided rows behind the policy prompt)
+    assert calls == ([] if sampler == "fast" else [int(ro.guided.sum())])
     for key, value in expected.items():
-        assert m[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        assert m[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+def test_the_is_log_changes_no_sample_and_no_update(toy):
+    """log_behaviour_ratio only adds metrics: the same completions and, after one update, the same weights bit
+    for bit (the sampler's log-probs draw no random numbers), so turning it on cannot move a result."""
+    model, processor, build = toy
+    init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    out = {}
+    for log in (False, True):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in init:
+                    p.copy_(init[n])
+        cfg = get_grpo_config("poro-grpo", num_generations=2, max_completion_length=6, learning_rate=1e-3,
+                              log_behaviour_ratio=log, progress=False)
+        torch.manual_seed(0)
+        ro = poro.rollout(model, processor, rl_items(2, id_prefix="s", numbered_query=True), cfg, build,
+                          lambda its, txts: {"reward": [float(len(t) % 3) for t in txts], "accuracy": [0.0] * len(txts)})
+        m = poro.train_on_rollout(model, poro.make_optimizer(model, cfg), processor, ro, cfg, build,
+                                  poro.make_reference(model, cfg))
+        model.eval()
+        out[log] = (ro.completion_ids, {n: p.detach().clone() for n, p in model.named_parameters() if n in init}, m)
+    assert torch.equal(out[False][0], out[True][0])
+    assert any(not torch.equal(out[True][1][n], init[n]) for n in init)  # the update really moved the weights
+    assert all(torch.equal(out[False][1][n], out[True][1][n]) for n in init)
+    assert "guided/is_ratio_mean" in out[True][2] and "guided/is_ratio_mean" not in out[False][2]
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in init:
+                p.copy_(init[n])
 
 
 def test_gradient_checkpointing_falls_back_to_the_per_row_forward():
@@ -275,3 +312,34 @@ def test_inverse_cdf_draw_is_the_categorical_distribution():
     assert torch.equal(sampling.draw(torch.tensor([[0.0, 0.0, 1.0]]), "multinomial"), torch.tensor([2]))
     with pytest.raises(ValueError, match="draw method"):
         sampling.draw(probs[:1], "gumbel")
+
+
+def test_length_buckets_split_short_from_long_prompts():
+    assert sampling.length_buckets([83, 300, 80, 298]) == [[2, 0], [3, 1]]
+    assert sampling.length_buckets([83, 84, 90]) == [[0, 1, 2]]  # plain GRPO: one bucket, one prefill
+    assert sampling.length_buckets([10, 12, 13, 16, 17]) == [[0, 1], [2, 3], [4]]  # <= 1.25x the bucket's shortest
+
+
+def test_bucketed_prefill_equals_one_padded_prefill(toy):
+    """Policy-free and policy prompts prefilled in two length buckets, their caches left-padded into one: the
+    same last hidden states and the same keys / values at every real position as one prefill of all prompts."""
+    model, processor, build = toy
+    _, _, enc = _mixed_prompts(processor, build, rl_items(3, id_prefix="s", numbered_query=True))
+    base, inner, lm = sampling._vl_parts(model)
+    lengths = enc["attention_mask"].sum(1).tolist()
+    assert len(sampling.length_buckets(lengths)) == 2  # the bucketed path really runs
+    positions, _ = sampling._prompt_positions(inner, enc)
+    with torch.no_grad():
+        cache, hidden = sampling.prefill(base, inner, lm, enc, positions)
+        from transformers import DynamicCache
+
+        joint = DynamicCache(config=lm.config)
+        out = inner(**enc, position_ids=positions, cache=joint, use_cache=True)
+    assert torch.allclose(hidden, out.last_hidden_state[:, -1], atol=1e-5)
+    real = enc["attention_mask"].bool()
+    for ours, theirs in zip(cache.layers, joint.layers):
+        assert ours.keys.shape == theirs.keys.shape
+        for k_ours, k_theirs in ((ours.keys, theirs.keys), (ours.values, theirs.values)):
+            a, b = k_ours.transpose(1, 2)[real], k_theirs.transpose(1, 2)[real]  # (real tokens, heads, dim)
+            assert torch.allclose(a, b, atol=1e-5)
+        assert (ours.keys.transpose(1, 2)[~real] == 0).all()  # padding: zeros, masked out
