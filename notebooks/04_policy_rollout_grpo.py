@@ -219,7 +219,7 @@ for text in ["<think>Condition 1 holds.</think>\n\\boxed{Case 3}", "\\boxed{Case
 # `stages/<dataset>/seed0/cpt+sft-cot` (notebook 03; trained here with the same `train_stage` if missing). As
 # in the pipeline, RL **continues the SFT adapter** (loaded trainable), and the KL reference is that adapter
 # as RL found it. The RL settings are the pipeline's for this preset (`pipeline.rl_config` = what `train_stage`
-# passes to `train_poro`: e.g. the toy preset samples at temperature 0.7 and validates every 10 steps).
+# passes to `train_poro`: e.g. the toy preset samples at temperature 0.7 and skips the importance-ratio log).
 
 # %% id="code-19"
 from mpi import pipeline
