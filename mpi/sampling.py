@@ -261,8 +261,9 @@ def prefill(base, inner, lm, enc: dict[str, torch.Tensor], position_ids: torch.T
     lengths = enc["attention_mask"].sum(1).tolist()
     buckets = length_buckets(lengths)
     full_attention = all(t == "full_attention" for t in (getattr(lm.config, "layer_types", None) or ["full_attention"]))
-    parts = [_bucket_inputs(inner, enc, position_ids, rows, max(lengths[r] for r in rows)) for rows in buckets]
-    if len(buckets) == 1 or not full_attention or any(p is None for p in parts):
+    parts = ([_bucket_inputs(inner, enc, position_ids, rows, max(lengths[r] for r in rows)) for rows in buckets]
+             if len(buckets) > 1 and full_attention else [None])
+    if any(p is None for p in parts):  # one bucket (plain GRPO), another layer kind, or inputs it cannot split
         cache = DynamicCache(config=lm.config)
         out = inner(**prompt_kwargs, position_ids=position_ids, cache=cache, use_cache=True)
         return cache, out.last_hidden_state[:, -1]

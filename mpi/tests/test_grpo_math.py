@@ -176,7 +176,7 @@ def test_fused_log_probs_and_entropy_equal_the_separate_functions():
     T != 1, and the same gradient (the entropy carries none)."""
     g = torch.Generator().manual_seed(1)
     logits = (torch.randn(3, 4, 9, generator=g) * 3).index_fill(-1, torch.tensor([2]), float("-inf"))
-    ids = torch.randint(0, 9, (3, 4), generator=g).masked_fill(torch.zeros(3, 4, dtype=torch.bool), 0)
+    ids = torch.randint(0, 9, (3, 4), generator=g)
     ids[ids == 2] = 1  # never a suppressed id (the sampler cannot draw it)
     for T in (1.0, 0.7):
         a = logits.clone().requires_grad_(True)
