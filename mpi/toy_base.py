@@ -17,7 +17,12 @@ the 16 image tokens at 112 px, and a fresh transformer must first learn *where* 
 
 1. `perception_steps` of single-object scenes described in full (every attribute supervised at once),
    at a moderate learning rate (1e-3; after 200 steps at 2e-3 a linear probe on the last hidden state
-   read a single object's color 19% of the time, against 70% at random init);
+   read a single object's color 19% of the time, against 70% at random init), seen first in close-up:
+   the image is cropped around the object and enlarged `perception_zoom` times, and the zoom shrinks
+   linearly to the full scene over `perception_zoom_steps` (the *zoom curriculum*). A big object is
+   easy to find; once the model reads it, it keeps reading it as it shrinks. Measured with
+   `benchmarks/bench_toy_perception.py --fresh`: on fresh single-object scenes, "What color is the
+   object?" read 31.2% held-out after 200 steps without the zoom (chance 12.5%), 97.9% with 3x -> 1x;
 2. then a ramp from 1 to `max_objects` objects over `curriculum_steps`, with existence and count
    questions and the random in-context policies mixed in.
 
@@ -45,10 +50,10 @@ import torch
 
 from mpi.atomic import atomic_directory
 
-# bump when the recipe changes so old caches are not reused. 3: the random policies' scenes are natural scenes
+# bump when the recipe changes so old caches are not reused. 4: the zoom curriculum (perception_zoom). 3: the random policies' scenes are natural scenes
 # conditioned on the outcome (mpi.data.clevr.natural_scene_for), like the splits; v2 used the witness search,
 # whose 1-4-object scenes held a single object 90% of the time.
-TOY_BASE_VERSION = 3
+TOY_BASE_VERSION = 4
 # The toy base trained by this recipe, shipped so that every machine starts from the same weights in seconds
 # (training it takes 20-40 minutes on 2 CPU cores). `python -m mpi toy-base --rebuild` trains it again.
 SHIPPED_ROOT = Path(__file__).resolve().parent / "assets" / "toy_base"
@@ -75,6 +80,8 @@ class ToyBaseConfig:
     policy_depths: tuple[int, ...] = (1, 2)  # depths of the random in-context policies
     policy_cot_fraction: float = 0.5  # share of policy targets with the forward CoT (else a direct answer)
     perception_steps: int = 500  # first, single-object scenes and the describe task only
+    perception_zoom: float = 3.0  # ... seen first enlarged this many times around the object (1 = no zoom)
+    perception_zoom_steps: int = 300  # ... shrinking linearly to the full scene (zoom 1) by this step
     curriculum_steps: int = 300  # then objects per scene ramp from `min_objects` to `max_objects`
     min_objects: int = 1
     max_objects: int = 4  # = the toy data's DataConfig.n_objects max ("small" preset; a test keeps them equal)
@@ -104,6 +111,11 @@ class ToyBaseConfig:
         if not 1 <= self.min_objects <= self.max_objects <= 10:
             raise ValueError(f"ToyBaseConfig: need 1 <= min_objects <= max_objects <= 10, got "
                              f"{self.min_objects}..{self.max_objects}")
+        if self.perception_zoom < 1:
+            raise ValueError(f"ToyBaseConfig.perception_zoom must be >= 1 (1 = the full scene), got {self.perception_zoom}")
+        if self.perception_zoom_steps > self.perception_steps:
+            raise ValueError(f"ToyBaseConfig.perception_zoom_steps ({self.perception_zoom_steps}) must be <= "
+                             f"perception_steps ({self.perception_steps}): the zoom is for single-object scenes")
         if not 0 <= self.policy_cot_fraction <= 1:
             raise ValueError("ToyBaseConfig.policy_cot_fraction must be in [0, 1]")
         return self
@@ -112,7 +124,7 @@ class ToyBaseConfig:
 TOY_BASE_PRESETS: dict[str, dict[str, Any]] = {
     # CI: seconds. Proves the code path; learns close to nothing.
     "tiny": dict(model="toy-tiny", steps=12, batch_size=4, pool_size=48, n_eval=12, perception_steps=4,
-                 curriculum_steps=4, warmup_steps=2, max_new_tokens=16, log_every=4),
+                 perception_zoom_steps=2, curriculum_steps=4, warmup_steps=2, max_new_tokens=16, log_every=4),
     # The laptop toy: tens of minutes once, cached.
     "toy": dict(model="toy-small"),
 }
@@ -235,6 +247,30 @@ def example_messages(example: dict[str, Any], with_answer: bool = True):
     return messages, list(example["images"])
 
 
+def perception_zoom_at(step: int, cfg: ToyBaseConfig) -> float:
+    """Close-up factor of the single-object scenes at `step`: `perception_zoom` at step 0, linearly down to 1
+    (the full scene) at `perception_zoom_steps`, and 1 after."""
+    if step >= cfg.perception_zoom_steps or cfg.perception_zoom <= 1:
+        return 1.0
+    return cfg.perception_zoom - (cfg.perception_zoom - 1.0) * step / cfg.perception_zoom_steps
+
+
+def zoom_to_object(example: dict[str, Any], zoom: float, image_size: int) -> dict[str, Any]:
+    """The rendered example with its image cropped to a square 1/zoom the side, centred on the first object
+    (moved inside the image at the borders), and resized back to image_size: the object `zoom` times bigger."""
+    if zoom <= 1.0:
+        return example
+    from PIL import Image
+
+    x1, y1, x2, y2 = example["scene"]["objects"][0]["bbox"]
+    half = image_size / (2 * zoom)
+    cx = min(max((x1 + x2) / 2, half), image_size - half)
+    cy = min(max((y1 + y2) / 2, half), image_size - half)
+    box = (cx - half, cy - half, cx + half, cy + half)
+    image = example["images"][0].resize((image_size, image_size), Image.BILINEAR, box=box)
+    return {**example, "images": [image], "zoom": zoom}
+
+
 def curriculum_max_objects(step: int, cfg: ToyBaseConfig) -> int:
     """Objects per scene at `step`: one during perception, then a linear ramp to `max_objects`."""
     if step < cfg.perception_steps:
@@ -251,7 +287,7 @@ def training_pool(cfg: ToyBaseConfig) -> list[dict[str, Any]]:
     A batch is either all policy examples (~300 tokens: the policy is in the prompt) or all skill
     examples (~40 tokens), so short examples are never padded to policy length. Examples are made
     for the curriculum stage they are first seen at: the first `perception_steps` batches describe
-    single-object scenes, later scenes have up to `max_objects`."""
+    single-object scenes (in close-up first, see `perception_zoom_at`), later scenes have up to `max_objects`."""
     image_size = _image_size(cfg.model)
     rng = _rng(cfg.seed, "train")
     skills = [t for t in SKILL_TASKS if t != "policy" and cfg.task_weights.get(t, 0) > 0]
@@ -272,6 +308,9 @@ def training_pool(cfg: ToyBaseConfig) -> list[dict[str, Any]]:
             else:
                 task = "describe" if perceiving else rng.choices(skills, skill_weights)[0]
                 ex = skill_example(rng, task, image_size, curriculum_max_objects(step, cfg), cfg.min_objects, index=k)
+                if perceiving:
+                    pool.append(zoom_to_object(render(ex, image_size), perception_zoom_at(step, cfg), image_size))
+                    continue
             pool.append(render(ex, image_size))
         step += 1
     return pool

@@ -133,3 +133,65 @@ def test_toy_base_sees_as_many_objects_as_the_toy_data():
     data = get_data_config(get_config("toy").data_preset)
     cfg = toy_base_config("toy")
     assert (cfg.min_objects, cfg.max_objects) == tuple(data.n_objects)
+
+
+def test_zoom_curriculum_schedule_by_hand():
+    from mpi.toy_base import perception_zoom_at
+
+    cfg = toy_base_config("toy")  # zoom 3 -> 1 over 300 steps: 3 - 2 * step / 300
+    assert [perception_zoom_at(s, cfg) for s in (0, 150, 225, 300, 499, 900)] == [3.0, 2.0, 1.5, 1.0, 1.0, 1.0]
+    off = toy_base_config("toy", perception_zoom=1.0)
+    assert {perception_zoom_at(s, off) for s in range(0, 500, 50)} == {1.0}
+    with pytest.raises(ValueError, match="perception_zoom must be >= 1"):
+        toy_base_config("toy", perception_zoom=0.5)
+    with pytest.raises(ValueError, match="perception_zoom_steps"):
+        toy_base_config("toy", perception_zoom_steps=501)
+
+
+def _square_example(box, size=56):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), (128, 128, 128))
+    ImageDraw.Draw(image).rectangle([box[0], box[1], box[2] - 1, box[3] - 1], fill=(255, 0, 0))
+    return {"scene": {"objects": [{"bbox": list(box)}]}, "images": [image]}
+
+
+def _red_pixels(image):
+    return sum(1 for p in image.getdata() if p[0] > 200 and p[1] < 60)
+
+
+def test_zoom_enlarges_the_object_about_zoom_squared_and_centres_it():
+    from mpi.toy_base import zoom_to_object
+
+    ex = _square_example((24, 20, 32, 28))  # an 8 x 8 red square, centre (28, 24), inside the 56 px image
+    assert zoom_to_object(ex, 1.0, 56) is ex  # zoom 1: the full scene, untouched
+    out = zoom_to_object(ex, 2.0, 56)
+    assert out["images"][0].size == (56, 56) and out["zoom"] == 2.0
+    assert 0.85 * 256 <= _red_pixels(out["images"][0]) <= 1.15 * 256  # 64 px -> 16 x 16 = 256
+    assert out["images"][0].getpixel((28, 28))[0] > 200  # the object's centre is the image's centre
+    assert ex["images"][0].getpixel((28, 28)) == (128, 128, 128)  # (it was not before) and the input is unchanged
+
+
+def test_zoom_keeps_the_crop_inside_the_image_at_a_corner():
+    from mpi.toy_base import zoom_to_object
+
+    ex = _square_example((0, 0, 6, 6))  # in the top-left corner: the crop is [0, 28) x [0, 28), not centred
+    out = zoom_to_object(ex, 2.0, 56)["images"][0]
+    assert out.getpixel((2, 2))[0] > 200 and out.getpixel((10, 10))[0] > 200  # 6 px -> 12 px, from the corner
+    assert out.getpixel((14, 14)) == (128, 128, 128)
+    assert 0.8 * 144 <= _red_pixels(out) <= 1.2 * 144
+
+
+def test_pool_zooms_only_the_first_perception_batches():
+    from mpi.toy_base import perception_zoom_at
+
+    cfg = toy_base_config("tiny", pool_size=24, batch_size=4)  # perception 4 steps, zoom 3 -> 1 over 2
+    assert [perception_zoom_at(s, cfg) for s in range(5)] == [3.0, 2.0, 1.0, 1.0, 1.0]
+    pool = training_pool(cfg)
+    zooms = [e.get("zoom", 1.0) for e in pool]
+    assert zooms[:8] == [3.0] * 4 + [2.0] * 4 and set(zooms[8:]) == {1.0}
+    plain = training_pool(toy_base_config("tiny", pool_size=24, batch_size=4, perception_zoom=1.0))
+    # same scenes, only the first two batches' images differ
+    assert [e["answer"] for e in pool] == [e["answer"] for e in plain]
+    same = [a["images"][0].tobytes() == b["images"][0].tobytes() for a, b in zip(pool, plain)]
+    assert same == [False] * 8 + [True] * 16
