@@ -73,7 +73,8 @@ def solid(examples: list[dict], image_size: int) -> list[dict]:
 
 
 def first_token_loss(model, batch) -> tuple:
-    """Mean cross-entropy at each row's first supervised position (the color word's first token)."""
+    """Mean cross-entropy at each row's first supervised position (the color word's first token), the targets
+    and the logits there."""
     import torch
 
     labels = batch["labels"]
@@ -83,7 +84,7 @@ def first_token_loss(model, batch) -> tuple:
     rows = torch.arange(labels.shape[0])
     logits = model.lm_head(hidden[rows, first - 1]).float()
     targets = labels[rows, first]
-    return torch.nn.functional.cross_entropy(logits, targets), targets
+    return torch.nn.functional.cross_entropy(logits, targets), targets, logits
 
 
 def blind_floor(targets) -> float:
@@ -106,10 +107,10 @@ def memorize(name: str, examples: list[dict], args) -> dict:
     batch = encode_examples(processor, examples, model.config.image_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     start = time.perf_counter()
-    loss, targets = first_token_loss(model, batch)
+    loss, targets, _ = first_token_loss(model, batch)
     floor = blind_floor(targets)
     for step in range(args.steps + 1):
-        loss, _ = first_token_loss(model, batch)
+        loss, _, _ = first_token_loss(model, batch)
         if step % args.log_every == 0 or step == args.steps:
             print(f"{name:6s} step {step:4d} | color-token loss {loss.item():.3f} | image-blind floor {floor:.3f} "
                   f"| {time.perf_counter() - start:5.0f}s", flush=True)
@@ -152,13 +153,8 @@ def generalize(name: str, zoom: float, image_size: int, args) -> dict:
     for step in range(args.steps + 1):
         if step % args.log_every == 0 or step == args.steps:
             with torch.no_grad():
-                loss, targets = first_token_loss(model, held_out)
-                labels = held_out["labels"]
-                inputs = {k: v for k, v in held_out.items() if k != "labels"}
-                first = (labels != -100).int().argmax(dim=1)
-                rows = torch.arange(labels.shape[0])
-                pred = model.lm_head(model.model(**inputs).last_hidden_state[rows, first - 1]).argmax(-1)
-                acc = float((pred == targets).float().mean())
+                loss, targets, logits = first_token_loss(model, held_out)
+                acc = float((logits.argmax(-1) == targets).float().mean())
             print(f"{name:15s} step {step:4d} | held-out color accuracy {100 * acc:5.1f}% | held-out loss "
                   f"{loss.item():.3f} | zoom {perception_zoom_at(step, schedule):.2f} | {time.perf_counter() - start:5.0f}s",
                   flush=True)
@@ -168,7 +164,7 @@ def generalize(name: str, zoom: float, image_size: int, args) -> dict:
         examples = [zoom_to_object(fresh_color_example(train_rng, step * args.batch_size + j, image_size, args.size),
                                    z, image_size) for j in range(args.batch_size)]
         batch = encode_examples(processor, examples, model.config.image_token_id)
-        loss, _ = first_token_loss(model, batch)
+        loss, _, _ = first_token_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
