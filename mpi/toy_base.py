@@ -50,9 +50,9 @@ import torch
 
 from mpi.atomic import atomic_directory
 
-# bump when the recipe changes so old caches are not reused. 4: the zoom curriculum (perception_zoom). 3: the random policies' scenes are natural scenes
-# conditioned on the outcome (mpi.data.clevr.natural_scene_for), like the splits; v2 used the witness search,
-# whose 1-4-object scenes held a single object 90% of the time.
+# bump when the recipe changes so old caches are not reused. 4: the zoom curriculum (perception_zoom).
+# 3: the random policies' scenes are natural scenes conditioned on the outcome (mpi.data.clevr.natural_scene_for),
+# like the splits; v2 used the witness search, whose 1-4-object scenes held a single object 90% of the time.
 TOY_BASE_VERSION = 4
 # The toy base trained by this recipe, shipped so that every machine starts from the same weights in seconds
 # (training it takes 20-40 minutes on 2 CPU cores). `python -m mpi toy-base --rebuild` trains it again.
@@ -308,10 +308,10 @@ def training_pool(cfg: ToyBaseConfig) -> list[dict[str, Any]]:
             else:
                 task = "describe" if perceiving else rng.choices(skills, skill_weights)[0]
                 ex = skill_example(rng, task, image_size, curriculum_max_objects(step, cfg), cfg.min_objects, index=k)
-                if perceiving:
-                    pool.append(zoom_to_object(render(ex, image_size), perception_zoom_at(step, cfg), image_size))
-                    continue
-            pool.append(render(ex, image_size))
+            ex = render(ex, image_size)
+            if perceiving:  # the single-object scenes, in close-up first
+                ex = zoom_to_object(ex, perception_zoom_at(step, cfg), image_size)
+            pool.append(ex)
         step += 1
     return pool
 
