@@ -20,6 +20,7 @@ METHODS: dict[str, tuple[str, ...]] = {
     "vmcpt-cot-sft-grpo": ("cpt", "sft-cot", "grpo"),
     "trimpi-grpo": ("cpt", "sft-cot", "poro-grpo"),
     "trimpi-grpo-wrong": ("cpt", "sft-cot", "poro-grpo-wrong"),
+    "trimpi-grpo-adaptive": ("cpt", "sft-cot", "poro-grpo-adaptive"),
     "trimpi-dapo": ("cpt", "sft-cot", "poro-dapo"),
 }
 METHOD_LABELS = {
@@ -32,6 +33,7 @@ METHOD_LABELS = {
     "vmcpt-cot-sft-grpo": "VM-CPT + CoT SFT + GRPO",
     "trimpi-grpo": "TriMPI (PoRo-GRPO)",
     "trimpi-grpo-wrong": "TriMPI, wrong policy in the guided half (control)",
+    "trimpi-grpo-adaptive": "TriMPI, guided half only for all-wrong groups (adaptive)",
     "trimpi-dapo": "TriMPI (PoRo-DAPO)",
 }
 DEFAULT_METHODS = ("in-context", "cot-sft", "trimpi-grpo")
@@ -39,7 +41,7 @@ DEFAULT_METHODS = ("in-context", "cot-sft", "trimpi-grpo")
 TABLE_METHODS = ("in-context", "cot-sft", "cot-sft-grpo", "vmcpt-cot-sft", "vmcpt-cot-sft-grpo", "trimpi-grpo",
                  "trimpi-grpo-wrong")
 SUPERVISED_STAGES = ("cpt", "sft-cot", "sft-direct")  # trained by mpi.supervised
-RL_STAGES = ("grpo", "dapo", "poro-grpo", "poro-dapo", "poro-grpo-wrong")  # trained by mpi.poro
+RL_STAGES = ("grpo", "dapo", "poro-grpo", "poro-dapo", "poro-grpo-wrong", "poro-grpo-adaptive")  # trained by mpi.poro
 
 
 def memory_stage(stage: str) -> str:

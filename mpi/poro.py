@@ -230,6 +230,9 @@ GRPO_PRESETS: dict[str, dict[str, Any]] = {
     # The control: PoRo-GRPO whose guided half reads ANOTHER policy (see GRPOConfig.guided_context).
     "poro-grpo-wrong": dict(policy_rollout=True, epsilon=0.2, epsilon_high=0.3, beta=0.01, loss_type="grpo",
                             dynamic_sampling=False, guided_context="wrong_policy"),
+    # Adaptive guidance: PoRo-GRPO whose guided half is drawn only for groups whose own half is all wrong.
+    "poro-grpo-adaptive": dict(policy_rollout=True, epsilon=0.2, epsilon_high=0.3, beta=0.01, loss_type="grpo",
+                               dynamic_sampling=False, adaptive_guidance=True),
     # The same two without PolicyRollout (the paper's "VM-CPT + SFT + GRPO" ablation).
     "grpo": dict(policy_rollout=False, epsilon=0.2, epsilon_high=0.3, beta=0.01, loss_type="grpo",
                  dynamic_sampling=False),

@@ -28,6 +28,7 @@ PAIRED_COMPARISONS: tuple[tuple[str, str, str], ...] = (
     ("PoRo − GRPO", "trimpi-grpo", "vmcpt-cot-sft-grpo"),
     ("PoRo − SFT", "trimpi-grpo", "vmcpt-cot-sft"),
     ("PoRo − wrong policy", "trimpi-grpo", "trimpi-grpo-wrong"),
+    ("PoRo − adaptive guidance", "trimpi-grpo", "trimpi-grpo-adaptive"),
 )
 # the view whose per-item scores the comparisons pair (the trained methods' headline)
 PAIRED_VIEW = "policy_free"

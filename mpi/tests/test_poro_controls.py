@@ -143,6 +143,20 @@ def test_adaptive_guidance_guides_only_the_all_wrong_groups(toy, spy_generate):
         get_grpo_config("grpo", adaptive_guidance=True)
 
 
+def test_the_controls_are_methods_that_differ_from_trimpi_in_one_field_only():
+    """`--methods trimpi-grpo-wrong` / `trimpi-grpo-adaptive` train PoRo-GRPO with exactly one knob changed."""
+    from mpi.methods import METHODS
+
+    trimpi = get_grpo_config("poro-grpo").to_dict()
+    for method, field, value in (("trimpi-grpo-wrong", "guided_context", "wrong_policy"),
+                                 ("trimpi-grpo-adaptive", "adaptive_guidance", True)):
+        stage = METHODS[method][-1]
+        assert METHODS[method][:-1] == METHODS["trimpi-grpo"][:-1]
+        control = get_grpo_config(stage).to_dict()
+        assert {k for k in trimpi if trimpi[k] != control[k]} == {"preset", field}
+        assert control[field] == value
+
+
 def test_validation_metrics_by_hand_and_training_is_unchanged(toy, tmp_path):
     model, processor, build_messages, init = toy
     _reset(model, init)
