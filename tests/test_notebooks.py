@@ -6,11 +6,16 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 
 from tests.nbtools import NOTEBOOKS, TWINS, TwinError, build_notebook, execute, has_outputs, notebook_text, twin_differences, twin_of
 
 COLAB_BADGE = "colab.research.google.com/assets/colab-badge.svg"
 IDS = [p.name for p in NOTEBOOKS]
+# torch's intra-op thread count in a fresh process, as the notebook kernels run (read at collection, before any
+# test changes it): the in-process CLI run below must match it, since another count sums in another order and
+# changes the last bits of a gradient norm
+KERNEL_THREADS = torch.get_num_threads()
 
 
 def test_there_are_notebooks():
@@ -112,15 +117,18 @@ def test_the_notebooks_give_the_pipelines_numbers(fresh_run_folder):
     data, the same trained stages (same last-step metrics) and the same evaluation numbers, for seed 0."""
     import os
 
-    import torch
-
     from mpi.cli import main
     from mpi.pipeline import read_done
 
     if not (fresh_run_folder / "report.md").exists():
         pytest.skip("needs the headless notebook runs of this module first (run the whole file)")
     cli = fresh_run_folder.parent / "cli"
-    assert main(["--preset", "tiny", "--name", "cli", "--out-dir", os.environ["MPI_OUT_DIR"]]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(KERNEL_THREADS)
+    try:
+        assert main(["--preset", "tiny", "--name", "cli", "--out-dir", os.environ["MPI_OUT_DIR"]]) == 0
+    finally:
+        torch.set_num_threads(threads)
     notebook_evals = sorted(p.parent.relative_to(fresh_run_folder) for p in fresh_run_folder.glob("eval/*/*/*/done.json"))
     assert notebook_evals == sorted(p.parent.relative_to(cli) for p in cli.glob("eval/*/*/*/done.json"))
     assert notebook_evals, "no evaluation in the notebooks' run folder"

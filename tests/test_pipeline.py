@@ -139,8 +139,8 @@ def test_training_chains_share_prefixes():
     # cpt, sft-cot and sft-direct once each; cpt+sft-cot feeds both TriMPI runs and VM-CPT + CoT SFT
     assert ("cpt",) in chains and ("cpt", "sft-cot") in chains and ("sft-cot",) in chains
     # by hand: sft-direct, sft-cot, cpt, cpt+sft-cot, sft-cot+grpo, sft-cot+dapo, cpt+sft-cot+grpo,
-    # cpt+sft-cot+poro-grpo / -dapo / -grpo-wrong
-    assert len(chains) == 10
+    # cpt+sft-cot+poro-grpo / -dapo / -grpo-wrong / -grpo-adaptive
+    assert len(chains) == 11
     for chain in chains:  # parents come first
         assert chains.index(chain[:-1]) < chains.index(chain) if len(chain) > 1 else True
 
