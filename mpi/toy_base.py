@@ -178,15 +178,18 @@ def _plural_noun(attr: str, value: str) -> str:
 
 
 def skill_example(rng: random.Random, task: str, image_size: int, max_objects: int, min_objects: int = 1,
-                  index: int = 0) -> dict[str, Any]:
-    """One general-skill example: {"task", "question", "answer", "scene"} (scene not yet rendered)."""
+                  index: int = 0, attribute: str | None = None) -> dict[str, Any]:
+    """One general-skill example: {"task", "question", "answer", "scene"} (scene not yet rendered).
+    `attribute` fixes what an exists/count question asks about (default: drawn; fixing it skips that draw)."""
     from mpi.data.scenes import ATTRIBUTES, sample_object, sample_scene
 
     lo = max(1, min(min_objects, max_objects))
     if task == "describe":
         scene = sample_scene(rng, image_size, n_objects=(lo, max_objects), index=index, split="toybase")
         return {"task": task, "question": DESCRIBE_QUESTION, "answer": describe_target(scene["objects"]), "scene": scene}
-    attr = rng.choice(list(ATTRIBUTES))
+    if attribute is not None and attribute not in ATTRIBUTES:
+        raise ValueError(f"unknown attribute {attribute!r}; attributes are {sorted(ATTRIBUTES)}")
+    attr = attribute or rng.choice(list(ATTRIBUTES))
     value = rng.choice(ATTRIBUTES[attr])
     if task == "exists":
         want = rng.random() < 0.5  # balanced yes/no: a model that ignores the image scores 50%

@@ -28,12 +28,13 @@ def test_describe_target_hand_written():
                                         "materials: rubber, metal.")
 
 
+@pytest.mark.parametrize("attribute", [None, "color", "shape"])
 @pytest.mark.parametrize("task", ["exists", "count"])
-def test_skill_answers_match_the_scene(task):
+def test_skill_answers_match_the_scene(task, attribute):
     rng = random.Random(0)
     answers = []
     for k in range(60):
-        ex = skill_example(rng, task, 56, max_objects=10, min_objects=1, index=k)
+        ex = skill_example(rng, task, 56, max_objects=10, min_objects=1, index=k, attribute=attribute)
         q, objects = ex["question"], ex["scene"]["objects"]
         # recover (attr, value) from the question independently of the generator
         from mpi.data.scenes import ATTRIBUTES
@@ -42,6 +43,7 @@ def test_skill_answers_match_the_scene(task):
                 or (v == "sphere" and "spheres" in q) or (v == "cube" and "cubes" in q)]
         assert len(hits) == 1, q
         attr, value = hits[0]
+        assert attribute in (None, attr), (attribute, q)
         n = sum(o[attr] == value for o in objects)
         if task == "exists":
             assert ex["answer"] == ("yes" if n > 0 else "no")
@@ -50,6 +52,8 @@ def test_skill_answers_match_the_scene(task):
         answers.append(ex["answer"])
     if task == "exists":  # balanced: a blind model cannot beat 50% by much
         assert 20 <= answers.count("yes") <= 40
+    with pytest.raises(ValueError, match="unknown attribute 'colour'"):
+        skill_example(rng, task, 56, 4, attribute="colour")
 
 
 def test_policy_examples_are_not_the_evaluation_policies():
