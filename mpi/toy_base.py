@@ -24,7 +24,11 @@ the 16 image tokens at 112 px, and a fresh transformer must first learn *where* 
    `benchmarks/bench_toy_perception.py --fresh`: on fresh single-object scenes, "What color is the
    object?" read 31.2% held-out after 200 steps without the zoom (chance 12.5%), 97.9% with 3x -> 1x;
 2. then a ramp from 1 to `max_objects` objects over `curriculum_steps`, with existence and count
-   questions and the random in-context policies mixed in.
+   questions and the random in-context policies mixed in;
+3. optionally (`condition_steps`, 0 in the shipped recipe) a *condition phase*: fresh scenes, mostly
+   existence questions (the policies' conditions), a fresh AdamW at `condition_lr`. The shipped base answers
+   "no" to every existence question; measured with `benchmarks/bench_toy_exists.py --attribute all`, up to
+   3,000 such steps on top of it have not yet made it check all four attributes (see the benchmark).
 
     path = build_toy_base(ToyBaseConfig(model="toy-small", seed=0))   # cached, deterministic per seed
     model, processor = load_model_and_processor(str(path), quantization=None, lora=...)
@@ -44,7 +48,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -79,6 +83,13 @@ class ToyBaseConfig:
                                                                       "policy": 1.0})
     policy_depths: tuple[int, ...] = (1, 2)  # depths of the random in-context policies
     policy_cot_fraction: float = 0.5  # share of policy targets with the forward CoT (else a direct answer)
+    # The condition phase (v5), after `steps`: the policies' conditions are existence questions over all four
+    # attributes, and the mixed phase stops on a plateau where every one is answered "no"
+    # (benchmarks/bench_toy_exists.py). A fresh AdamW at a lower learning rate, mostly existence questions.
+    condition_steps: int = 0
+    condition_lr: float = 3e-4
+    condition_task_weights: dict[str, float] = field(default_factory=lambda: {"describe": 0.5, "exists": 3.0,
+                                                                                "count": 0.25, "policy": 1.0})
     perception_steps: int = 500  # first, single-object scenes and the describe task only
     perception_zoom: float = 3.0  # ... seen first enlarged this many times around the object (1 = no zoom)
     perception_zoom_steps: int = 300  # ... shrinking linearly to the full scene (zoom 1) by this step
@@ -100,9 +111,12 @@ class ToyBaseConfig:
         if self.model not in TOY_SPECS:
             raise ValueError(f"ToyBaseConfig.model must be a toy model ({sorted(TOY_SPECS)}), got {self.model!r}; "
                              "a hub model is already a base and needs no toy base")
-        unknown = sorted(set(self.task_weights) - set(SKILL_TASKS))
-        if unknown:
-            raise ValueError(f"ToyBaseConfig.task_weights: unknown task(s) {unknown}; tasks are {SKILL_TASKS}")
+        for name in ("task_weights", "condition_task_weights"):
+            unknown = sorted(set(getattr(self, name)) - set(SKILL_TASKS))
+            if unknown:
+                raise ValueError(f"ToyBaseConfig.{name}: unknown task(s) {unknown}; tasks are {SKILL_TASKS}")
+        if self.condition_steps < 0 or self.condition_lr <= 0:
+            raise ValueError("ToyBaseConfig.condition_steps must be >= 0 and condition_lr > 0")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("ToyBaseConfig.steps and batch_size must be >= 1")
         if self.pool_size % self.batch_size:
@@ -284,39 +298,56 @@ def curriculum_max_objects(step: int, cfg: ToyBaseConfig) -> int:
     return int(round(cfg.min_objects + frac * (cfg.max_objects - cfg.min_objects)))
 
 
-def training_pool(cfg: ToyBaseConfig) -> list[dict[str, Any]]:
-    """`pool_size` rendered examples in training order, one batch after another.
+def training_batches(cfg: ToyBaseConfig, phase: str = "main") -> Iterator[list[dict[str, Any]]]:
+    """The rendered examples of one training phase, one batch at a time, in training order (drawn lazily: the
+    condition phase's examples are each seen once, so they are never all held in memory).
 
     A batch is either all policy examples (~300 tokens: the policy is in the prompt) or all skill
-    examples (~40 tokens), so short examples are never padded to policy length. Examples are made
-    for the curriculum stage they are first seen at: the first `perception_steps` batches describe
-    single-object scenes (in close-up first, see `perception_zoom_at`), later scenes have up to `max_objects`."""
+    examples (~40 tokens), so short examples are never padded to policy length.
+
+    - `phase="main"`: `pool_size` examples made for the curriculum stage they are first seen at: the first
+      `perception_steps` batches describe single-object scenes (in close-up first, see `perception_zoom_at`),
+      later scenes have up to `max_objects`.
+    - `phase="conditions"`: `condition_steps` batches of fresh scenes of up to `max_objects` objects drawn with
+      `condition_task_weights` (their own random stream)."""
+    if phase not in ("main", "conditions"):
+        raise ValueError(f"unknown toy-base phase {phase!r}; phases are 'main' and 'conditions'")
+    main = phase == "main"
     image_size = _image_size(cfg.model)
-    rng = _rng(cfg.seed, "train")
-    skills = [t for t in SKILL_TASKS if t != "policy" and cfg.task_weights.get(t, 0) > 0]
-    skill_weights = [cfg.task_weights[t] for t in skills]
-    total = sum(cfg.task_weights.get(t, 0) for t in SKILL_TASKS)
-    p_policy = cfg.task_weights.get("policy", 0) / total if total else 0.0
-    pool: list[dict[str, Any]] = []
-    step = 0
-    while len(pool) < cfg.pool_size:
-        perceiving = step < cfg.perception_steps
+    rng = _rng(cfg.seed, "train" if main else "train-conditions")
+    weights = cfg.task_weights if main else cfg.condition_task_weights
+    size = cfg.pool_size if main else cfg.condition_steps * cfg.batch_size
+    perception_steps = cfg.perception_steps if main else 0
+    skills = [t for t in SKILL_TASKS if t != "policy" and weights.get(t, 0) > 0]
+    skill_weights = [weights[t] for t in skills]
+    total = sum(weights.get(t, 0) for t in SKILL_TASKS)
+    p_policy = weights.get("policy", 0) / total if total else 0.0
+    k = step = 0
+    while k < size:
+        perceiving = step < perception_steps
+        max_objects = curriculum_max_objects(step, cfg) if main else cfg.max_objects
         policy_batch = not perceiving and (rng.random() < p_policy or not skills)
-        for _ in range(min(cfg.batch_size, cfg.pool_size - len(pool))):
-            k = len(pool)
+        batch = []
+        for _ in range(min(cfg.batch_size, size - k)):
             if policy_batch:
                 ex = policy_example(rng, rng.choice(cfg.policy_depths), image_size, index=k,
                                     cot=rng.random() < cfg.policy_cot_fraction,
                                     n_objects=(cfg.min_objects, cfg.max_objects))
             else:
                 task = "describe" if perceiving else rng.choices(skills, skill_weights)[0]
-                ex = skill_example(rng, task, image_size, curriculum_max_objects(step, cfg), cfg.min_objects, index=k)
+                ex = skill_example(rng, task, image_size, max_objects, cfg.min_objects, index=k)
             ex = render(ex, image_size)
             if perceiving:  # the single-object scenes, in close-up first
                 ex = zoom_to_object(ex, perception_zoom_at(step, cfg), image_size)
-            pool.append(ex)
+            batch.append(ex)
+            k += 1
+        yield batch
         step += 1
-    return pool
+
+
+def training_pool(cfg: ToyBaseConfig, phase: str = "main") -> list[dict[str, Any]]:
+    """All of `training_batches`, flattened: the main phase's pool, re-drawn in order once exhausted."""
+    return [ex for batch in training_batches(cfg, phase) for ex in batch]
 
 
 def general_skill_items(model: str, n: int, seed: int = 0, max_objects: int = 10) -> list[dict[str, Any]]:
@@ -393,45 +424,52 @@ def toy_base_loss(model, batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits, target[keep])
 
 
-def _lr_lambda(cfg: ToyBaseConfig) -> Callable[[int], float]:
+def _lr_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak at `total_steps`."""
     def fn(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return fn
 
 
-def make_toy_base_optimizer(model, cfg: ToyBaseConfig) -> torch.optim.Optimizer:
+def make_toy_base_optimizer(model, cfg: ToyBaseConfig, learning_rate: float | None = None) -> torch.optim.Optimizer:
     """AdamW over all weights, the vision tower at cfg.vision_lr_mult times the learning rate."""
+    lr = cfg.learning_rate if learning_rate is None else learning_rate
     vision = [p for n, p in model.named_parameters() if p.requires_grad and ".visual." in f".{n}"]
     other = [p for n, p in model.named_parameters() if p.requires_grad and ".visual." not in f".{n}"]
-    groups = [{"params": other, "lr": cfg.learning_rate},
-              {"params": vision, "lr": cfg.learning_rate * cfg.vision_lr_mult}]
+    groups = [{"params": other, "lr": lr}, {"params": vision, "lr": lr * cfg.vision_lr_mult}]
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
 
 
-def train_toy_base(model, processor, cfg: ToyBaseConfig, log: Callable[[dict], None] | None = None) -> list[dict]:
-    """Full-parameter pretraining of a toy on the pool. Returns the logged rows."""
+def _train_phase(model, processor, cfg: ToyBaseConfig, phase: str, log: Callable[[dict], None] | None) -> list[dict]:
+    """One phase's loop: its pool, a fresh AdamW and its warm-up + cosine schedule, clipped full-parameter steps."""
     from tqdm.auto import tqdm
 
-    from mpi.device import seed_everything
-
-    seed_everything(cfg.seed)
+    main = phase == "main"
     t_pool = time.perf_counter()
-    pool = training_pool(cfg)
+    pool = training_pool(cfg, phase) if main else None
+    fresh = None if main else training_batches(cfg, phase)
     pool_seconds = time.perf_counter() - t_pool
+    steps = cfg.steps if main else cfg.condition_steps
+    optimizer = make_toy_base_optimizer(model, cfg, cfg.learning_rate if main else cfg.condition_lr)
+    # the condition phase keeps its learning rate after the warm-up: it has to leave a plateau late in the
+    # phase (about 120 steps in benchmarks/bench_toy_exists.py), and a decaying rate stalled it there
+    min_ratio = cfg.min_lr_ratio if main else 1.0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, steps, min_ratio))
     device = next(model.parameters()).device
-    optimizer = make_toy_base_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     image_token_id = model.config.image_token_id
     model.train()
     rows, window = [], []
     start = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc=f"toy base ({cfg.model}, seed {cfg.seed})", disable=not cfg.progress)
+    bar = tqdm(range(steps), desc=f"toy base {phase} ({cfg.model}, seed {cfg.seed})", disable=not cfg.progress)
     for step in bar:
-        idx = [(step * cfg.batch_size + j) % len(pool) for j in range(cfg.batch_size)]
-        batch = encode_examples(processor, [pool[i] for i in idx], image_token_id).to(device)
+        if main:
+            examples = [pool[(step * cfg.batch_size + j) % len(pool)] for j in range(cfg.batch_size)]
+        else:
+            examples = next(fresh)
+        batch = encode_examples(processor, examples, image_token_id).to(device)
         loss = toy_base_loss(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -439,9 +477,11 @@ def train_toy_base(model, processor, cfg: ToyBaseConfig, log: Callable[[dict], N
         optimizer.step()
         scheduler.step()
         window.append(float(loss.detach()))
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            row = {"step": step + 1, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
-                   "seconds": time.perf_counter() - start, "max_objects": curriculum_max_objects(step, cfg)}
+        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
+            row = {"phase": phase, "step": step + 1 + (0 if main else cfg.steps),
+                   "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
+                   "seconds": time.perf_counter() - start,
+                   "max_objects": curriculum_max_objects(step, cfg) if main else cfg.max_objects}
             window = []
             rows.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
@@ -451,6 +491,22 @@ def train_toy_base(model, processor, cfg: ToyBaseConfig, log: Callable[[dict], N
     if rows:
         rows[-1]["pool_seconds"] = pool_seconds
     model.eval()
+    return rows
+
+
+def train_toy_base(model, processor, cfg: ToyBaseConfig, log: Callable[[dict], None] | None = None,
+                   phases: Sequence[str] = ("main", "conditions")) -> list[dict]:
+    """Full-parameter pretraining of a toy: the main phase, then (if `condition_steps`) the condition phase,
+    each with its own pool and a fresh optimizer. `phases=("conditions",)` runs the condition phase alone on a
+    model that already went through the main phase (what a full build does next). Returns the logged rows."""
+    from mpi.device import seed_everything
+
+    seed_everything(cfg.seed)
+    rows: list[dict] = []
+    for phase in phases:
+        if phase == "conditions" and cfg.condition_steps == 0:
+            continue
+        rows += _train_phase(model, processor, cfg, phase, log)
     return rows
 
 
@@ -494,12 +550,20 @@ def in_context_policy_accuracy(model, processor, items: Sequence[dict[str, Any]]
 # =========================================================================== cache
 
 
+def _recipe_config(cfg: ToyBaseConfig) -> dict[str, Any]:
+    """The knobs that change the weights: not the log cadence, and not the condition phase's when it does not run
+    (`condition_steps=0` trains exactly what v4 trained, so the v4 base and its caches stay valid)."""
+    config = {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "log_every")}
+    if cfg.condition_steps == 0:
+        for k in ("condition_steps", "condition_lr", "condition_task_weights"):
+            config.pop(k)
+    return config
+
+
 def toy_base_key(cfg: ToyBaseConfig) -> str:
     from mpi.toy import toy_path
 
-    record = {"version": TOY_BASE_VERSION, "config": {k: v for k, v in cfg.to_dict().items()
-                                                      if k not in ("progress", "log_every")},
-              "toy": toy_path(cfg.model, cfg.seed).name}
+    record = {"version": TOY_BASE_VERSION, "config": _recipe_config(cfg), "toy": toy_path(cfg.model, cfg.seed).name}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -508,8 +572,8 @@ def recipe_record(cfg: ToyBaseConfig) -> dict[str, Any]:
 
     Unlike `toy_base_key`, this leaves out the toy tokenizer's corpus hash, so a shipped base stays valid when
     the project's prompt text changes (the base carries its own tokenizer)."""
-    config = {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "log_every")}
-    return json.loads(json.dumps({"version": TOY_BASE_VERSION, "config": config}, sort_keys=True, default=str))
+    return json.loads(json.dumps({"version": TOY_BASE_VERSION, "config": _recipe_config(cfg)}, sort_keys=True,
+                                 default=str))
 
 
 def shipped_toy_base(cfg: ToyBaseConfig) -> Path | None:

@@ -199,3 +199,93 @@ def test_pool_zooms_only_the_first_perception_batches():
     assert [e["answer"] for e in pool] == [e["answer"] for e in plain]
     same = [a["images"][0].tobytes() == b["images"][0].tobytes() for a, b in zip(pool, plain)]
     assert same == [False] * 8 + [True] * 16
+
+
+def test_condition_phase_pool_is_its_own_stream_and_leaves_the_main_pool_alone():
+    base = toy_base_config("tiny", pool_size=24, batch_size=4)
+    cfg = toy_base_config("tiny", pool_size=24, batch_size=4, condition_steps=3,
+                          condition_task_weights={"exists": 1.0})
+    main_before, main_after = training_pool(base), training_pool(cfg)
+    assert [e["answer"] for e in main_before] == [e["answer"] for e in main_after]  # v4's phase, draw for draw
+    cond = training_pool(cfg, "conditions")
+    assert len(cond) == 3 * 4
+    assert {e["task"] for e in cond} == {"exists"}  # only the phase's tasks, no perception describes
+    assert all(1 <= len(e["scene"]["objects"]) <= cfg.max_objects for e in cond)
+    assert "zoom" not in {k for e in cond for k in e}
+    # its own random stream: not a replay of the main pool's scenes
+    assert [e["question"] for e in cond] != [e["question"] for e in main_after[:12]]
+    assert [e["answer"] for e in cond] == [e["answer"] for e in training_pool(cfg, "conditions")]
+    assert training_pool(base, "conditions") == []
+    with pytest.raises(ValueError, match="phases are 'main' and 'conditions'"):
+        training_pool(cfg, "warmup")
+    with pytest.raises(ValueError, match="condition_task_weights"):
+        toy_base_config("tiny", condition_task_weights={"exist": 1.0})
+
+
+def test_learning_rate_schedules_by_hand():
+    from mpi.toy_base import _lr_lambda
+
+    main = _lr_lambda(warmup_steps=2, total_steps=6, min_lr_ratio=0.3)
+    # warm-up 1/2, 2/2; then cosine over 4 steps: 0.3 + 0.7 * (1 + cos(pi * k / 4)) / 2
+    expected = [0.5, 1.0, 1.0, 0.3 + 0.35 * (1 + 2 ** -0.5), 0.65, 0.3 + 0.35 * (1 - 2 ** -0.5), 0.3, 0.3]
+    assert [main(s) for s in range(8)] == pytest.approx(expected)
+    flat = _lr_lambda(warmup_steps=2, total_steps=6, min_lr_ratio=1.0)  # the condition phase's
+    assert [flat(s) for s in range(8)] == pytest.approx([0.5] + [1.0] * 7)
+
+
+def test_train_toy_base_runs_both_phases_each_with_a_fresh_optimizer(toy_tiny_path, monkeypatch):
+    import torch
+
+    from mpi import toy_base
+    from mpi.modeling import load_model_and_processor
+
+    cfg = toy_base_config("tiny", steps=2, pool_size=8, batch_size=4, perception_steps=1, perception_zoom_steps=1,
+                          curriculum_steps=1, warmup_steps=1, condition_steps=2, condition_lr=5e-4, log_every=1,
+                          progress=False)
+    made = []
+    real = toy_base.make_toy_base_optimizer
+    monkeypatch.setattr(toy_base, "make_toy_base_optimizer",
+                        lambda model, c, lr=None: made.append(lr) or real(model, c, lr))
+    model, processor = load_model_and_processor("toy-tiny", quantization=None, seed=0, trainable=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rows = toy_base.train_toy_base(model, processor, cfg)
+    assert [(r["phase"], r["step"]) for r in rows] == [("main", 1), ("main", 2), ("conditions", 3), ("conditions", 4)]
+    assert made == [cfg.learning_rate, 5e-4]
+    assert [r["lr"] for r in rows[2:]] == pytest.approx([5e-4, 5e-4])  # constant after its one warm-up step
+    after_both = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert any(not torch.equal(before[n], after_both[n]) for n in before)
+    # the condition phase alone continues a model that went through the main phase
+    rows = toy_base.train_toy_base(model, processor, cfg, phases=("conditions",))
+    assert [r["phase"] for r in rows] == ["conditions", "conditions"]
+    assert any(not torch.equal(after_both[n], p) for n, p in model.named_parameters())
+
+
+def test_a_condition_phase_that_does_not_run_is_not_part_of_the_recipe():
+    from mpi.toy_base import recipe_record
+
+    plain = toy_base_config("tiny")
+    assert recipe_record(toy_base_config("tiny", condition_lr=1e-5)) == recipe_record(plain)
+    assert toy_base_key(toy_base_config("tiny", condition_lr=1e-5)) == toy_base_key(plain)
+    with_phase = toy_base_config("tiny", condition_steps=3)
+    assert recipe_record(with_phase) != recipe_record(plain)
+    assert toy_base_key(with_phase) != toy_base_key(toy_base_config("tiny", condition_steps=3, condition_lr=1e-5))
+
+
+def test_training_batches_are_the_pool_batch_by_batch():
+    from mpi.toy_base import training_batches
+
+    cfg = toy_base_config("tiny", pool_size=24, batch_size=4, condition_steps=3)
+    for phase in ("main", "conditions"):
+        batches = list(training_batches(cfg, phase))
+        assert all(len(b) == 4 for b in batches)
+        flat = [e for b in batches for e in b]
+        assert [e["answer"] for e in flat] == [e["answer"] for e in training_pool(cfg, phase)]
+        assert all(len({e["task"] == "policy" for e in b}) == 1 for b in batches)
+
+
+def test_the_report_names_a_condition_phase_only_when_there_was_one():
+    from mpi.report import _condition_steps
+
+    assert _condition_steps(toy_base_config("toy").to_dict()) == ""
+    assert _condition_steps({"steps": 1300}) == ""  # a v4 toy_base.json, written before the phase existed
+    assert _condition_steps(toy_base_config("toy", condition_steps=300).to_dict()) == ", then 300 condition-phase steps"
