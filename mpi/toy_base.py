@@ -27,8 +27,8 @@ the 16 image tokens at 112 px, and a fresh transformer must first learn *where* 
    questions and the random in-context policies mixed in;
 3. optionally (`condition_steps`, 0 in the shipped recipe) a *condition phase*: fresh scenes, mostly
    existence questions (the policies' conditions), a fresh AdamW at `condition_lr`. The shipped base answers
-   "no" to every existence question; measured with `benchmarks/bench_toy_exists.py --attribute all`, up to
-   3,000 such steps on top of it have not yet made it check all four attributes (see the benchmark).
+   "no" to every existence question; measured with `benchmarks/bench_toy_condition_phase.py`, up to 3,000
+   such steps on top of it taught it color and size, not shape or material (see the benchmark).
 
     path = build_toy_base(ToyBaseConfig(model="toy-small", seed=0))   # cached, deterministic per seed
     model, processor = load_model_and_processor(str(path), quantization=None, lora=...)
@@ -83,12 +83,12 @@ class ToyBaseConfig:
                                                                       "policy": 1.0})
     policy_depths: tuple[int, ...] = (1, 2)  # depths of the random in-context policies
     policy_cot_fraction: float = 0.5  # share of policy targets with the forward CoT (else a direct answer)
-    # The condition phase (v5), after `steps`: the policies' conditions are existence questions over all four
-    # attributes, and the mixed phase stops on a plateau where every one is answered "no"
-    # (benchmarks/bench_toy_exists.py). A fresh AdamW at a lower learning rate, mostly existence questions.
+    # The optional condition phase, after `steps` (0: none, the shipped recipe): the policies' conditions are
+    # existence questions over four attributes, and the main phase ends answering every one "no". A fresh AdamW,
+    # mostly existence questions; the default mix is the one measured longest (benchmarks/bench_toy_condition_phase.py).
     condition_steps: int = 0
     condition_lr: float = 3e-4
-    condition_task_weights: dict[str, float] = field(default_factory=lambda: {"describe": 0.5, "exists": 3.0,
+    condition_task_weights: dict[str, float] = field(default_factory=lambda: {"describe": 0.5, "exists": 6.0,
                                                                                 "count": 0.25, "policy": 1.0})
     perception_steps: int = 500  # first, single-object scenes and the describe task only
     perception_zoom: float = 3.0  # ... seen first enlarged this many times around the object (1 = no zoom)
@@ -444,18 +444,18 @@ def make_toy_base_optimizer(model, cfg: ToyBaseConfig, learning_rate: float | No
 
 
 def _train_phase(model, processor, cfg: ToyBaseConfig, phase: str, log: Callable[[dict], None] | None) -> list[dict]:
-    """One phase's loop: its pool, a fresh AdamW and its warm-up + cosine schedule, clipped full-parameter steps."""
+    """One phase's loop: its examples, a fresh AdamW and its schedule, clipped full-parameter steps."""
     from tqdm.auto import tqdm
 
     main = phase == "main"
     t_pool = time.perf_counter()
-    pool = training_pool(cfg, phase) if main else None
-    fresh = None if main else training_batches(cfg, phase)
+    pool = training_pool(cfg, phase) if main else None  # the main pool is rendered up front and re-used in order
+    fresh = None if main else training_batches(cfg, phase)  # the condition phase's are drawn as it goes
     pool_seconds = time.perf_counter() - t_pool
     steps = cfg.steps if main else cfg.condition_steps
     optimizer = make_toy_base_optimizer(model, cfg, cfg.learning_rate if main else cfg.condition_lr)
-    # the condition phase keeps its learning rate after the warm-up: it has to leave a plateau late in the
-    # phase (about 120 steps in benchmarks/bench_toy_exists.py), and a decaying rate stalled it there
+    # the condition phase keeps its learning rate after the warm-up: existence is learned only after a plateau
+    # at the yes/no prior (about 120 steps for colors alone at a constant 3e-4, benchmarks/bench_toy_exists.py)
     min_ratio = cfg.min_lr_ratio if main else 1.0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, steps, min_ratio))
     device = next(model.parameters()).device
@@ -488,7 +488,7 @@ def _train_phase(model, processor, cfg: ToyBaseConfig, phase: str, log: Callable
             if log is not None:
                 log(row)
     bar.close()
-    if rows:
+    if rows and main:
         rows[-1]["pool_seconds"] = pool_seconds
     model.eval()
     return rows
