@@ -96,9 +96,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # batches with the policy in context keep that skill, and VM-CPT then pays off (README, "Results on the toy").
     # max_length: a ClevrPolicy N=4 item with its policy in context runs to ~1,080 toy tokens (never truncated:
     # a longer sequence is a config error), so N=2 and N=4 (`--table`) fit one setting.
-    # max_completion_length: an N=4 chain of thought + answer runs to 164 toy tokens (N=2: 90); generation stops
-    # at the end-of-turn token, so the bound costs nothing on shorter answers.
-    "toy": dict(model="toy-small", data_preset="small", image_size=112, max_completion_length=176, max_length=1536,
+    # max_completion_length: a compact N=4 chain of thought + answer runs to 65 toy tokens (N=2: 53, N=6: 75);
+    # generation stops at the end-of-turn token, so the bound costs only when a model rambles.
+    "toy": dict(model="toy-small", data_preset="small", image_size=112, max_completion_length=96, max_length=1536,
                 sft_epochs=1, sft_policy_in_context_frac=0.5),
     # One Colab T4 (15 GB, no bf16): 3B in 4-bit NF4, fp16 compute, short completions.
     "colab-t4": dict(model="Qwen/Qwen2.5-VL-3B-Instruct", quantization="4bit", data_preset="colab",

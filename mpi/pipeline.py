@@ -66,12 +66,12 @@ EVAL_DEFAULTS: dict[str, dict[str, Any]] = {
                  # the IS log off, as on the toy: the sampler's log-probs it now reads differ by ~1e-7 between the
                  # notebooks' run and the CLI's (cause not found), and the notebook = CLI test compares exactly
                  grpo={"max_resample_tries": 2, "eval_every": 1, "eval_samples": 1, "log_behaviour_ratio": False}),
-    # A ClevrPolicy CoT is up to 90 (N=2) / 164 (N=4) toy tokens: answers must fit (RunConfig.max_completion_length).
+    # A compact ClevrPolicy CoT is up to 53 (N=2) / 65 (N=4) toy tokens: answers must fit (RunConfig.max_completion_length).
     # The importance-ratio log is off on the laptop (see "tiny"); it no longer costs a pass (the sampler's log-probs).
     # Temperature 0.7: at 1.0 a quarter of the toy's samples lost the answer format (format reward 0.74 vs 0.98).
     # The headline accuracy on all 200 test items (the first 64 read 56% where all 200 read 70%, same model);
     # policy back in context and override on the first 64 (eval_side_limit), to keep the laptop run short.
-    "toy": dict(eval_limit=200, eval_side_limit=64, eval_batch_size=16, eval_max_new_tokens=192, prefill_items=8,
+    "toy": dict(eval_limit=200, eval_side_limit=64, eval_batch_size=16, eval_max_new_tokens=96, prefill_items=8,
                 toy_base="toy",
                 grpo={"log_behaviour_ratio": False, "temperature": 0.7,
                       # the schedule a fresh Adam needs, and the validation split's sampled accuracy every 10 steps
@@ -787,7 +787,7 @@ def general_skills(plan: Plan, model, processor) -> dict[str, Any] | None:
     from mpi.toy_base import general_skill_accuracy, general_skill_items
 
     tb = toy_base_cfg(plan)
-    items = general_skill_items(tb.model, tb.n_eval, seed=tb.seed, max_objects=tb.max_objects)
+    items = general_skill_items(tb.model, tb.n_eval, seed=tb.seed, max_objects=tb.max_objects, world=tb.world)
     # the attribute list runs to ~40 tokens: decode far enough that it can be complete
     r = general_skill_accuracy(model, processor, items, batch_size=plan.opts["eval_batch_size"],
                                max_new_tokens=max(tb.max_new_tokens, 64))
