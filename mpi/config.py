@@ -11,7 +11,10 @@ is a plain field so that `dataclasses.asdict(cfg)` is the whole record of a run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +76,9 @@ class RunConfig:
     log_every: int | None = None
 
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_values(self)  # a bad value is named here, at config time, not by a traceback mid-run
 
     def replace(self, **overrides: Any) -> "RunConfig":
         _check_fields(overrides)
@@ -144,3 +150,114 @@ def get_config(preset: str | None = None, **overrides: Any) -> RunConfig:
     _check_fields(overrides)
     values = {**PRESETS[preset], **overrides}
     return RunConfig(preset=preset, **values)
+
+
+# =========================================================================== value checks
+
+# The range each numeric field must lie in, beyond its type: (lowest, lowest allowed?, highest, highest allowed?).
+# A field not listed only has its type checked (image_size: DataConfig names a bad size with its fix).
+VALUE_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "cpt_learning_rate": (0, False, None, False), "sft_learning_rate": (0, False, None, False),
+    "rl_learning_rate": (0, False, None, False),  # <= 0 would not train, or ascend the loss
+    "cpt_epochs": (0, True, None, False), "sft_epochs": (0, True, None, False), "rl_steps": (0, True, None, False),
+    "rl_epochs": (0, False, None, False),
+    "num_generations": (2, True, None, False),  # GRPO's advantage is a sample against its group: one has no spread
+    "max_completion_length": (1, True, None, False), "max_length": (1, True, None, False),
+    "prompts_per_step": (1, True, None, False), "batch_size": (1, True, None, False),
+    "grad_accum_steps": (1, True, None, False), "micro_batch_size": (1, True, None, False),
+    "lora_r": (1, True, None, False), "lora_alpha": (1, True, None, False), "lora_dropout": (0, True, 1, False),
+    "sft_policy_in_context_frac": (0, True, 1, True), "save_every": (1, True, None, False),
+    "log_every": (1, True, None, False), "seed": (0, True, None, False),
+}
+
+
+class ConfigValueError(ValueError):
+    """RunConfig value(s) of the wrong type or out of range; `problems` holds (field, value, expected, example)."""
+
+    def __init__(self, problems: list[tuple[str, Any, str, Any]]):
+        self.problems = problems
+        lines = [f"  - RunConfig.{name} = {value!r} ({type(value).__name__}): expected {expected}\n"
+                 f"    fix: --set {name}={_json(example)} (in Python: get_config(..., {name}={example!r}))"
+                 for name, value, expected, example in problems]
+        super().__init__(f"{len(problems)} bad RunConfig value(s):\n" + "\n".join(lines))
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(list(value) if isinstance(value, tuple) else value, separators=(",", ":"))
+
+
+def _type_name(tp: Any) -> str:
+    """'an integer', 'a number', 'a string or null', 'a list of integers', ... for an annotation."""
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a JSON object"}
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_type_name(args[0]).split(' ', 1)[1]}s"
+    return names.get(origin or tp, getattr(tp, "__name__", str(tp)))
+
+
+def _has_type(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:  # True is an int in Python, not here
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:  # an integer is a number: --set rl_learning_rate=1 parses as 1
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if origin is tuple:
+        return isinstance(value, (tuple, list)) and all(_has_type(v, args[0]) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    return isinstance(value, origin or tp)
+
+
+def _range_text(low, low_ok, high, high_ok) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"{'>=' if low_ok else '>'} {low}")
+    if high is not None:
+        parts.append(f"{'<=' if high_ok else '<'} {high}")
+    return " and ".join(parts)
+
+
+def value_problems(cfg: RunConfig) -> list[tuple[str, Any, str, Any]]:
+    """(field, value, what was expected, a valid example: the preset's value) for every RunConfig field of the
+    wrong type or out of its range."""
+    hints = typing.get_type_hints(type(cfg))
+    problems = []
+    for f in dataclasses.fields(cfg):
+        value, tp = getattr(cfg, f.name), hints[f.name]
+        bound = VALUE_RANGES.get(f.name)
+        optional = type(None) in typing.get_args(tp)
+        plain = typing.Union[tuple(a for a in typing.get_args(tp) if a is not type(None))] if optional else tp
+        expected = _type_name(plain) + (f" {_range_text(*bound)}" if bound else "") + (", or null" if optional else "")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        example = PRESETS.get(cfg.preset, {}).get(f.name, default)
+        if not _has_type(value, tp):
+            problems.append((f.name, value, expected, example))
+            continue
+        if bound is None or value is None:
+            continue
+        low, low_ok, high, high_ok = bound
+        if (low is not None and (value < low or (value == low and not low_ok))) or \
+                (high is not None and (value > high or (value == high and not high_ok))):
+            problems.append((f.name, value, expected, example))
+    return problems
+
+
+def check_values(cfg: RunConfig) -> RunConfig:
+    """Raise ConfigValueError naming each field of the wrong type or out of range; list-valued tuples become tuples."""
+    problems = value_problems(cfg)
+    if problems:
+        raise ConfigValueError(problems)
+    for f in dataclasses.fields(cfg):  # JSON gives lists (--set depths=[2,4]); the config keeps tuples
+        if isinstance(getattr(cfg, f.name), list) and typing.get_origin(typing.get_type_hints(type(cfg))[f.name]) is tuple:
+            setattr(cfg, f.name, tuple(getattr(cfg, f.name)))
+    return cfg

@@ -984,7 +984,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         overrides["depths"] = (2, 4)
     if args.out_dir:
         overrides["out_dir"] = args.out_dir
-    cfg = get_config(args.preset, **overrides)
+    from mpi.config import ConfigValueError
+
+    try:
+        cfg = get_config(args.preset, **overrides)
+    except ConfigValueError as err:  # a --set value of the wrong type or out of range: named, no traceback
+        raise PipelineError(str(err)) from err
     cfg.extra = {**cfg.extra, **extra}
     return cfg
 

@@ -88,7 +88,7 @@ def test_dry_run_report_resolves_what_the_stages_would_train(nothing_heavy):
 @pytest.mark.parametrize("override, field, fix", [
     ("image_size=0", "DataConfig.image_size", "--set image_size="),
     ("data_preset=colabb", "RunConfig.data_preset", "colab"),
-    ("num_generations=0", "GRPOConfig", "num_generations"),
+    ('grpo={"temperature": 0}', "GRPOConfig", "temperature"),  # RunConfig's own values: tests/test_config_values.py
     ("max_completion_length=4096", "memory (rl)", "micro_batch_size"),
 ])
 def test_broken_override_names_the_field_and_the_fix(override, field, fix, tmp_path, capsys, nothing_heavy):
