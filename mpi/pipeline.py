@@ -703,6 +703,13 @@ def train_stage(plan: Plan, key: str, seed: int, chain: tuple[str, ...], tmp: Pa
         from mpi.poro import train_poro
 
         gcfg = rl_config(plan, stage, seed, key)
+        from mpi.prompt_lengths import PromptTooLong, check_prompt_lengths
+
+        try:  # a prompt over max_length is refused here, never truncated through its image tokens
+            check_prompt_lengths(processor, train, plan.cfg.max_length, where=f"{desc} (RL)",
+                                 with_policy=(False, True) if gcfg.policy_rollout else (False,))
+        except PromptTooLong as err:
+            raise PipelineError(str(err)) from err
         last = poro.latest_checkpoint(work)
         resumed_from = int(json.loads((last / "state.json").read_text())["step"]) if last is not None else None
         # the validation split picks the best checkpoint (keep_best) and shows the curve; never the test split
