@@ -106,12 +106,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     # at the end-of-turn token, so the bound costs nothing on shorter answers.
     "toy": dict(model="toy-small", data_preset="small", image_size=112, max_completion_length=176, max_length=1536,
                 sft_epochs=1, sft_policy_in_context_frac=0.5),
-    # One Colab T4 (15 GB, no bf16): 3B in 4-bit NF4, fp16 compute, short completions.
+    # One Colab T4 (15 GB, no bf16): 3B in 4-bit NF4, fp16 compute, short completions. Sized to one free Colab
+    # session by the dry run's estimate (mpi.wall_time: ~2.6 h): N=2 only, 60 RL steps, 160-token completions
+    # (an N=2 CoT + answer is ~95 Qwen tokens). The full plan is opt-in, its hours printed by the dry run
+    # (README "Presets"): --depths 2,4,6 --set rl_steps=200 --set max_completion_length=256 --set max_length=4992.
     "colab-t4": dict(model="Qwen/Qwen2.5-VL-3B-Instruct", quantization="4bit", data_preset="colab",
-                     image_size=224, depths=(2, 4, 6), lora_r=8, lora_alpha=16, lora_dropout=0.05,
+                     image_size=224, depths=(2,), lora_r=8, lora_alpha=16, lora_dropout=0.05,
                      max_length=2048, batch_size=1, grad_accum_steps=8,
                      cpt_learning_rate=1e-4, sft_learning_rate=1e-4, rl_learning_rate=1e-6,
-                     num_generations=4, max_completion_length=256, prompts_per_step=1, rl_steps=200,
+                     num_generations=4, max_completion_length=160, prompts_per_step=1, rl_steps=60,
                      gradient_checkpointing=True, micro_batch_size=4),
     # The paper's setting (Qwen2.5-VL-7B, 8 GPUs); LoRA here where the paper trains all weights in CPT.
     "paper": dict(model="Qwen/Qwen2.5-VL-7B-Instruct", quantization=None, data_preset="paper",

@@ -79,10 +79,13 @@ EVAL_DEFAULTS: dict[str, dict[str, Any]] = {
                       # (2 answers per val item, smoothed): the stage keeps its best checkpoint, the start included
                       "warmup_steps": 3, "lr_scheduler_type": "cosine", "eval_every": 10, "eval_samples": 2,
                       "keep_best": True}),
-    # The GPU presets: the same schedule and best-validation checkpoint, validated every 50 steps (32 val items x 3
-    # answers on a 3B model is about the cost of 3 RL steps).
-    "colab-t4": dict(eval_limit=200, eval_batch_size=4, eval_max_new_tokens=512, prefill_items=8, toy_base=None,
-                     grpo={"warmup_steps": 10, "lr_scheduler_type": "cosine", "eval_every": 50, "eval_samples": 2,
+    # The GPU presets: the same schedule and best-validation checkpoint. colab-t4 is sized to one Colab session
+    # (mpi.wall_time's estimate): validation every 20 of its 60 steps, one answer per val item; the headline on 100
+    # test items, the side views on 32, 8 answers per generate call (decoding on a T4 costs about the same for 4
+    # or 8 rows); 256 new tokens hold an N=2 answer (~95 tokens) with room.
+    "colab-t4": dict(eval_limit=100, eval_side_limit=32, eval_batch_size=8, eval_max_new_tokens=256, prefill_items=8,
+                     toy_base=None,
+                     grpo={"warmup_steps": 5, "lr_scheduler_type": "cosine", "eval_every": 20, "eval_samples": 1,
                            "keep_best": True}),
     "paper": dict(eval_limit=None, eval_batch_size=8, eval_max_new_tokens=1024, prefill_items=16, toy_base=None,
                   grpo={"warmup_steps": 10, "lr_scheduler_type": "cosine", "eval_every": 50, "eval_samples": 2,

@@ -65,20 +65,20 @@ def test_dry_run_report_resolves_what_the_stages_would_train(nothing_heavy):
     cfg = get_config("colab-t4")
     rep = dry.plan_report(make_plan(cfg))
     assert rep.problems == []
-    # default methods (in-context, cot-sft, trimpi-grpo) on N = 2, 4, 6: per N one data and one cost stage,
-    # 4 training chains (sft-cot, cpt, cpt+sft-cot, cpt+sft-cot+poro-grpo) and 3 evaluations
-    assert len(rep.stages) == 3 * (1 + 1 + 4 + 3) == 27
-    assert rep.stages[:3] == ["data/clevr-T-N2", "data/clevr-T-N4", "data/clevr-T-N6"]
+    # default methods (in-context, cot-sft, trimpi-grpo) on N = 2 (sized to one Colab session, tests/test_wall_time.py):
+    # one data and one cost stage, 4 training chains (sft-cot, cpt, cpt+sft-cot, cpt+sft-cot+poro-grpo), 3 evaluations
+    assert len(rep.stages) == 1 + 1 + 4 + 3 == 9
+    assert rep.stages[:2] == ["data/clevr-T-N2", "cost/clevr-T-N2"]
     # the "colab" data preset: 4 policies x 125 train scenes, 32 validation and 200 test items, at 224 px
-    assert rep.data["clevr-T-N4"]["sizes"] == {"train": 500, "val": 32, "test": 200, "override": 200}
-    assert rep.data["clevr-T-N4"]["config"]["image_size"] == 224 and rep.data["clevr-T-N4"]["config"]["depths"] == (4,)
+    assert rep.data["clevr-T-N2"]["sizes"] == {"train": 500, "val": 32, "test": 200, "override": 200}
+    assert rep.data["clevr-T-N2"]["config"]["image_size"] == 224 and rep.data["clevr-T-N2"]["config"]["depths"] == (2,)
     # each stage's config carries the RunConfig fields it is made from
     assert rep.configs["cpt"]["mode"] == "cpt" and rep.configs["cpt"]["learning_rate"] == cfg.cpt_learning_rate
     assert rep.configs["sft-cot"]["quantization"] == "4bit" and rep.configs["sft-cot"]["grad_accum_steps"] == 8
     rl = rep.configs["poro-grpo"]
-    assert (rl["num_generations"], rl["max_completion_length"], rl["steps"], rl["micro_batch_size"]) == (4, 256, 200, 4)
-    assert rep.configs["eval"]["eval_max_new_tokens"] == 512
-    assert (rl["keep_best"], rl["eval_every"], rl["lr_scheduler_type"]) == (True, 50, "cosine")
+    assert (rl["num_generations"], rl["max_completion_length"], rl["steps"], rl["micro_batch_size"]) == (4, 160, 60, 4)
+    assert rep.configs["eval"]["eval_max_new_tokens"] == 256
+    assert (rl["keep_best"], rl["eval_every"], rl["lr_scheduler_type"]) == (True, 20, "cosine")
     # the memory preflight ran against a T4 (this machine has no GPU) and every stage fits it
     assert "Tesla T4" in rep.device and set(rep.memory) == {"cpt", "sft", "rl"}
     assert all(0 < m["peak_gib"] < (14.74 - 0.5) * 0.95 for m in rep.memory.values())
