@@ -136,3 +136,5 @@ def test_gpu_check_cpu_smoke_runs_every_stage_on_the_4bit_path(tmp_path, monkeyp
     assert rows["poro-grpo"]["tokens"][1] > rows["poro-grpo"]["tokens"][0]  # the guided prompt carries the policy
     assert rows["eval"]["n"] == 2
     assert (tmp_path / "rows.json").is_file()
+    # every timed stage carries mpi.wall_time's estimate for the same work (the dry run's arithmetic)
+    assert all(rows[s]["estimate_s"] > 0 for s in ("vm-cpt", "sft", "poro-grpo", "eval"))
