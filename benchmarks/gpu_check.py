@@ -257,22 +257,18 @@ def run_mode(mode: str, model_dir: Path, work: Path, shape: Shape, device: str, 
 def wall_time_estimate(row: dict, device_name: str, facts, shape: Shape) -> float | None:
     """mpi.wall_time's seconds for this row's work on one `device_name` GPU (the dry run's arithmetic; the
     first step also pays warm-up, so a measured step above the estimate is expected on the first call)."""
-    from mpi.wall_time import GPU_NAMES, THROUGHPUT
+    from mpi.wall_time import GPU_NAMES, THROUGHPUT, Rates
 
     key = next((k for name, k in GPU_NAMES.items() if name in device_name), "cpu:toy-tiny")
-    rates = THROUGHPUT[key]
-    gpus = 8 if key == "h100x8" else 1  # the paper's entry is for 8 GPUs; this check runs on one
-    scale = facts.total_params() / rates.params
-    train, decode_s, decode_rows = rates.train_tokens_per_s / gpus / scale, rates.decode_s * scale, max(1, rates.decode_rows // gpus)
+    rates = Rates.of(THROUGHPUT[key], facts.total_params(), gpus=1)  # this check runs on one GPU
     if row["stage"] in ("vm-cpt", "sft") and "tokens" in row:
-        return row["tokens"] / train
+        return row["tokens"] / rates.train
     if row["stage"] == "poro-grpo" and "tokens" in row:
         free, guided = row["tokens"]
-        rows, T = 2 * shape.num_generations, shape.max_completion_length
-        return (T * math.ceil(rows / decode_rows) * decode_s + (free + rows * T) * (4 / 3) / train
-                + (free + guided) / (3 * train))
+        return rates.rl_step(prompts=1, rows=2 * shape.num_generations, positions=shape.max_completion_length,
+                             free_prompt=free, prefill=free + guided)
     if row["stage"] == "eval":
-        return shape.eval_new_tokens * math.ceil(shape.eval_items / decode_rows) * decode_s
+        return rates.generate(shape.eval_items, shape.eval_new_tokens)
     return None
 
 

@@ -292,7 +292,7 @@ def check_wall_time(plan, rep: DryRunReport, facts, device_info, processes: int)
 
     if rep.problems:  # the estimate reads the same configs: a broken one is already named
         return
-    est = estimate_plan(plan, facts, device_info, processes)
+    est = estimate_plan(plan, facts, device_info, rep.stages, processes)
     rep.wall_time = est
     for line in est.lines():
         rep.say(line)

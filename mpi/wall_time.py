@@ -51,6 +51,7 @@ class Throughput:
     decode_s: float
     decode_rows: int
     source: str
+    gpus: int = 1  # devices the rates are for together (the paper's 8 x H100, data parallel)
 
 
 # Every rate and where it comes from. Published numbers (the issue's): Qwen2.5-VL-7B 4-bit GRPO on a T4 ran 142
@@ -73,7 +74,7 @@ THROUGHPUT: dict[str, Throughput] = {
                "tokens/s per GPU, x 8 data parallel (an assumption: MFU of LoRA training with gradient "
                "checkpointing); decode: 25 ms per position for up to 64 rows per GPU, HF generate at ~5x the "
                "bandwidth bound (15.2 GB of bf16 weights / 3.35 TB/s = 4.5 ms). Cross-check: the published "
-               "Qwen2.5-VL-3B LoRA GRPO on one A100, 21.6 s per step (G = 2)"),
+               "Qwen2.5-VL-3B LoRA GRPO on one A100, 21.6 s per step (G = 2)", gpus=8),
     "cpu:toy-small": Throughput(
         "CPU (2 cores)", "toy-small", 3.54e6,
         train_tokens_per_s=2500.0, decode_s=0.0028, decode_rows=32,
@@ -90,6 +91,34 @@ THROUGHPUT: dict[str, Throughput] = {
 }
 GPU_NAMES = {"T4": "t4", "H100": "h100x8"}  # a CUDA device's name -> its entry (8 x H100 is the paper's target)
 DATA_S_PER_ITEM_112PX = 0.005  # CPU: the toy run's data stage, 1,432 items at 112 px in 7 s (README)
+
+
+@dataclass(frozen=True)
+class Rates:
+    """A throughput entry for one model on one device: tokens/s, seconds per decode position, rows per decode step."""
+
+    train: float
+    decode_s: float
+    decode_rows: int
+
+    @classmethod
+    def of(cls, entry: Throughput, params: float, gpus: int | None = None) -> "Rates":
+        """`entry`'s rates for a model of `params` parameters (scaled by size), on `gpus` of its devices (None:
+        all of them, e.g. the 8 of "h100x8")."""
+        scale = params / entry.params
+        share = 1 if gpus is None else max(1, entry.gpus // max(1, gpus))
+        return cls(entry.train_tokens_per_s / scale / share, entry.decode_s * scale, max(1, entry.decode_rows // share))
+
+    def generate(self, rows: int, positions: float) -> float:
+        """Seconds to sample `positions` tokens for `rows` sequences."""
+        return positions * math.ceil(max(rows, 1) / self.decode_rows) * self.decode_s
+
+    def rl_step(self, *, prompts: int, rows: int, positions: int, free_prompt: float, prefill: float,
+                passes: float = 4 / 3) -> float:
+        """One RL step: sampling, then scoring each prompt once and every completion (x passes: the update's
+        forward + backward and, with beta > 0, the KL reference's forward), and the prompts' prefill."""
+        scored = prompts * free_prompt + rows * positions
+        return self.generate(rows, positions) + scored * passes / self.train + prefill / (3 * self.train)
 
 
 @dataclass
@@ -206,10 +235,10 @@ def pick_rates(plan, device_info, processes: int) -> tuple[str, Throughput | Non
     return key, THROUGHPUT.get(key)
 
 
-def estimate_plan(plan, facts, device_info, processes: int = 1, data: dict[str, dict[str, Any]] | None = None) -> Estimate:
-    """The wall time of every stage `mpi.pipeline.run` would run for `plan` (finished stages included: the
-    estimate is for the whole run), on `device_info`'s throughput entry."""
-    from mpi.dry_run import stage_names
+def estimate_plan(plan, facts, device_info, stages: list[str], processes: int = 1) -> Estimate:
+    """The wall time of each of `stages` (the names `mpi.pipeline.run` gives the stages of `plan`, in its order:
+    mpi.dry_run.stage_names; finished ones included, the estimate is for the whole run), on `device_info`'s
+    throughput entry."""
     from mpi.methods import RL_STAGES
     from mpi.pipeline import data_config, rl_config, rl_steps
 
@@ -219,11 +248,8 @@ def estimate_plan(plan, facts, device_info, processes: int = 1, data: dict[str, 
         return Estimate(device, None, 1.0, [], [], key=key)
     cfg, opts = plan.cfg, plan.opts
     scale = facts.total_params() / rates.params
-    train_rate = rates.train_tokens_per_s / scale
-    decode_s = rates.decode_s * scale
-
-    def gen_seconds(rows: int, positions: float) -> float:
-        return positions * math.ceil(max(rows, 1) / rates.decode_rows) * decode_s
+    r = Rates.of(rates, facts.total_params())
+    train_rate, gen_seconds = r.train, r.generate
 
     image_tokens = facts.image_tokens(cfg.image_size)
     stats, sizes = {}, {}
@@ -235,8 +261,8 @@ def estimate_plan(plan, facts, device_info, processes: int = 1, data: dict[str, 
         sizes[k] = split_item_counts(dcfg, dataset)
         policy_px = dcfg.policy_image_size or max(28, dcfg.image_size // 2)
         stats[k] = item_tokens(dcfg, dataset, image_tokens, facts.image_tokens(policy_px))
-    stages, notes = [], []
-    for name in stage_names(plan):
+    names, stages, notes = list(stages), [], []
+    for name in names:
         parts = name.split("/")
         if parts[0] == "data":
             n = sum(sizes[parts[1]].values())
@@ -268,7 +294,8 @@ def estimate_plan(plan, facts, device_info, processes: int = 1, data: dict[str, 
                 scored = prompts * s["free_prompt"] + rows * T
                 passes = 1 + (1 / 3 if gcfg.beta > 0 else 0) + (1 / 3 if gcfg.num_iterations > 1 else 0)
                 prefill = prompts * (s["free_prompt"] + (s["policy_prompt"] if gcfg.policy_rollout else 0))
-                per_step = gen_seconds(rows, T) + scored * passes / train_rate + prefill / (3 * train_rate)
+                per_step = r.rl_step(prompts=prompts, rows=rows, positions=T, free_prompt=s["free_prompt"],
+                                     prefill=prefill, passes=passes)
                 n_val = min(sizes[k]["val"], 10**9)
                 evals = (steps // gcfg.eval_every + 1) if gcfg.eval_every else 0
                 val = evals * gen_seconds(n_val * gcfg.eval_samples, T)
