@@ -145,3 +145,18 @@ def test_a_run_folder_is_the_same_run_by_a_relative_or_an_absolute_path(tmp_path
     check_run_dir(make_plan(get_config("tiny", out_dir=str(tmp_path / "moved"))))
     with pytest.raises(PipelineError, match=r"different config \(fields \['rl_steps'\]\)"):  # what it holds still counts
         check_run_dir(make_plan(get_config("tiny", out_dir="moved", rl_steps=3)))
+
+
+def test_an_rl_prompt_longer_than_max_length_stops_the_stage_before_it_trains(run_copy, tmp_path):
+    """The RL stage measures its prompts (policy-free and guided) with the real processor before training; one over
+    RunConfig.max_length is refused with the item, its length and its image tokens, never cut. Before, the stage
+    trained on it (prompts are encoded without truncation, but nothing bounded them)."""
+    from mpi.pipeline import train_stage
+
+    plan = make_plan(get_config("tiny", out_dir=str(run_copy), max_length=300), name="ci")  # guided prompts: ~345
+    with pytest.raises(PipelineError) as info:
+        train_stage(plan, "clevr-T-N2", 0, ("sft-cot", "poro-grpo"), tmp_path / "work")
+    text = str(info.value)
+    assert text.startswith("clevr-T-N2 seed0 sft-cot+poro-grpo (RL): the prompt of item clevr-T-N2-train-")
+    assert "(with the policy) is " in text and " image tokens), longer than max_length=300. It is not truncated" in text
+    assert not (tmp_path / "work" / "model").exists()
