@@ -290,7 +290,7 @@ def check_wall_time(plan, rep: DryRunReport, facts, device_info, processes: int)
     max_length (a policy longer than the sequence: VM-CPT and RL would refuse it mid-run)."""
     from mpi.wall_time import estimate_plan
 
-    if rep.problems:  # the estimate reads the same configs: a broken one is already named
+    if any(not p.field.startswith("memory") for p in rep.problems):  # it reads the same configs: a broken one is named
         return
     est = estimate_plan(plan, facts, device_info, rep.stages, processes)
     rep.wall_time = est
@@ -305,7 +305,9 @@ def check_wall_time(plan, rep: DryRunReport, facts, device_info, processes: int)
         s = item_tokens(dcfg, "gta" if key == "gta" else "clevr", facts.image_tokens(plan.cfg.image_size),
                         facts.image_tokens(policy_px))
         longest = int(s["policy_prompt"] + s["response"])
-        if any(c[0] == "cpt" or "poro" in c[-1] for c in training_chains(plan.methods)) and longest > plan.cfg.max_length:
+        shows_policy = plan.cfg.sft_policy_in_context_frac > 0 or any(
+            c[0] == "cpt" or "poro" in c[-1] for c in training_chains(plan.methods))
+        if shows_policy and longest > plan.cfg.max_length:
             rep.problem("RunConfig.max_length", f"dataset {key}: an item with its policy in context is ~{longest} "
                         f"tokens on average (policy ~{s['policy']:.0f}), longer than max_length={plan.cfg.max_length}: "
                         "VM-CPT and PolicyRollout refuse such items rather than cut them",

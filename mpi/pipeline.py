@@ -247,7 +247,7 @@ def is_done(path: Path) -> bool:
 
 def finished_intact(path: Path, stage: str, log: Callable[[str], None]) -> bool:
     """Whether `path` is a finished stage whose files match its done.json (mpi.integrity). A damaged one (a
-    partial Drive sync, a full disk) is named with what is wrong, set aside and reported as not finished, so
+    partial Drive sync, a full disk) is named with what is wrong, removed and reported as not finished, so
     the caller rebuilds it instead of a later stage failing on it with a raw traceback."""
     if not is_done(path):
         return False
