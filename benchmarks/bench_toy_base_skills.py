@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default=None, help="a toy base directory (default: the shipped toy-small-s0)")
     p.add_argument("--checkpoint", default=None, help="a running build's checkpoint folder (<base dir>.ckpt)")
     p.add_argument("--random-init", action="store_true", help="measure the random-init toy the base starts from")
+    p.add_argument("--toy", default=None, help="with --checkpoint: the toy directory the build started from (its "
+                   "tokenizer; default: the toy this checkout builds)")
     p.add_argument("--exists-per-value", type=int, default=16)
     p.add_argument("--describe", type=int, default=64)
     p.add_argument("--policies", type=int, default=48, help="unseen random policies per depth")
@@ -47,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = toy_base_config("toy")
     if args.checkpoint or args.random_init:
-        build_toy(cfg.model, seed=cfg.seed)
-        model, processor = load_model_and_processor(cfg.model, quantization=None, lora=None, seed=cfg.seed,
+        toy = args.toy or str(build_toy(cfg.model, seed=cfg.seed))
+        model, processor = load_model_and_processor(toy, quantization=None, lora=None, seed=cfg.seed,
                                                     device="cpu", trainable=False)
         where = "random init"
         if args.checkpoint:

@@ -54,8 +54,9 @@ TOY_BASE_VERSION = 5
 # The toy base trained by this recipe, shipped so that every machine starts from the same weights in seconds.
 # `python -m mpi toy-base --rebuild` trains it again.
 SHIPPED_ROOT = Path(__file__).resolve().parent / "assets" / "toy_base"
-SKILL_TASKS = ("describe", "exists", "count", "policy", "lookup")
-BATCH_KINDS = {"describe": "skill", "exists": "skill", "count": "skill", "policy": "policy", "lookup": "lookup"}
+SKILL_TASKS = ("describe", "exists", "count", "policy", "lookup", "repeat")
+BATCH_KINDS = {"describe": "skill", "exists": "skill", "count": "skill", "policy": "policy", "lookup": "lookup",
+               "repeat": "lookup"}
 
 
 @dataclass
@@ -238,6 +239,18 @@ def lookup_example(rng: random.Random, depth: int, index: int = 0) -> dict[str, 
             "answer": "\n".join(f"{i} {lines[i]}" for i in ids), "images": [], "index": index}
 
 
+def repeat_example(rng: random.Random, index: int = 0) -> dict[str, Any]:
+    """The plainest copying drill, text only: "Repeat: #1.2 cube Case 3 red ..." -> the same words. After the first
+    word, each next one is the word that followed the current one in the question (no word repeats), the look-up
+    a policy CoT makes when it copies what a section says."""
+    from mpi.data.scenes import ATTRIBUTES
+    from mpi.toy import COMPACT_TOKENS
+
+    words = [w.strip() for w in COMPACT_TOKENS if not w.startswith(" ")] + [v for vs in ATTRIBUTES.values() for v in vs]
+    seq = " ".join(rng.sample(words, rng.randint(6, 24)))
+    return {"task": "repeat", "question": f"Repeat: {seq}", "answer": seq, "images": [], "index": index}
+
+
 def render(example: dict[str, Any], image_size: int, world: str = "sprites") -> dict[str, Any]:
     from mpi.data.scenes import scene_image
 
@@ -277,6 +290,10 @@ def batch_at(cfg: ToyBaseConfig, step: int) -> list[dict[str, Any]]:
     kind = rng.choices(kinds, [sum(w for t, w in weights.items() if BATCH_KINDS[t] == k) for k in kinds])[0]
     batch = []
     if kind == "lookup":
+        drills = [t for t in ("lookup", "repeat") if weights.get(t, 0) > 0]
+        task = rng.choices(drills, [weights[t] for t in drills])[0]
+        if task == "repeat":
+            return [repeat_example(rng, index=step * 1000 + k) for k in range(cfg.batch_size)]
         return [lookup_example(rng, rng.choice(cfg.policy_depths), index=step * 1000 + k)
                 for k in range(cfg.policy_batch_size)]
     if kind == "policy":
@@ -518,7 +535,7 @@ def train_toy_base(model, processor, cfg: ToyBaseConfig, log: Callable[[dict], N
         for group in optimizer.param_groups:  # the schedule is a function of the step: nothing to restore on resume
             group["lr"] = lr
         optimizer.step()
-        kind = BATCH_KINDS[examples[0]["task"]]
+        kind = examples[0]["task"] if examples[0]["task"] in ("lookup", "repeat") else BATCH_KINDS[examples[0]["task"]]
         window.setdefault(f"{kind}_loss", []).append(parts["lm"])
         if "grounding" in parts:
             window.setdefault("grounding_loss", []).append(parts["grounding"])

@@ -55,7 +55,7 @@ def test_dry_run_shows_the_rl_config_train_stage_would_use(nothing_heavy):
     cfg = get_config("toy", model="toy-tiny", rl_steps=200)
     shown = dry.plan_report(make_plan(cfg)).configs["poro-grpo"]
     assert shown["temperature"] == 0.7 and shown["keep_best"] is True  # EVAL_DEFAULTS["toy"]["grpo"]
-    assert shown["max_completion_length"] == cfg.max_completion_length == 176  # the RunConfig's, an N=4 CoT fits
+    assert shown["max_completion_length"] == cfg.max_completion_length == 96  # the RunConfig's, an N=4 CoT fits
     assert shown["log_behaviour_ratio"] is False
     assert shown["save_every"] == cfg.save_every == 10
     assert shown["print_every"] == 4  # 200 steps, at most 50 printed lines: one every ceil(200 / 50) steps
