@@ -188,7 +188,7 @@ def run_mode(mode: str, model_dir: Path, work: Path, shape: Shape, device: str, 
             try:
                 cfg = SupervisedConfig(mode=mode_name, max_steps=1, batch_size=1, grad_accum_steps=1, learning_rate=1e-4,
                                        warmup_ratio=0.0, max_length=4096, progress=False, save_steps=100, seed=0,
-                                       lora_r=shape.lora_r, quantization=quant, gradient_checkpointing=True)
+                                       lora_r=shape.lora_r, quantization=quant)  # the model was loaded with gradient checkpointing
                 with meter.measure(row):
                     result = train_supervised(model, processor, train[:1], cfg, work / f"{mode}-{stage}", resume=False)
                 model = result["model"]

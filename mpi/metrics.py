@@ -16,6 +16,16 @@ from typing import Any, Iterable, Sequence
 from mpi.atomic import atomic_write_text
 
 
+MAX_PROGRESS_LINES = 50  # printed lines per training stage unless log_every says otherwise
+
+
+def progress_every(log_every: int | None, total_steps: int | None) -> int:
+    """Steps between two printed progress lines: log_every, else at most MAX_PROGRESS_LINES lines."""
+    if log_every:
+        return max(1, int(log_every))
+    return max(1, math.ceil((total_steps or 1) / MAX_PROGRESS_LINES))
+
+
 class MetricsLogger:
     def __init__(self, out_dir: str | os.PathLike, *, resume_step: int | None = None, echo: bool = True):
         self.out_dir = Path(out_dir)

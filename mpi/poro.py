@@ -251,15 +251,6 @@ def get_grpo_config(preset: str = "poro-grpo", **overrides: Any) -> GRPOConfig:
     return GRPOConfig(preset=preset, **{**GRPO_PRESETS[preset], **overrides}).validate()
 
 
-def grpo_config_from_run(run_cfg, preset: str = "poro-grpo", **overrides: Any) -> GRPOConfig:
-    """Map a `mpi.config.RunConfig` (rl_* fields) onto a GRPOConfig preset."""
-    base = dict(steps=run_cfg.rl_steps, learning_rate=run_cfg.rl_learning_rate,
-                num_generations=run_cfg.num_generations, max_completion_length=run_cfg.max_completion_length,
-                prompts_per_step=run_cfg.prompts_per_step, seed=run_cfg.seed,
-                micro_batch_size=getattr(run_cfg, "micro_batch_size", None))
-    return get_grpo_config(preset, **{**base, **overrides})
-
-
 # =========================================================================== prompts
 
 
@@ -1246,6 +1237,7 @@ class TrainResult:
     final_step: int = 0
     best_step: int | None = None  # keep_best: the step whose weights the model ends with (0 = the start)
     best_value: float | None = None  # keep_best: its smoothed validation metric
+    resumed_from: int | None = None  # the checkpoint's step when resume=True found one
 
 
 def collect_rollout(model, processor, dataset, sampler: PromptSampler, cfg: GRPOConfig, build_messages,
@@ -1484,7 +1476,8 @@ def train_poro(model, processor, dataset, cfg: GRPOConfig, out_dir: str | Path, 
     if save_adapter and adapter_dir is None and (out_dir / "adapter").exists():
         adapter_dir = out_dir / "adapter"
     return TrainResult(out_dir=out_dir, adapter_dir=adapter_dir, rows=logger.rows, final_step=cfg.steps,
-                       best_step=best_step, best_value=best.best if best is not None else None)
+                       best_step=best_step, best_value=best.best if best is not None else None,
+                       resumed_from=start if ckpt is not None else None)
 
 
 # =========================================================================== the starting point

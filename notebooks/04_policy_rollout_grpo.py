@@ -218,8 +218,10 @@ for text in ["<think>Condition 1 holds.</think>\n\\boxed{Case 3}", "\\boxed{Case
 # RL runs on the run's policy-free training prompts (notebook 01) and starts from TriMPI's stage-2 model,
 # `stages/<dataset>/seed0/cpt+sft-cot` (notebook 03; trained here with the same `train_stage` if missing). As
 # in the pipeline, RL **continues the SFT adapter** (loaded trainable), and the KL reference is that adapter
-# as RL found it. The RL settings are the pipeline's for this preset (`pipeline.rl_config` = what `train_stage`
-# passes to `train_poro`: e.g. the toy preset samples at temperature 0.7 and skips the importance-ratio log).
+# as RL found it. `gcfg` is the stage's config, the one `python -m mpi` trains with (`pipeline.stage_config`:
+# e.g. the toy preset samples at temperature 0.7 and skips the importance-ratio log). Edit it here, e.g.
+# `gcfg = dataclasses.replace(gcfg, beta=0.04)`: section 9 trains your config into its own folder
+# (`cpt+sft-cot+poro-grpo@<config key>`), and the one-step cells below use it too.
 
 # %% id="code-19"
 from mpi import pipeline
@@ -232,7 +234,8 @@ SFT_CHAIN, RL_CHAIN = ("cpt", "sft-cot"), ("cpt", "sft-cot", "poro-grpo")
 ensure_stage(plan, SFT_CHAIN)
 train = pipeline.load_split(plan, KEY, "train")
 test = pipeline.load_split(plan, KEY, "test")
-gcfg = pipeline.rl_config(plan, "poro-grpo", SEED, KEY)
+import dataclasses
+gcfg = pipeline.stage_config(plan, "poro-grpo", SEED, KEY)
 print({k: getattr(gcfg, k) for k in ("num_generations", "prompts_per_step", "steps", "temperature", "max_completion_length",
                                       "beta", "kl_reference", "epsilon", "epsilon_high", "loss_type", "learning_rate",
                                       "log_behaviour_ratio")})
@@ -372,21 +375,31 @@ del model, optimizer, reference
 # Every `eval_every` steps it samples the **validation split** (object sets unseen in training, never the test
 # split) and logs sampled accuracy, pass@k and greedy accuracy; with `keep_best` the stage ends with the weights
 # of the best *smoothed* validation accuracy, the starting weights included, so RL that only hurts gives the
-# SFT model back. `pipeline.train_stage` calls it with the settings above and saves
-# `stages/<dataset>/seed0/cpt+sft-cot+poro-grpo/model`, the RL model notebook 05 evaluates.
+# SFT model back. Below, the stage as the pipeline's `train_stage` runs it: `start_stage` loads the SFT model
+# (trainable), the training split and the validation split, `train_poro` trains on `gcfg`, `finish_stage`
+# saves `model/`; `train_in_run` runs it in `stages/<dataset>/seed0/cpt+sft-cot+poro-grpo` (with `gcfg` in its
+# `done.json`), the RL model notebook 05 evaluates.
 # (`--set 'rl_learning_rates=[3e-5,1e-4,3e-4]'` trains one run per rate and keeps the rate best on validation.)
 
-# %% id="code-24"
+# %% id="train"
 import json
-from mpi.poro import mean_reward
+from mpi.pipeline import finish_stage, start_stage, train_in_run
+from mpi.poro import mean_reward, train_poro
+
+def train_rl(folder):
+    model, processor, train_items, val_items = start_stage(plan, KEY, SEED, RL_CHAIN)
+    result = train_poro(model, processor, train_items, gcfg, folder / "work", resume=True, save_adapter=False,
+                        eval_items=val_items)
+    return finish_stage(plan, folder, model, processor, result)
+
 fixed = pipeline.validation_items(plan, KEY)[:8]   # a fixed validation prompt set, policy-free (not the test split)
 sft_model, _ = load_stage_model(plan, SFT_CHAIN)
 before = mean_reward(sft_model, processor, fixed, gcfg, samples=4, build_messages=build_messages)
 del sft_model
-done = ensure_stage(plan, RL_CHAIN, here=True)
-rl_model, _ = load_stage_model(plan, RL_CHAIN)
+done = train_in_run(plan, KEY, SEED, RL_CHAIN, gcfg, train_rl)
+rl_model, _ = load_stage_model(plan, RL_CHAIN, config=gcfg)
 after = mean_reward(rl_model, processor, fixed, gcfg, samples=4, build_messages=build_messages)
-best_json = stage_path(plan, RL_CHAIN) / "work" / "best" / "best.json"   # written when keep_best is on
+best_json = stage_path(plan, RL_CHAIN, config=gcfg) / "work" / "best" / "best.json"   # written when keep_best is on
 kept = (f", kept step {json.loads(best_json.read_text())['step']} (best smoothed validation accuracy)"
         if best_json.exists() else "")
 print(f"{done.get('steps')} RL steps in {done['seconds']:.0f}s{kept} | validation mean reward (policy-free) "
@@ -394,15 +407,15 @@ print(f"{done.get('steps')} RL steps in {done['seconds']:.0f}s{kept} | validatio
 
 # %% id="code-25"
 from mpi.metrics import plot_metrics
-plot_metrics(stage_metrics(plan, RL_CHAIN), keys=["own/reward_mean", "guided/reward_mean", "own/accuracy", "guided/accuracy",
+plot_metrics(stage_metrics(plan, RL_CHAIN, config=gcfg), keys=["own/reward_mean", "guided/reward_mean", "own/accuracy", "guided/accuracy",
                                                   "all/kl", "own/completion_length", "guided/completion_length",
                                                   "all/entropy"], title="PoRo-GRPO");
 from mpi.poro import plot_validation
-plot_validation(stage_path(plan, RL_CHAIN) / "work");   # the validation curve the best checkpoint was chosen on
+plot_validation(stage_path(plan, RL_CHAIN, config=gcfg) / "work");   # the validation curve the best checkpoint was chosen on
 
 # %% id="code-26"
 from IPython.display import HTML, display
-tables = sorted((stage_path(plan, RL_CHAIN) / "work" / "samples").glob("*.html"))
+tables = sorted((stage_path(plan, RL_CHAIN, config=gcfg) / "work" / "samples").glob("*.html"))
 if tables:
     display(HTML(tables[-1].read_text()))
 

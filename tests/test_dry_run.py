@@ -50,7 +50,7 @@ def test_dry_run_every_preset(preset, tmp_path, capsys, nothing_heavy):
 
 
 def test_dry_run_shows_the_rl_config_train_stage_would_use(nothing_heavy):
-    """The dry run's GRPOConfig is the pipeline's rl_config: the preset's "grpo" overrides and the printed-line
+    """The dry run's GRPOConfig is the pipeline's stage_config: the preset's "grpo" overrides and the printed-line
     cadence included (the dry run once rebuilt it and missed print_every)."""
     cfg = get_config("toy", model="toy-tiny", rl_steps=200)
     shown = dry.plan_report(make_plan(cfg)).configs["poro-grpo"]

@@ -250,12 +250,12 @@ def test_poro_step_refuses_what_it_does_not_do(nb04, lora_model, processor, fixe
 # =========================================================================== the notebooks' RL settings
 
 
-def test_rl_config_is_what_train_stage_trains_with(tmp_path, monkeypatch):
-    """notebook 04 shows and uses `pipeline.rl_config`: it must be the GRPOConfig train_stage passes."""
+def test_stage_config_is_what_train_stage_trains_with(tmp_path, monkeypatch):
+    """notebook 04 shows and uses `pipeline.stage_config`: it must be the GRPOConfig train_stage passes."""
     import mpi.poro
     from mpi import pipeline
     from mpi.config import get_config
-    from mpi.pipeline import rl_config
+    from mpi.pipeline import stage_config
 
     class Captured(Exception):
         pass
@@ -278,5 +278,5 @@ def test_rl_config_is_what_train_stage_trains_with(tmp_path, monkeypatch):
         with pytest.raises(Captured):
             pipeline.train_stage(plan, plan.dataset_keys[0], 0, ("sft-cot", "poro-grpo"), tmp_path / preset)
         monkeypatch.undo()
-        assert seen.pop("cfg") == rl_config(plan, "poro-grpo", 0), preset
-    assert rl_config(plan, "poro-grpo", 0).temperature == 0.7   # the toy preset's, not GRPOConfig's 1.0
+        assert seen.pop("cfg") == stage_config(plan, "poro-grpo", 0), preset
+    assert stage_config(plan, "poro-grpo", 0).temperature == 0.7   # the toy preset's, not GRPOConfig's 1.0

@@ -37,15 +37,13 @@ def test_progress_lines_every_log_every_steps_and_the_table_at_the_end(tiny_run)
 
 
 def test_default_progress_cadence_prints_at_most_50_lines_per_stage():
-    from mpi.config import get_config
-    from mpi.pipeline import MAX_PROGRESS_LINES, progress_every
+    from mpi.metrics import MAX_PROGRESS_LINES, progress_every
 
-    cfg = get_config("toy")
     assert MAX_PROGRESS_LINES == 50
-    assert progress_every(cfg, 500) == 10  # the toy run's SFT: 4 epochs x 125 steps -> 50 lines
-    assert progress_every(cfg, 30) == 1  # its RL stage: every step
-    assert progress_every(cfg, 501) == 11 and 501 // 11 <= 50
-    assert progress_every(cfg.replace(log_every=7), 500) == 7
+    assert progress_every(None, 500) == 10  # the toy run's SFT: 4 epochs x 125 steps -> 50 lines
+    assert progress_every(None, 30) == 1  # its RL stage: every step
+    assert progress_every(None, 501) == 11 and 501 // 11 <= 50
+    assert progress_every(7, 500) == 7  # RunConfig.log_every
 
 
 def test_unknown_extra_knob_is_refused_with_the_valid_names():
@@ -320,12 +318,12 @@ def test_table_flag_plans_the_rl_comparison(tmp_path, capsys):
 def test_rl_epochs_is_the_budget_rule():
     """rl_epochs passes over the training prompts: steps = ceil(epochs x train prompts / prompts_per_step)."""
     from mpi.config import get_config
-    from mpi.pipeline import rl_config
+    from mpi.pipeline import stage_config
 
     plan = make_plan(get_config("toy", rl_epochs=1.2))  # 4 policies x 250 train prompts, 4 prompts per step
-    assert rl_config(plan, "poro-grpo", 0, "clevr-T-N2").steps == 300  # = 10 x rl_steps=30
+    assert stage_config(plan, "poro-grpo", 0, "clevr-T-N2").steps == 300  # = 10 x rl_steps=30
     plan = make_plan(get_config("toy", rl_epochs=0.01, prompts_per_step=3))
-    assert rl_config(plan, "grpo", 0, "clevr-T-N2").steps == 4  # ceil(10 / 3)
-    assert rl_config(make_plan(get_config("toy")), "grpo", 0, "clevr-T-N2").steps == 30  # None: rl_steps
+    assert stage_config(plan, "grpo", 0, "clevr-T-N2").steps == 4  # ceil(10 / 3)
+    assert stage_config(make_plan(get_config("toy")), "grpo", 0, "clevr-T-N2").steps == 30  # None: rl_steps
     with pytest.raises(PipelineError, match="rl_epochs must be > 0"):
-        rl_config(make_plan(get_config("toy", rl_epochs=-1.0)), "grpo", 0, "clevr-T-N2")
+        stage_config(make_plan(get_config("toy", rl_epochs=-1.0)), "grpo", 0, "clevr-T-N2")

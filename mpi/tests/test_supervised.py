@@ -14,9 +14,6 @@ from mpi.supervised import (
     SupervisedConfig,
     check_config,
     latest_trainer_checkpoint,
-    load_model_for_supervised,
-    run_sft,
-    run_vm_cpt,
     supervised_loss,
     train_supervised,
 )
@@ -133,7 +130,7 @@ def test_interrupt_and_resume_gives_the_same_weights(tmp_path):
     assert not (tmp_path / "cut" / "result.json").exists()
     model, processor = fresh_model()  # a new process after the disconnect: fresh weights
     resumed = train_supervised(model, processor, data, cfg, tmp_path / "cut")
-    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["steps"] == 4
+    assert resumed["resumed_from"] == 2 and resumed["steps"] == 4  # the checkpoint-2 step
 
     a, b = adapter_weights(tmp_path / "straight" / "adapter"), adapter_weights(tmp_path / "cut" / "adapter")
     assert a.keys() == b.keys() and len(a) > 0
@@ -194,21 +191,22 @@ def test_config_errors_name_the_problem(toy_model_and_processor):
     assert summary["longest_sequence"] == int(with_policy.max()) > int(lengths.max())
 
 
-def test_from_run_config_picks_the_stage_fields():
+def test_stage_config_picks_the_stage_fields(tmp_path):
+    from mpi.pipeline import make_plan, stage_config
+
     run = get_config("tiny", cpt_learning_rate=3e-4, sft_learning_rate=2e-4, sft_policy_in_context_frac=0.3,
-                     extra={"cpt": {"lora_embeddings": True}})
-    cpt = SupervisedConfig.from_run_config(run, "cpt")
-    sft = SupervisedConfig.from_run_config(run, "sft", max_steps=3)
+                     out_dir=str(tmp_path), extra={"cpt": {"lora_embeddings": True}, "sft": {"max_steps": 3}})
+    plan = make_plan(run)
+    cpt, sft = stage_config(plan, "cpt", 0), stage_config(plan, "sft-cot", 0)
     assert (cpt.mode, cpt.learning_rate, cpt.lora_embeddings, cpt.policy_in_context_frac) == ("cpt", 3e-4, True, 0.0)
     assert (sft.mode, sft.learning_rate, sft.lora_embeddings, sft.max_steps) == ("sft_cot", 2e-4, False, 3)
     assert sft.policy_in_context_frac == 0.3
-    assert SupervisedConfig.from_run_config(run, "sft_direct").mode == "sft_direct"
-    with pytest.raises(ValueError, match="stage must be one of"):
-        SupervisedConfig.from_run_config(run, "rl")
+    assert stage_config(plan, "sft-direct", 0).mode == "sft_direct"
+    with pytest.raises(ValueError, match="unknown training stage"):
+        stage_config(plan, "rl", 0)
 
 
 def test_vm_cpt_adapter_continues_into_sft_with_embedding_learning_rate(tmp_path):
-    run = get_config("tiny", out_dir=str(tmp_path))
     data = items(2)
     seen = {}
     from transformers import TrainerCallback
@@ -217,25 +215,30 @@ def test_vm_cpt_adapter_continues_into_sft_with_embedding_learning_rate(tmp_path
         def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
             seen["groups"] = [(g.get("initial_lr", g["lr"]), len(g["params"])) for g in optimizer.param_groups]
 
-    _, _, cpt = run_vm_cpt(run, data, max_steps=1, batch_size=2, progress=False, lora_embeddings=True,
-                           embedding_learning_rate=1e-5, callbacks=[Groups()])
+    model, processor = load_model_and_processor("toy-tiny", quantization=None, seed=0)  # no adapter: cfg's LoRA
+    cpt_cfg = tiny_cfg(mode="cpt", max_steps=1, batch_size=2, lora_embeddings=True, embedding_learning_rate=1e-5)
+    cpt = train_supervised(model, processor, data, cpt_cfg, tmp_path / "vm_cpt", callbacks=[Groups()])
     assert cpt["adapter"] == str(tmp_path / "vm_cpt" / "adapter")
-    assert [lr for lr, _ in seen["groups"]] == [run.cpt_learning_rate, 1e-5]
+    assert [lr for lr, _ in seen["groups"]] == [cpt_cfg.learning_rate, 1e-5]
     assert seen["groups"][1][1] == 4  # lora_A/B of embed_tokens and of lm_head
     saved = adapter_weights(tmp_path / "vm_cpt" / "adapter")
     assert any("embed_tokens" in k for k in saved) and any("lm_head" in k for k in saved)
 
-    sup = SupervisedConfig.from_run_config(run, "sft_cot", max_steps=1, batch_size=2, progress=False)
-    model, _ = load_model_for_supervised(run, sup, init_from=cpt["adapter"])  # TriMPI: SFT starts from the CPT adapter
+    # TriMPI: SFT starts from the CPT adapter, loaded trainable
+    model, processor = load_model_and_processor("toy-tiny", quantization=None, seed=0, adapter=cpt["adapter"],
+                                                trainable=True)
     from peft import get_peft_model_state_dict
 
     start = get_peft_model_state_dict(model)
     assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in saved)
     assert any(p.requires_grad for p in model.parameters())
-    _, _, sft = run_sft(run, data, init_adapter=cpt["adapter"], max_steps=1, batch_size=2, progress=False)
-    assert sft["row"] == "vm_cpt+cot_sft" and sft["out_dir"] == str(tmp_path / "vm_cpt+cot_sft")
+    sft = train_supervised(model, processor, data, tiny_cfg(mode="sft_cot", max_steps=1, batch_size=2),
+                           tmp_path / "vm_cpt+cot_sft")
+    assert sft["steps"] == 1 and sft["adapter"] == str(tmp_path / "vm_cpt+cot_sft" / "adapter")
+    model, processor = load_model_and_processor("toy-tiny", quantization=None, seed=0)
     with pytest.raises(ConfigError, match="matches no module"):
-        run_sft(run, data, lora_target_modules=["nothing_here"], max_steps=1, progress=False)
+        train_supervised(model, processor, data, tiny_cfg(lora_target_modules=["nothing_here"], max_steps=1),
+                         tmp_path / "bad")
 
 
 def test_full_parameter_training_saves_a_loadable_model(tmp_path):
