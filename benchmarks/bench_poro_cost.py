@@ -65,8 +65,9 @@ def main(argv=None) -> int:
     from mpi.data import build_clevr_policy, get_data_config
     from mpi.data.messages import build_messages
     from mpi.modeling import LoraSettings, load_model_and_processor
-    from mpi.poro import (PromptSampler, collect_rollout, encode_prompts, get_grpo_config, make_optimizer,
-                          make_reference, prompt_texts, train_on_rollout)
+    from mpi.poro import collect_rollout, get_grpo_config, make_reference, train_on_rollout
+    from mpi.engine import PromptSampler, make_optimizer
+    from mpi.sampling import encode_prompts, prompt_texts
     from mpi.toy import TOY_SPECS
 
     size = TOY_SPECS[args.model].image_size if args.model in TOY_SPECS else 224

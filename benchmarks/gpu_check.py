@@ -1,9 +1,9 @@
 """First-GPU check: Qwen2.5-VL-3B's real architecture (random weights, no hub) through every stage.
 
 On a CUDA machine without hub access this builds the 3B model of the colab-t4 preset from its config
-(mpi.qwen_offline.QWEN25_VL_3B: hidden 2048, 36 layers, 16/2 heads, vocab 151,936, a 32-block 1280-wide
+(tests.qwen_offline.QWEN25_VL_3B: hidden 2048, 36 layers, 16/2 heads, vocab 151,936, a 32-block 1280-wide
 vision tower) with random weights, saves it as a model directory with Qwen's real tokenizer, chat template
-and image-processor settings (pip-shipped pieces, see mpi.qwen_offline), and loads it by path with the
+and image-processor settings (pip-shipped pieces, see tests.qwen_offline), and loads it by path with the
 project's own loader in two precisions:
 
     nf4-fp16   4-bit NF4 (QLoRA) with fp16 compute and a T4's mixed precision (no bf16): the colab-t4 path
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     import torch
 
-    from mpi.qwen_offline import QWEN25_VL_3B, tiny_architecture, write_qwen_vl_dir
+    from tests.qwen_offline import QWEN25_VL_3B, tiny_architecture, write_qwen_vl_dir
 
     device = "cpu" if args.cpu_smoke else "cuda"
     shape = CPU_SHAPE if args.cpu_smoke else GPU_SHAPE

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mpi.atomic import atomic_directory, atomic_write_json
+from mpi.engine import save_model
 from mpi.metrics import progress_every
 from mpi.config import BOOKKEEPING_FIELDS, PRESETS, RunConfig, get_config
 # The methods, their chains and the stage kinds live in mpi.methods (the report and the dry run read them
@@ -92,7 +93,6 @@ EVAL_DEFAULTS: dict[str, dict[str, Any]] = {
 
 class PipelineError(ValueError):
     """A bad argument or a run directory that does not match the requested config."""
-
 
 
 # Every RunConfig.extra key the pipeline (and the stages it calls) reads. Anything else is a typo: refused,
@@ -292,7 +292,7 @@ class Processes:
     def __init__(self):
         import torch
 
-        from mpi.scale import distributed as dist
+        from mpi import distributed as dist
 
         self.world = dist.num_processes()
         self.main = dist.is_main_process()
@@ -507,19 +507,6 @@ def load_for_stage(plan: Plan, seed: int, adapter: Path | None, trainable: bool)
     return load_model_and_processor(base_model_path(plan), lora=lora, **common)
 
 
-def save_model(model, processor, out: Path, base_path: str) -> Path:
-    """An adapter directory (LoRA) or, for full fine-tuning, a loadable model directory."""
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    if not hasattr(model, "peft_config"):
-        processor.save_pretrained(out)
-        processor.tokenizer.save_pretrained(out)
-        spec = Path(base_path) / "toy_spec.json"
-        if spec.is_file():  # the toy processor is rebuilt from its spec
-            shutil.copy(spec, out / "toy_spec.json")
-    return out
-
-
 # =========================================================================== training stages
 
 
@@ -700,7 +687,8 @@ def learning_rate_sweep(plan: Plan, key: str, seed: int, chain: Sequence[str], m
     winner's). `model` is the stage's freshly loaded start; each later rate starts from a fresh load. The winner: the highest best smoothed validation accuracy (GRPOConfig.best_metric); a tie goes
     to the rate listed first. The test split plays no part."""
     from mpi.device import seed_everything
-    from mpi.poro import TrainResult, load_trainable, train_poro
+    from mpi.poro import TrainResult, train_poro
+    from mpi.engine import load_trainable
 
     rates = plan.cfg.extra["rl_learning_rates"]
     parent = plan.stage_dir(key, seed, chain[:-1]) / "model" if len(chain) > 1 else None

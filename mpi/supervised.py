@@ -36,11 +36,11 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from mpi.scale import distributed as dist
+from mpi import distributed as dist
 from mpi.atomic import atomic_directory, atomic_write_json
 from mpi.collate import IGNORE_INDEX, MODES, SupervisedCollator
+from mpi.engine import LR_SCHEDULES, lr_lambda, save_model
 
-SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup"}
 # Fields that do not change what is trained: a finished run with other values here is still "the same run".
 TRAINER_BOOKKEEPING_FIELDS = ("save_steps", "save_total_limit", "logging_steps", "dataloader_num_workers",
                               "check_max_items", "progress")
@@ -64,7 +64,7 @@ class SupervisedConfig:
     embedding_learning_rate: float | None = None
     batch_size: int = 4  # reduce if out of memory
     grad_accum_steps: int = 1  # raise to keep the effective batch when batch_size shrinks
-    lr_scheduler: str = "cosine"  # "cosine" | "constant" (both after a linear warm-up)
+    lr_scheduler_type: str = "cosine"  # "cosine" (to 0) | "constant", after a linear warm-up (mpi.engine.learning_rate_at)
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
@@ -162,8 +162,8 @@ def check_config(cfg: SupervisedConfig, *, model=None, processor=None, dataset=N
     summary: dict[str, Any] = {}
     if cfg.mode not in MODES:
         problems.append(f"mode={cfg.mode!r}: choose one of {MODES}")
-    if cfg.lr_scheduler not in SCHEDULES:
-        problems.append(f"lr_scheduler={cfg.lr_scheduler!r}: choose one of {sorted(SCHEDULES)}")
+    if cfg.lr_scheduler_type not in LR_SCHEDULES:
+        problems.append(f"lr_scheduler_type={cfg.lr_scheduler_type!r}: choose one of {list(LR_SCHEDULES)}")
     for name in ("batch_size", "grad_accum_steps", "save_steps", "max_length"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
             problems.append(f"{name}={getattr(cfg, name)!r}: must be an integer >= 1")
@@ -273,8 +273,10 @@ def _trainer_classes():
 
         loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole accumulated batch
 
-        def __init__(self, *args, sparse_logits: bool = True, embedding_learning_rate: float | None = None, **kwargs):
+        def __init__(self, *args, sparse_logits: bool = True, embedding_learning_rate: float | None = None,
+                     lr_scheduler_type: str = "cosine", **kwargs):
             super().__init__(*args, **kwargs)
+            self.lr_scheduler_type = lr_scheduler_type
             # Trainer then passes num_items_in_batch: the supervised tokens (shifted labels) of the whole
             # accumulated batch, summed over processes. Qwen2.5-VL's accepts_loss_kwargs=False would switch
             # that off, and each micro-batch would be averaged on its own (short targets weighing more).
@@ -313,6 +315,15 @@ def _trainer_classes():
                 self.optimizer = optimizer_cls(groups, **kwargs)
                 return self.optimizer
             return super().create_optimizer(model) if model is not None else super().create_optimizer()
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            """The loops' one schedule (mpi.engine.learning_rate_at), warm-up steps from warmup_ratio."""
+            if self.lr_scheduler is None:
+                warmup = self.args.get_warmup_steps(num_training_steps)
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer or self.optimizer, lr_lambda(num_training_steps, warmup, self.lr_scheduler_type))
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
 
         def log(self, logs, start_time=None):
             if "loss" in logs:
@@ -418,20 +429,11 @@ def _load_finished_weights(model, result: dict[str, Any]) -> None:
 
 def save_trained(model, processor, out_dir: Path) -> dict[str, str | None]:
     """The adapter in peft format (out_dir/adapter), or the whole model (out_dir/model) when there is none."""
-    if is_peft_model(model):
-        with atomic_directory(out_dir / "adapter") as tmp:
-            model.save_pretrained(str(tmp))
-        return {"adapter": str(out_dir / "adapter"), "model_dir": None}
-    with atomic_directory(out_dir / "model") as tmp:
-        model.save_pretrained(str(tmp))
-        source = Path(str(getattr(model.config, "_name_or_path", "")))
-        if (source / "toy_spec.json").exists():  # the toy processor is rebuilt from its spec
-            for name in source.iterdir():
-                if name.is_file() and not name.name.startswith(("model", "config")):
-                    shutil.copy2(name, tmp / name.name)
-        else:
-            processor.save_pretrained(str(tmp))
-    return {"adapter": None, "model_dir": str(out_dir / "model")}
+    kind = "adapter" if is_peft_model(model) else "model"
+    with atomic_directory(out_dir / kind) as tmp:
+        save_model(model, processor, tmp)
+    return {"adapter": str(out_dir / kind) if kind == "adapter" else None,
+            "model_dir": str(out_dir / kind) if kind == "model" else None}
 
 
 # =========================================================================== training
@@ -460,7 +462,6 @@ def _training_arguments(cfg: SupervisedConfig, out_dir: Path, model):
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
-        lr_scheduler_type=SCHEDULES[cfg.lr_scheduler],
         warmup_steps=cfg.warmup_ratio,  # < 1: a fraction of the total steps
         max_grad_norm=cfg.max_grad_norm,
         logging_steps=cfg.logging_steps,
@@ -546,7 +547,7 @@ def train_supervised(model, processor, train_dataset, cfg: SupervisedConfig, out
     trainer = SupervisedTrainer(
         model=model, args=_training_arguments(cfg, out_dir, model), train_dataset=train_dataset,
         data_collator=collator, sparse_logits=cfg.sparse_logits,
-        embedding_learning_rate=cfg.embedding_learning_rate,
+        embedding_learning_rate=cfg.embedding_learning_rate, lr_scheduler_type=cfg.lr_scheduler_type,
         callbacks=[MetricsCallback(logger), CheckpointMarker(), *callbacks],
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback

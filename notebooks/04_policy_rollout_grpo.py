@@ -241,7 +241,7 @@ print({k: getattr(gcfg, k) for k in ("num_generations", "prompts_per_step", "ste
                                       "log_behaviour_ratio")})
 
 # %% id="code-20"
-from mpi.poro import encode_prompts, prompt_texts
+from mpi.sampling import encode_prompts, prompt_texts
 model, processor = load_stage_model(plan, SFT_CHAIN, trainable=True)   # base + the SFT adapter, trainable
 for with_policy in (False, True):
     enc = encode_prompts(processor, *prompt_texts(processor, list(train.select(range(4))), with_policy, build_messages))
@@ -259,7 +259,8 @@ for with_policy in (False, True):
 # %% id="sample-group" tags=["mirror"]
 import torch
 from mpi.grpo import completion_mask
-from mpi.poro import Rollout, generate_from_prompts, prompt_texts
+from mpi.poro import Rollout
+from mpi.sampling import generate_from_prompts, prompt_texts
 from mpi.rewards import RewardWeights, combined_rewards
 
 def sample_group(model, processor, items, cfg, build_messages):
@@ -306,7 +307,9 @@ for origin, sel in (("own", ~ro.guided), ("guided", ro.guided)):
 import contextlib
 import torch
 from mpi.grpo import mask_truncated
-from mpi.poro import build_scoring_batch, dropout_disabled, encode_images_once, forward_log_probs, prompt_texts
+from mpi.logprobs import build_scoring_batch, encode_images_once, forward_log_probs
+from mpi.engine import dropout_disabled
+from mpi.sampling import prompt_texts
 
 def poro_step(model, optimizer, processor, ro, cfg, build_messages, reference=None):
     """One PoRo-GRPO update on a rollout; returns the loss. reference(model): the KL reference's context."""
@@ -343,7 +346,8 @@ def poro_step(model, optimizer, processor, ro, cfg, build_messages, reference=No
     return float(loss.detach())
 
 # %% id="one-step"
-from mpi.poro import make_optimizer, make_reference, policy_free_batch, score_no_grad
+from mpi.poro import make_reference, policy_free_batch, score_no_grad
+from mpi.engine import make_optimizer
 
 def mean_logp_by_sign(model):
     """Mean per-token log-prob, behind the policy-free prompt, of the responses with A > 0 and with A < 0."""
@@ -410,7 +414,7 @@ from mpi.metrics import plot_metrics
 plot_metrics(stage_metrics(plan, RL_CHAIN, config=gcfg), keys=["own/reward_mean", "guided/reward_mean", "own/accuracy", "guided/accuracy",
                                                   "all/kl", "own/completion_length", "guided/completion_length",
                                                   "all/entropy"], title="PoRo-GRPO");
-from mpi.poro import plot_validation
+from mpi.metrics import plot_validation
 plot_validation(stage_path(plan, RL_CHAIN, config=gcfg) / "work");   # the validation curve the best checkpoint was chosen on
 
 # %% id="code-26"

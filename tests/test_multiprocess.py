@@ -93,7 +93,7 @@ def set_trainable(model, state: dict[str, torch.Tensor]) -> None:
 
 
 def worker_poro_update(work: Path) -> None:
-    from mpi.scale import distributed as dist
+    from mpi import distributed as dist
     from mpi.data.messages import build_messages
     from mpi.poro import train_on_rollout
 
@@ -112,7 +112,7 @@ def worker_poro_update(work: Path) -> None:
 
 
 def worker_poro_loop(work: Path) -> None:
-    from mpi.scale import distributed as dist
+    from mpi import distributed as dist
     from mpi.data.messages import build_messages
     from mpi.poro import train_poro
 
@@ -141,7 +141,7 @@ def run_sft(work: Path, out_name: str, world: int):
     model, processor = load_toy()
     set_trainable(model, torch.load(work / "init.pt"))
     cfg = SupervisedConfig(mode="sft_cot", max_steps=2, batch_size=SFT_GLOBAL_BATCH // world, learning_rate=1e-2,
-                           lr_scheduler="constant", warmup_ratio=0.0, save_steps=1000, progress=False, seed=0,
+                           lr_scheduler_type="constant", warmup_ratio=0.0, save_steps=1000, progress=False, seed=0,
                            lora_r=4)
     result = train_supervised(model, processor, make_items(8), cfg, work / out_name, resume=False)
     rows = read_metrics(work / out_name) if (work / out_name / "metrics.jsonl").exists() else []
@@ -149,7 +149,7 @@ def run_sft(work: Path, out_name: str, world: int):
 
 
 def worker_sft(work: Path) -> None:
-    from mpi.scale import distributed as dist
+    from mpi import distributed as dist
 
     model, rows = run_sft(work, "sft_2proc", world=dist.num_processes())
     torch.save({"weights": trainable(model), "rows": rows}, work / f"sft_rank{dist.process_index()}.pt")
@@ -227,7 +227,7 @@ def test_policy_rollout_update_matches_single_process(launched):
 
 def test_policy_rollout_loop_shards_prompts_and_logs_once(launched):
     from mpi.metrics import read_metrics
-    from mpi.poro import PromptSampler
+    from mpi.engine import PromptSampler
 
     work, _ = launched
     ranks = _load(work, "loop")

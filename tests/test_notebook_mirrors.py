@@ -208,7 +208,8 @@ def fixed_rollout(lora_model, processor, items):
                          ids=["poro-grpo", "poro-dapo", "mask-dr_grpo"])
 def test_poro_step_matches_train_on_rollout(nb04, lora_model, processor, fixed_rollout, overrides):
     from mpi.data.messages import build_messages
-    from mpi.poro import make_optimizer, make_reference, train_on_rollout
+    from mpi.poro import make_reference, train_on_rollout
+    from mpi.engine import make_optimizer
 
     cfg = grpo_cfg(**overrides)
     start = {n: p.detach().clone() for n, p in lora_model.named_parameters() if p.requires_grad}

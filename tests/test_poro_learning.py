@@ -16,8 +16,10 @@ import copy
 import pytest
 import torch
 
-from mpi.poro import (build_scoring_batch, forward_log_probs, get_grpo_config, mean_reward, prompt_texts,
-                      start_rl_from, train_poro)
+from mpi.poro import get_grpo_config, mean_reward, train_poro
+from mpi.tests.rl_helpers import start_rl_from
+from mpi.logprobs import build_scoring_batch, forward_log_probs
+from mpi.sampling import prompt_texts
 
 
 @pytest.fixture(scope="module")

