@@ -119,7 +119,7 @@ def run_ours(args) -> dict:
     model, processor, items, device = load(args, lora=True)
     cfg = get_grpo_config("grpo", steps=args.warmup + args.steps, num_generations=args.num_generations,
                           prompts_per_step=args.prompts, max_completion_length=args.max_completion_length,
-                          beta=args.beta, learning_rate=args.lr, seed=args.seed, progress=False, print_every=0,
+                          beta=args.beta, learning_rate=args.lr, seed=args.seed, progress=False, log_every=0,
                           sample_every=0, log_behaviour_ratio=False, sampler=args.sampler,
                           shared_prompt_scoring=not args.no_shared_prompt, bf16=args.bf16)
     waits: list[float] = []

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
 
     G = args.num_generations
     common = dict(steps=args.steps + 1, prompts_per_step=args.prompts, max_completion_length=args.max_completion_length,
-                  seed=args.seed, progress=False, print_every=0, sample_every=0, sampler=args.sampler,
+                  seed=args.seed, progress=False, log_every=0, sample_every=0, sampler=args.sampler,
                   shared_prompt_scoring=not args.no_shared_prompt, bf16=args.bf16)
     configs = {
         f"GRPO 2G={2 * G}": get_grpo_config("grpo", num_generations=2 * G, **common),

@@ -187,7 +187,7 @@ def run_mode(mode: str, model_dir: Path, work: Path, shape: Shape, device: str, 
             row = stage_row(stage)
             try:
                 cfg = SupervisedConfig(mode=mode_name, max_steps=1, batch_size=1, grad_accum_steps=1, learning_rate=1e-4,
-                                       warmup_ratio=0.0, max_length=4096, progress=False, save_steps=100, seed=0,
+                                       warmup_ratio=0.0, max_length=4096, progress=False, save_every=100, seed=0,
                                        lora_r=shape.lora_r, quantization=quant)  # the model was loaded with gradient checkpointing
                 with meter.measure(row):
                     result = train_supervised(model, processor, train[:1], cfg, work / f"{mode}-{stage}", resume=False)
@@ -207,7 +207,7 @@ def run_mode(mode: str, model_dir: Path, work: Path, shape: Shape, device: str, 
             gcfg = get_grpo_config("poro-grpo", num_generations=shape.num_generations, prompts_per_step=1, steps=1,
                                    max_completion_length=shape.max_completion_length,
                                    micro_batch_size=shape.micro_batch_size, learning_rate=1e-6,
-                                   progress=False, print_every=0, sample_every=0, seed=0)
+                                   progress=False, log_every=0, sample_every=0, seed=0)
             with meter.measure(row):
                 result = train_poro(model, processor, train, gcfg, work / f"{mode}-poro", build_messages=build_messages,
                                     save_adapter=False)

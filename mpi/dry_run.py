@@ -210,7 +210,7 @@ def check_stages(plan, rep: DryRunReport, device_type: str) -> None:
             rep.say(_wrap(f"  {stage:<11} GRPOConfig ", gcfg.to_dict()))
     opts = dict(plan.opts)
     rep.configs["eval"] = opts
-    rep.say(_wrap("  evaluation  ", {k: v for k, v in opts.items() if k != "grpo"}))
+    rep.say(_wrap("  evaluation  ", opts))
     for name in ("eval_batch_size", "eval_max_new_tokens", "prefill_items"):
         value = opts.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

@@ -50,7 +50,6 @@ from typing import Any, Callable, Sequence
 
 from mpi.atomic import atomic_directory, atomic_write_json
 from mpi.engine import save_model
-from mpi.metrics import progress_every
 from mpi.config import BOOKKEEPING_FIELDS, PRESETS, RunConfig, get_config
 # The methods, their chains and the stage kinds live in mpi.methods (the report and the dry run read them
 # too); notebooks and tests read them as pipeline.METHODS, pipeline.DEFAULT_METHODS as well.
@@ -58,36 +57,34 @@ from mpi.methods import (DEFAULT_METHODS, METHODS, RL_STAGES, SUPERVISED_STAGES,
                          training_chains)
 
 
-# Evaluation knobs per preset (RunConfig.extra overrides them by the same names). "grpo" holds
-# GRPOConfig overrides for the RL stages: on tiny, DAPO's dynamic sampling would retry 20 times per step
-# (a model that has learned nothing gives only all-equal groups), which proves nothing but costs minutes.
+# Evaluation knobs per preset (RunConfig.extra overrides them by the same names).
+# toy: the headline accuracy on all 200 test items (the first 64 and all 200 differ by 14 points on one model);
+# policy back in context and override on the first 64 (eval_side_limit), to keep the laptop run short.
 EVAL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "tiny": dict(eval_limit=8, eval_batch_size=8, eval_max_new_tokens=24, prefill_items=2, toy_base="tiny",
-                 # validation every step proves the path; keep_best stays off: toy-tiny scores 0 on every val item,
-                 # so the best smoothed step would always be the start and the RL stage would be a copy of SFT
-                 # the IS log off, as on the toy: the sampler's log-probs it now reads differ by ~1e-7 between the
-                 # notebooks' run and the CLI's (cause not found), and the notebook = CLI test compares exactly
-                 grpo={"max_resample_tries": 2, "eval_every": 1, "eval_samples": 1, "log_behaviour_ratio": False}),
-    # A ClevrPolicy CoT is up to 90 (N=2) / 164 (N=4) toy tokens: answers must fit (RunConfig.max_completion_length).
-    # The importance-ratio log is off on the laptop (see "tiny"); it no longer costs a pass (the sampler's log-probs).
-    # Temperature 0.7: at 1.0 a quarter of the toy's samples lost the answer format (format reward 0.74 vs 0.98).
-    # The headline accuracy on all 200 test items (the first 64 read 56% where all 200 read 70%, same model);
-    # policy back in context and override on the first 64 (eval_side_limit), to keep the laptop run short.
+    "tiny": dict(eval_limit=8, eval_batch_size=8, eval_max_new_tokens=24, prefill_items=2, toy_base="tiny"),
     "toy": dict(eval_limit=200, eval_side_limit=64, eval_batch_size=16, eval_max_new_tokens=192, prefill_items=8,
-                toy_base="toy",
-                grpo={"log_behaviour_ratio": False, "temperature": 0.7,
-                      # the schedule a fresh Adam needs, and the validation split's sampled accuracy every 10 steps
-                      # (2 answers per val item, smoothed): the stage keeps its best checkpoint, the start included
-                      "warmup_steps": 3, "lr_scheduler_type": "cosine", "eval_every": 10, "eval_samples": 2,
-                      "keep_best": True}),
-    # The GPU presets: the same schedule and best-validation checkpoint, validated every 50 steps (32 val items x 3
-    # answers on a 3B model is about the cost of 3 RL steps).
-    "colab-t4": dict(eval_limit=200, eval_batch_size=4, eval_max_new_tokens=512, prefill_items=8, toy_base=None,
-                     grpo={"warmup_steps": 10, "lr_scheduler_type": "cosine", "eval_every": 50, "eval_samples": 2,
-                           "keep_best": True}),
-    "paper": dict(eval_limit=None, eval_batch_size=8, eval_max_new_tokens=1024, prefill_items=16, toy_base=None,
-                  grpo={"warmup_steps": 10, "lr_scheduler_type": "cosine", "eval_every": 50, "eval_samples": 2,
-                        "keep_best": True}),
+                toy_base="toy"),
+    "colab-t4": dict(eval_limit=200, eval_batch_size=4, eval_max_new_tokens=512, prefill_items=8, toy_base=None),
+    "paper": dict(eval_limit=None, eval_batch_size=8, eval_max_new_tokens=1024, prefill_items=16, toy_base=None),
+}
+
+# GRPOConfig fields each preset sets for its RL stages (`stage_config`; RunConfig.extra["grpo"] overrides them).
+RL_PRESETS: dict[str, dict[str, Any]] = {
+    # Proves the path in seconds: DAPO's dynamic sampling retries twice, not 20 times (a model that learned
+    # nothing gives only all-equal groups); validation every step, but keep_best off (toy-tiny scores 0 on every
+    # validation item, so the best step would be the start). The IS log off: the sampler's log-probs it reads
+    # differ by ~1e-7 between two runs of one stage, and the notebook = CLI test compares metrics exactly.
+    "tiny": dict(max_resample_tries=2, eval_every=1, eval_samples=1, log_behaviour_ratio=False),
+    # Temperature 0.7: at 1.0 a quarter of the toy's samples lost the answer format (format reward 0.74 vs 0.98).
+    # A warm-up for the fresh Adam, a cosine, and the validation split's sampled accuracy every 10 steps
+    # (2 answers per item, smoothed): the stage keeps its best checkpoint, the start included. The IS log off
+    # as on tiny.
+    "toy": dict(log_behaviour_ratio=False, temperature=0.7, warmup_steps=3, lr_scheduler_type="cosine",
+                eval_every=10, eval_samples=2, keep_best=True),
+    # The GPU presets: the same schedule and best-validation checkpoint, validated every 50 steps (32 validation
+    # items x 3 answers on a 3B model cost about 3 RL steps).
+    "colab-t4": dict(warmup_steps=10, lr_scheduler_type="cosine", eval_every=50, eval_samples=2, keep_best=True),
+    "paper": dict(warmup_steps=10, lr_scheduler_type="cosine", eval_every=50, eval_samples=2, keep_best=True),
 }
 
 
@@ -210,7 +207,6 @@ def dataset_keys(datasets: Sequence[str], depths: Sequence[int], variant: str = 
 def eval_options(cfg: RunConfig) -> dict[str, Any]:
     opts = dict(EVAL_DEFAULTS.get(cfg.preset, EVAL_DEFAULTS["toy"]))
     opts.update({k: v for k, v in cfg.extra.items() if k in opts or k.startswith("eval_") or k.startswith("toy_base")})
-    opts["grpo"] = {**EVAL_DEFAULTS.get(cfg.preset, {}).get("grpo", {}), **cfg.extra.get("grpo", {})}
     return opts
 
 
@@ -519,7 +515,7 @@ def stage_config(plan: Plan, stage: str, seed: int, key: str | None = None):
     "cpt", "sft-cot", "sft-direct" -> a SupervisedConfig: cpt_* or sft_* epochs and learning rate, the shared
     batch, max_length, LoRA and memory fields, then RunConfig.extra["cpt"] / ["sft"]. The RL stages -> a
     GRPOConfig: the method's preset (mpi.poro.GRPO_PRESETS) with the rl_* fields (rl_epochs through
-    `rl_steps`, which needs the dataset `key`), then the preset's and the user's "grpo" overrides.
+    `rl_steps`, which needs the dataset `key`), then the run preset's RL_PRESETS and RunConfig.extra["grpo"].
     Both checkpoint every RunConfig.save_every steps and print a line every log_every steps.
 
     The pipeline trains every stage with this config and the notebooks show it, edit it and train with it;
@@ -537,26 +533,21 @@ def stage_config(plan: Plan, stage: str, seed: int, key: str | None = None):
             seed=seed, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             quantization=cfg.quantization,
             policy_in_context_frac=0.0 if cpt else cfg.sft_policy_in_context_frac,
-            save_steps=max(1, int(cfg.save_every)), save_total_limit=2, logging_steps=1, log_every=cfg.log_every)
+            save_every=max(1, int(cfg.save_every)), save_total_limit=2, logging_steps=1, log_every=cfg.log_every)
         return SupervisedConfig(**{**values, **cfg.extra.get("cpt" if cpt else "sft", {})})
     if stage not in RL_STAGES:
         raise PipelineError(f"unknown training stage {stage!r}; the stages are {SUPERVISED_STAGES + RL_STAGES}")
-    import dataclasses as dc
-
     from mpi.poro import get_grpo_config
 
     values = dict(steps=rl_steps(plan, key), learning_rate=cfg.rl_learning_rate, num_generations=cfg.num_generations,
                   max_completion_length=cfg.max_completion_length, prompts_per_step=cfg.prompts_per_step, seed=seed,
-                  micro_batch_size=cfg.micro_batch_size, save_every=max(1, int(cfg.save_every)))
-    gcfg = get_grpo_config(stage, **{**values, **plan.opts["grpo"]})
-    if "print_every" not in plan.opts["grpo"]:
-        gcfg = dc.replace(gcfg, print_every=progress_every(cfg.log_every, gcfg.steps))
-    return gcfg
+                  micro_batch_size=cfg.micro_batch_size, save_every=max(1, int(cfg.save_every)), log_every=cfg.log_every)
+    return get_grpo_config(stage, **{**values, **RL_PRESETS.get(cfg.preset, {}), **cfg.extra.get("grpo", {})})
 
 
 # Stage-config fields that change no weight (checkpoint and print cadence): left out of the stage's key.
-STAGE_BOOKKEEPING = ("save_steps", "save_total_limit", "logging_steps", "dataloader_num_workers", "check_max_items",
-                     "progress", "log_every", "save_every", "keep_checkpoints", "print_every", "sample_every")
+STAGE_BOOKKEEPING = ("save_every", "save_total_limit", "logging_steps", "progress", "log_every", "keep_checkpoints",
+                     "sample_every")
 
 
 def config_key(config) -> str:

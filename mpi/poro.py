@@ -49,7 +49,7 @@ from mpi.grpo import (LOSS_TYPES, OFFPOLICY_RULES, STD_KINDS, TRUNCATION_RULES, 
                       completion_mask, group_advantages, k3_kl, mask_truncated, offpolicy_token_weights,
                       overlong_penalty, shaped_offpolicy_loss, zero_std_groups)
 from mpi.logprobs import ScoringBatch, build_scoring_batch, encode_images_once, forward_log_probs, row_chunks
-from mpi.metrics import behaviour_ratio_metrics, format_row, origin_metrics, write_sample_table
+from mpi.metrics import behaviour_ratio_metrics, format_row, origin_metrics, progress_every, write_sample_table
 from mpi.rewards import RewardWeights, combined_rewards
 from mpi.sampling import SAMPLERS, generate_from_prompts, prompt_texts
 
@@ -146,7 +146,7 @@ class GRPOConfig:
     save_every: int = 0  # checkpoint every K steps (and always at the end); 0 = end only
     keep_checkpoints: int = 2
     progress: bool = True
-    print_every: int = 1  # one printed line per K steps; 0 = silent
+    log_every: int | None = None  # one printed line every K steps; None: at most 50 lines; 0: silent
     preset: str = "custom"
     # --- validation on a fixed item list (train_poro's eval_items=): sampled accuracy at the rollout
     # temperature, pass@eval_samples and greedy accuracy, every eval_every steps and at the last step.
@@ -703,7 +703,7 @@ def train_poro(model, processor, dataset, cfg: GRPOConfig, out_dir: str | Path, 
         if validate and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             metrics.update(validate(step))  # after step_time: not part of the step's cost
         row = logger.log(step, **dist.reduce_metrics(metrics))  # one row for all processes
-        if cfg.print_every and step % cfg.print_every == 0 and main:
+        if cfg.log_every != 0 and step % progress_every(cfg.log_every, cfg.steps) == 0 and main:
             tqdm.write(format_row(row, [k for k in PRINT_KEYS if k in row]))
         bar.set_postfix(reward=f"{row.get('all/reward_mean', float('nan')):.3f}")
         if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps) and main:

@@ -10,7 +10,7 @@ target only, no policy). One entry point trains both:
 
 The loop is transformers' `Trainer` with our collator and a loss that runs the LM head only at
 supervised positions (`logits_to_keep`). It brings gradient accumulation, the warm-up + cosine/constant
-schedule, gradient clipping, the progress bar and checkpoints every `save_steps`; we add the metrics log
+schedule, gradient clipping, the progress bar and checkpoints every `save_every` steps; we add the metrics log
 (CSV + JSONL), a completeness marker per checkpoint (a checkpoint half-written when Colab disconnects is
 never resumed from), the final adapter written atomically, and `result.json`, whose presence marks a
 finished run that is not trained again. Notebooks 02 and 03 and the pipeline (`pipeline.train_stage`) call
@@ -42,8 +42,7 @@ from mpi.collate import IGNORE_INDEX, MODES, SupervisedCollator
 from mpi.engine import LR_SCHEDULES, lr_lambda, save_model
 
 # Fields that do not change what is trained: a finished run with other values here is still "the same run".
-TRAINER_BOOKKEEPING_FIELDS = ("save_steps", "save_total_limit", "logging_steps", "dataloader_num_workers",
-                              "check_max_items", "progress")
+TRAINER_BOOKKEEPING_FIELDS = ("save_every", "save_total_limit", "logging_steps", "progress", "log_every")
 CHECKPOINT_MARKER = "mpi_checkpoint_complete.json"
 
 
@@ -75,11 +74,9 @@ class SupervisedConfig:
     # keeps a small model able to read the policy, which PolicyRollout's guided half relies on.
     policy_in_context_frac: float = 0.0
     seed: int = 0
-    save_steps: int = 50  # checkpoint every K optimizer steps (resume point after a disconnect)
+    save_every: int = 50  # checkpoint every K optimizer steps (resume point after a disconnect)
     save_total_limit: int = 2
     logging_steps: int = 1
-    dataloader_num_workers: int = 0
-    check_max_items: int | None = None  # check_config measures every item's length (None) or the first k
     progress: bool = True  # tqdm bar and one printed line every log_every steps
     log_every: int | None = None  # None: at most 50 printed lines
     # --- LoRA, when train_supervised gets a model without adapters
@@ -129,7 +126,7 @@ def _model_dtype(model) -> torch.dtype:
 
 def sequence_lengths(processor, dataset, cfg: SupervisedConfig, chunk: int = 16) -> list[tuple[str, int, int]]:
     """(id, sequence tokens, prompt tokens) of the items check_config measures (images included)."""
-    n = len(dataset) if cfg.check_max_items is None else min(len(dataset), cfg.check_max_items)
+    n = len(dataset)
     # Any item may land in a batch that shows the policy: measure every item at its longest.
     collate = SupervisedCollator(processor, cfg.mode, max_length=None, mask_vision_markers=cfg.mask_vision_markers,
                                  policy_in_context_frac=1.0 if cfg.policy_in_context_frac > 0 else 0.0)
@@ -164,7 +161,7 @@ def check_config(cfg: SupervisedConfig, *, model=None, processor=None, dataset=N
         problems.append(f"mode={cfg.mode!r}: choose one of {MODES}")
     if cfg.lr_scheduler_type not in LR_SCHEDULES:
         problems.append(f"lr_scheduler_type={cfg.lr_scheduler_type!r}: choose one of {list(LR_SCHEDULES)}")
-    for name in ("batch_size", "grad_accum_steps", "save_steps", "max_length"):
+    for name in ("batch_size", "grad_accum_steps", "save_every", "max_length"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
             problems.append(f"{name}={getattr(cfg, name)!r}: must be an integer >= 1")
     if not cfg.learning_rate > 0:
@@ -466,7 +463,7 @@ def _training_arguments(cfg: SupervisedConfig, out_dir: Path, model):
         max_grad_norm=cfg.max_grad_norm,
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
-        save_steps=cfg.save_steps,
+        save_steps=cfg.save_every,
         save_total_limit=cfg.save_total_limit,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -475,7 +472,7 @@ def _training_arguments(cfg: SupervisedConfig, out_dir: Path, model):
         use_cpu=device.type == "cpu",
         report_to="none",
         remove_unused_columns=False,  # the collator needs the raw items (images, policy, cot)
-        dataloader_num_workers=cfg.dataloader_num_workers,
+        dataloader_num_workers=0,  # the collator renders chat text and images: cheap next to a step, no copies
         dataloader_pin_memory=device.type == "cuda",
         disable_tqdm=not cfg.progress,
         save_only_model=False,  # optimizer, scheduler and RNG states too: resume must be exact

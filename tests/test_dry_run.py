@@ -51,14 +51,14 @@ def test_dry_run_every_preset(preset, tmp_path, capsys, nothing_heavy):
 
 def test_dry_run_shows_the_rl_config_train_stage_would_use(nothing_heavy):
     """The dry run's GRPOConfig is the pipeline's stage_config: the preset's "grpo" overrides and the printed-line
-    cadence included (the dry run once rebuilt it and missed print_every)."""
+    cadence included."""
     cfg = get_config("toy", model="toy-tiny", rl_steps=200)
     shown = dry.plan_report(make_plan(cfg)).configs["poro-grpo"]
-    assert shown["temperature"] == 0.7 and shown["keep_best"] is True  # EVAL_DEFAULTS["toy"]["grpo"]
+    assert shown["temperature"] == 0.7 and shown["keep_best"] is True  # RL_PRESETS["toy"]
     assert shown["max_completion_length"] == cfg.max_completion_length == 176  # the RunConfig's, an N=4 CoT fits
     assert shown["log_behaviour_ratio"] is False
     assert shown["save_every"] == cfg.save_every == 10
-    assert shown["print_every"] == 4  # 200 steps, at most 50 printed lines: one every ceil(200 / 50) steps
+    assert shown["log_every"] is None and cfg.log_every is None  # at most 50 printed lines: every ceil(200 / 50)
 
 
 def test_dry_run_report_resolves_what_the_stages_would_train(nothing_heavy):

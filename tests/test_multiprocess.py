@@ -62,7 +62,7 @@ def update_config():
     # two iterations per batch and micro-batches that cut across groups.
     return get_grpo_config("poro-dapo", dynamic_sampling=False, beta=0.04, offpolicy_rule="tis",
                            num_iterations=2, micro_batch_size=5, num_generations=2, max_completion_length=8,
-                           learning_rate=0.5, prompts_per_step=NUM_PROMPTS, progress=False, print_every=0,
+                           learning_rate=0.5, prompts_per_step=NUM_PROMPTS, progress=False, log_every=0,
                            sample_every=0)
 
 
@@ -141,7 +141,7 @@ def run_sft(work: Path, out_name: str, world: int):
     model, processor = load_toy()
     set_trainable(model, torch.load(work / "init.pt"))
     cfg = SupervisedConfig(mode="sft_cot", max_steps=2, batch_size=SFT_GLOBAL_BATCH // world, learning_rate=1e-2,
-                           lr_scheduler_type="constant", warmup_ratio=0.0, save_steps=1000, progress=False, seed=0,
+                           lr_scheduler_type="constant", warmup_ratio=0.0, save_every=1000, progress=False, seed=0,
                            lora_r=4)
     result = train_supervised(model, processor, make_items(8), cfg, work / out_name, resume=False)
     rows = read_metrics(work / out_name) if (work / out_name / "metrics.jsonl").exists() else []

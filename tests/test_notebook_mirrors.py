@@ -165,7 +165,7 @@ def lora_model(processor):
 def grpo_cfg(**overrides):
     from mpi.poro import get_grpo_config
 
-    base = dict(num_generations=3, prompts_per_step=2, max_completion_length=12, progress=False, print_every=0,
+    base = dict(num_generations=3, prompts_per_step=2, max_completion_length=12, progress=False, log_every=0,
                 sample_every=0, learning_rate=5e-3, log_behaviour_ratio=False)
     return get_grpo_config(overrides.pop("preset", "poro-grpo"), **{**base, **overrides})
 

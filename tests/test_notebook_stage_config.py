@@ -82,8 +82,8 @@ def test_notebook_04_trains_the_edited_rl_config(run_folder):
 
 
 def test_a_changed_run_config_is_never_skipped(run_folder, tmp_path):
-    """A finished stage meets a config other than the one it was trained with (e.g. plan.opts edited after
-    course_plan): an error that names the fields, not a skip."""
+    """A finished stage meets a config other than the one it was trained with (e.g. the plan's RunConfig
+    edited after course_plan): an error that names the fields, not a skip."""
     from mpi.pipeline import PipelineError, make_plan, stage_config, train_in_run
     from mpi.config import get_config
 
@@ -91,7 +91,7 @@ def test_a_changed_run_config_is_never_skipped(run_folder, tmp_path):
     key = plan.dataset_keys[0]
     config = stage_config(plan, "poro-grpo", 0, key)
     train_in_run(plan, key, 0, ("poro-grpo",), config, lambda folder: {"steps": 0}, log=lambda _: None)
-    plan.opts["grpo"] = {**plan.opts["grpo"], "beta": 0.5}  # the run's config changed under the finished stage
+    plan.cfg.extra["grpo"] = {"beta": 0.5}  # the run's config changed under the finished stage
     changed = stage_config(plan, "poro-grpo", 0, key)
     with pytest.raises(PipelineError, match=r"another config \(fields \['beta'\]\)"):
         train_in_run(plan, key, 0, ("poro-grpo",), changed, lambda folder: {"steps": 0}, log=lambda _: None)

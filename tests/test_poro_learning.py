@@ -78,7 +78,7 @@ def rl_run(warm, preset: str, num_generations: int, steps: int, learning_rate: f
     lora = LoraSettings(r=16, alpha=32, target_modules=f"(?:{LANGUAGE_MODEL_LORA_TARGETS})|(?:lm_head)")
     model = start_rl_from(copy.deepcopy(base), lora)
     cfg = get_grpo_config(preset, steps=steps, num_generations=num_generations, prompts_per_step=2,
-                          max_completion_length=8, learning_rate=learning_rate, progress=False, print_every=0,
+                          max_completion_length=8, learning_rate=learning_rate, progress=False, log_every=0,
                           sample_every=0, seed=0, **schedule)
 
     def measure():

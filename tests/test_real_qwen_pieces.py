@@ -163,7 +163,7 @@ def test_one_vm_cpt_step_and_one_sft_step(qwen, items, tmp_path):
     for mode in ("cpt", "sft_cot"):
         before = _lora_b(model)
         cfg = SupervisedConfig(mode=mode, max_steps=1, batch_size=2, learning_rate=1e-2, warmup_ratio=0.0,
-                               max_length=2048, progress=False, save_steps=10, seed=0)
+                               max_length=2048, progress=False, save_every=10, seed=0)
         result = train_supervised(model, processor, data, cfg, tmp_path / mode, resume=False)
         model = result["model"]
         assert result["steps"] == 1 and math.isfinite(result["final_loss"])
@@ -238,7 +238,7 @@ def test_poro_step_samples_with_its_own_knobs_not_the_checkpoints(qwen, items, t
 
     model, processor = qwen
     cfg = get_grpo_config("poro-grpo", num_generations=3, max_completion_length=6, prompts_per_step=1, steps=1,
-                          log_behaviour_ratio=True, progress=False, print_every=0, sample_every=1, seed=0)
+                          log_behaviour_ratio=True, progress=False, log_every=0, sample_every=1, seed=0)
     torch.manual_seed(0)
     ro = rollout(model, processor, [items["clevr"][0]], cfg, build_messages)
     own = {tuple(r) for r in ro.completion_ids[:3].tolist()}

@@ -166,13 +166,13 @@ def test_train_on_rollout_skips_an_overflowed_update(toy):
 def test_train_poro_logs_the_scaler(toy, tmp_path):
     model, processor, build_messages, _ = toy
     cfg = get_grpo_config("poro-grpo", steps=1, num_generations=2, max_completion_length=4, loss_scaling="on",
-                          progress=False, print_every=0, sample_every=0)
+                          progress=False, log_every=0, sample_every=0)
     result = poro.train_poro(model, processor, _items(), cfg, tmp_path, build_messages=build_messages,
                              reward_fn=_varied_reward, save_adapter=False)
     row = result.rows[-1]
     assert row["fp16/loss_scale"] == 2.0 ** 16 and row["fp16/skipped_steps"] == 0
     cfg_off = get_grpo_config("poro-grpo", steps=1, num_generations=2, max_completion_length=4, progress=False,
-                              print_every=0, sample_every=0)  # auto on a float32 toy: no scaler
+                              log_every=0, sample_every=0)  # auto on a float32 toy: no scaler
     result = poro.train_poro(model, processor, _items(), cfg_off, tmp_path / "off", build_messages=build_messages,
                              reward_fn=_varied_reward, save_adapter=False)
     assert not any(k.startswith("fp16/") for k in result.rows[-1])

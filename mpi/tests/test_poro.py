@@ -145,7 +145,7 @@ def test_train_writes_metrics_by_origin_and_samples(fresh, tmp_path):
     model, processor, build_messages = fresh
     before = _trainable(model)
     cfg = get_grpo_config("poro-grpo", steps=2, num_generations=2, max_completion_length=6, prompts_per_step=2,
-                          sample_every=2, progress=False, print_every=0, offpolicy_rule="tis")
+                          sample_every=2, progress=False, log_every=0, offpolicy_rule="tis")
     result = train_poro(model, processor, rl_items(3), cfg, tmp_path, build_messages=build_messages,
                         reward_fn=letter_share_reward)
     row = result.rows[-1]
@@ -171,7 +171,7 @@ def test_resume_gives_identical_weights(toy, tmp_path):
                 if n in init:
                     p.copy_(init[n])
 
-    kw = dict(num_generations=2, max_completion_length=4, prompts_per_step=1, progress=False, print_every=0,
+    kw = dict(num_generations=2, max_completion_length=4, prompts_per_step=1, progress=False, log_every=0,
               sample_every=0, save_every=2, learning_rate=1e-2)
     reset()
     train_poro(model, processor, rl_items(3), get_grpo_config("poro-grpo", steps=4, **kw), tmp_path / "a",

@@ -88,7 +88,7 @@ def test_wrong_policy_run_samples_with_the_other_policy_and_rewards_the_real_ite
         return {"reward": [len(t) % 3 / 2 for t in texts], "accuracy": [0.0] * len(texts)}
 
     cfg = get_grpo_config("poro-grpo", guided_context="wrong_policy", steps=1, num_generations=2, prompts_per_step=3,
-                          max_completion_length=4, progress=False, print_every=0, sample_every=0)
+                          max_completion_length=4, progress=False, log_every=0, sample_every=0)
     poro.train_poro(model, processor, _items(), cfg, tmp_path, build_messages=recording_build, reward_fn=reward,
                     save_adapter=False)
     own = {it["id"]: it for it in _items()}
@@ -187,7 +187,7 @@ def test_validation_metrics_by_hand_and_training_is_unchanged(toy, tmp_path):
     assert [processor.tokenizer.decode([int(i)], skip_special_tokens=True) for i in first] == \
         [processor.tokenizer.decode(processor.tokenizer(t, add_special_tokens=False)["input_ids"][:1]) for t in greedy]
 
-    run = dict(steps=2, num_generations=2, max_completion_length=4, progress=False, print_every=0, sample_every=0)
+    run = dict(steps=2, num_generations=2, max_completion_length=4, progress=False, log_every=0, sample_every=0)
 
     def train(eval_items, out):
         _reset(model, init)

@@ -33,7 +33,7 @@ def test_learning_rate_schedule_by_hand():
 def test_optimizer_follows_the_schedule(tmp_path):
     model, processor, build_messages, _ = toy_with_lora(r=4)
     cfg = get_grpo_config("poro-grpo", steps=3, warmup_steps=2, lr_scheduler_type="cosine", learning_rate=1e-3,
-                          num_generations=2, max_completion_length=4, progress=False, print_every=0, sample_every=0)
+                          num_generations=2, max_completion_length=4, progress=False, log_every=0, sample_every=0)
     res = poro.train_poro(model, processor, rl_items(2), cfg, tmp_path, build_messages=build_messages,
                           reward_fn=letter_share_reward, save_adapter=False)
     assert [r["lr"] for r in res.rows] == pytest.approx([learning_rate_at(s, cfg.learning_rate, cfg.steps, cfg.warmup_steps, cfg.lr_scheduler_type, cfg.min_lr_ratio) for s in (1, 2, 3)])
@@ -47,7 +47,7 @@ def test_keep_best_ends_with_the_best_smoothed_step(tmp_path, monkeypatch):
     monkeypatch.setattr(poro, "validation_metrics", lambda *a, **k: {"val/sampled_accuracy": next(script)})
     cfg = get_grpo_config("poro-grpo", steps=4, eval_every=1, keep_best=True, best_smoothing=0.5, save_every=1,
                           keep_checkpoints=10, learning_rate=1e-2, num_generations=2, max_completion_length=4,
-                          progress=False, print_every=0, sample_every=0)
+                          progress=False, log_every=0, sample_every=0)
     res = poro.train_poro(model, processor, rl_items(2), cfg, tmp_path, build_messages=build_messages,
                           reward_fn=letter_share_reward, save_adapter=False, eval_items=rl_items(1))
     assert res.best_step == 3
@@ -64,7 +64,7 @@ def test_keep_best_keeps_the_start_when_training_only_hurts(tmp_path, monkeypatc
     script = iter([0.9, 0.1, 0.1])
     monkeypatch.setattr(poro, "validation_metrics", lambda *a, **k: {"val/sampled_accuracy": next(script)})
     cfg = get_grpo_config("poro-grpo", steps=2, eval_every=1, keep_best=True, learning_rate=1e-2,
-                          num_generations=2, max_completion_length=4, progress=False, print_every=0, sample_every=0)
+                          num_generations=2, max_completion_length=4, progress=False, log_every=0, sample_every=0)
     res = poro.train_poro(model, processor, rl_items(2), cfg, tmp_path, build_messages=build_messages,
                           reward_fn=letter_share_reward, save_adapter=False, eval_items=rl_items(1))
     assert res.best_step == 0
@@ -91,7 +91,7 @@ def test_a_killed_run_resumes_to_the_same_schedule_and_best_checkpoint(tmp_path,
     monkeypatch.setattr(poro, "validation_metrics", by_weights)
     cfg = get_grpo_config("poro-grpo", steps=4, eval_every=1, keep_best=True, save_every=1, warmup_steps=1,
                           lr_scheduler_type="cosine", learning_rate=1e-2, num_generations=2, max_completion_length=4,
-                          progress=False, print_every=0, sample_every=0)
+                          progress=False, log_every=0, sample_every=0)
     kw = dict(build_messages=build_messages, reward_fn=letter_share_reward, save_adapter=False,
               eval_items=rl_items(1))
 

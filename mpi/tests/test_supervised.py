@@ -35,7 +35,7 @@ def fresh_model(**kw):
 
 
 def tiny_cfg(**kw):
-    values = dict(mode="sft_direct", max_steps=4, batch_size=2, learning_rate=1e-2, save_steps=2, warmup_ratio=0.0,
+    values = dict(mode="sft_direct", max_steps=4, batch_size=2, learning_rate=1e-2, save_every=2, warmup_ratio=0.0,
                   max_length=512, progress=False, seed=0)
     values.update(kw)
     return SupervisedConfig(**values)
@@ -119,7 +119,7 @@ def interrupt_at(step):
 
 def test_interrupt_and_resume_gives_the_same_weights(tmp_path):
     data = items(4)
-    cfg = tiny_cfg(mode="sft_cot", max_steps=4, save_steps=2, batch_size=2)  # 4 steps = 2 epochs: reshuffle
+    cfg = tiny_cfg(mode="sft_cot", max_steps=4, save_every=2, batch_size=2)  # 4 steps = 2 epochs: reshuffle
     model, processor = fresh_model()
     straight = train_supervised(model, processor, data, cfg, tmp_path / "straight")
 
