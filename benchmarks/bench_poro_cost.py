@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-completion-length", type=int, default=112)
     p.add_argument("--sampler", default="fast", choices=["fast", "hf"])
     p.add_argument("--no-shared-prompt", action="store_true")
-    p.add_argument("--bf16", action="store_true", help="GRPOConfig(bf16=True): the scoring passes in bfloat16")
+    p.add_argument("--bf16", action="store_true", help="GRPOConfig(bf16_scoring=True): the scoring passes in bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch's default)")
     args = p.parse_args(argv)
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     G = args.num_generations
     common = dict(steps=args.steps + 1, prompts_per_step=args.prompts, max_completion_length=args.max_completion_length,
                   seed=args.seed, progress=False, log_every=0, sample_every=0, sampler=args.sampler,
-                  shared_prompt_scoring=not args.no_shared_prompt, bf16=args.bf16)
+                  shared_prompt_scoring=not args.no_shared_prompt, bf16_scoring=args.bf16)
     configs = {
         f"GRPO 2G={2 * G}": get_grpo_config("grpo", num_generations=2 * G, **common),
         f"PoRo G+G={G}+{G}": get_grpo_config("poro-grpo", num_generations=G, log_behaviour_ratio=False, **common),

@@ -506,9 +506,6 @@ def load_for_stage(plan: Plan, seed: int, adapter: Path | None, trainable: bool)
 # =========================================================================== training stages
 
 
-STAGE_MODES = {"cpt": "cpt", "sft-cot": "sft_cot", "sft-direct": "sft_direct"}  # stage -> mpi.collate mode
-
-
 def stage_config(plan: Plan, stage: str, seed: int, key: str | None = None):
     """The config a training stage trains with: THE one mapping from the RunConfig to the stage configs.
 
@@ -527,7 +524,7 @@ def stage_config(plan: Plan, stage: str, seed: int, key: str | None = None):
 
         cpt = stage == "cpt"
         values = dict(
-            mode=STAGE_MODES[stage], epochs=cfg.cpt_epochs if cpt else cfg.sft_epochs,
+            mode=stage, epochs=cfg.cpt_epochs if cpt else cfg.sft_epochs,
             learning_rate=cfg.cpt_learning_rate if cpt else cfg.sft_learning_rate,
             batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps, max_length=cfg.max_length,
             seed=seed, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,

@@ -136,7 +136,7 @@ class GRPOConfig:
     # cache, which CPU kernels run slower in bfloat16 (measured 3x). Off by default: float32 and bfloat16 runs
     # give different numbers and the README's are float32; benchmarks/bench_grpo_vs_trl.py measures both. A
     # bfloat16 / float16 model (CUDA) computes in its own dtype anyway.
-    bf16: bool = False
+    bf16_scoring: bool = False
     # Dynamic loss scaling for fp16 compute (a T4): "auto" = on iff the model computes in float16
     # (`mpi.engine.needs_loss_scaling`), "on" / "off" force it. A step whose gradients overflow is skipped.
     loss_scaling: str = "auto"
@@ -499,7 +499,7 @@ def train_on_rollout(model, optimizer, processor, ro: Rollout, cfg: GRPOConfig, 
     without dropout, so at num_iterations=1 the ratio is exactly 1 and the KL to an unchanged reference 0.
     Leaves the model in train mode."""
     model.train()
-    with engine.dropout_disabled(model, cfg.disable_dropout), engine.autocast(model, cfg.bf16):
+    with engine.dropout_disabled(model, cfg.disable_dropout), engine.autocast(model, cfg.bf16_scoring):
         return _train_on_rollout(model, optimizer, processor, ro, cfg, build_messages, reference, loss_scaler)
 
 

@@ -146,16 +146,16 @@ from mpi.modeling import load_processor
 
 processor = load_processor(pipeline.base_model_path(plan))
 items = [train[0], train[1]]   # two rows of different lengths: the shorter one is padded
-for mode in ("sft_cot", "sft_direct", "cpt"):
+for mode in ("sft-cot", "sft-direct", "cpt"):
     collate = SupervisedCollator(processor, mode)
     batch = collate(items)
     text = processor.tokenizer.decode(batch["input_ids"][0])
     s = mask_summary(processor, batch)
     same = "" if mode == "cpt" else (" | same labels as the collator: " + str(torch.equal(
-        sft_batch_labels(processor, batch, items, direct=mode == "sft_direct"), batch["labels"])))
+        sft_batch_labels(processor, batch, items, direct=mode == "sft-direct"), batch["labels"])))
     print(f"{mode:10s}: {s['tokens']:4d} tokens, {s['supervised']:4d} carry loss | policy text in the sequence: "
           f"{items[0]['policy_text'][-60:] in text}{same}")
-for mode in ("sft_cot", "sft_direct"):
+for mode in ("sft-cot", "sft-direct"):
     batch = SupervisedCollator(processor, mode)([items[0]])
     display(HTML(f"<b>{mode}</b>" + render_loss_mask(describe_labels(processor, batch), collapse_images=True)))
 

@@ -132,7 +132,7 @@ def test_vm_cpt_labels_match_the_collator(processor, items):
         assert torch.equal(nb02["vm_cpt_labels"](input_ids, attention, ids), collate.labels(input_ids, attention, []))
 
 
-@pytest.mark.parametrize("mode", ["sft_cot", "sft_direct"])
+@pytest.mark.parametrize("mode", ["sft-cot", "sft-direct"])
 def test_sft_labels_match_the_collator(processor, items, mode):
     from mpi.collate import SupervisedCollator
 
@@ -143,7 +143,7 @@ def test_sft_labels_match_the_collator(processor, items, mode):
         for _ in range(3):
             batch_items = rng.sample(items, rng.randint(1, 4))
             batch = collate(batch_items)
-            mine = nb03["sft_batch_labels"](processor, batch, batch_items, direct=mode == "sft_direct",
+            mine = nb03["sft_batch_labels"](processor, batch, batch_items, direct=mode == "sft-direct",
                                             with_policy=collate.shows_policy(batch_items))
             assert torch.equal(mine, batch["labels"])
             assert (mine != -100).sum() < batch["attention_mask"].sum()  # not everything carries loss

@@ -1,4 +1,4 @@
-"""GRPOConfig(bf16=True): the scoring passes (reference, old, trained forward and backward) under a bfloat16
+"""GRPOConfig(bf16_scoring=True): the scoring passes (reference, old, trained forward and backward) under a bfloat16
 autocast, sampling in float32. The update must stay the same update: ratio exactly 1 and KL exactly 0 on the
 first step, log-probs and the gradient close to float32's."""
 
@@ -28,7 +28,7 @@ def _reset(model, init):
 def _step(model, processor, build, init, bf16: bool, learning_rate: float = 0.0):
     _reset(model, init)
     cfg = get_grpo_config("poro-grpo", num_generations=2, max_completion_length=8, beta=0.04, kl_reference="start",
-                          learning_rate=learning_rate, log_behaviour_ratio=True, bf16=bf16)
+                          learning_rate=learning_rate, log_behaviour_ratio=True, bf16_scoring=bf16)
     torch.manual_seed(0)
     ro = rollout(model, processor, rl_items(2), cfg, build, letter_share_reward)
     grads = {}
@@ -59,11 +59,11 @@ def test_bf16_scoring_really_runs_in_bfloat16_and_stays_close_to_float32(continu
     model, processor, build, init = continued
     ro, _, g32 = _step(model, processor, build, init, bf16=False)
     batch = poro.policy_free_batch(processor, ro, ro.completion_ids.shape[0] // ro.num_groups, build)
-    cfg32 = get_grpo_config("poro-grpo", bf16=False)
-    cfg16 = get_grpo_config("poro-grpo", bf16=True)
+    cfg32 = get_grpo_config("poro-grpo", bf16_scoring=False)
+    cfg16 = get_grpo_config("poro-grpo", bf16_scoring=True)
     model.eval()
     lp32 = poro.score_no_grad(model, batch, cfg32)
-    with engine.autocast(model, cfg16.bf16):
+    with engine.autocast(model, cfg16.bf16_scoring):
         lp16 = poro.score_no_grad(model, batch, cfg16)
     mask = ro.eos_mask.bool()
     diff = (lp32 - lp16)[mask].abs()
