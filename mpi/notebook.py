@@ -205,4 +205,5 @@ def ensure_eval(plan, method: str, key: str | None = None, seed: int | None = No
         ensure_data(plan, key)
         ensure_base(plan)
     return pipeline.run_stage(plan, _timer(plan), f"eval/{key}/seed{seed}/{method}", plan.eval_dir(key, seed, method),
-                              lambda tmp: pipeline.evaluate_method(plan, key, seed, method, tmp), _log)
+                              lambda tmp: pipeline.evaluate_method(plan, key, seed, method, tmp), _log,
+                              settings=plan.opts)

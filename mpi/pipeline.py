@@ -257,17 +257,27 @@ class Timer:
 
 
 def run_stage(plan: Plan, timer: Timer, stage: str, path: Path, fn: Callable[[Path], dict[str, Any]],
-              log: Callable[[str], None]) -> dict[str, Any]:
-    """Run `fn(tmp_dir)` into `path` atomically unless `path` is already done; return its done.json."""
+              log: Callable[[str], None], settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run `fn(tmp_dir)` into `path` atomically unless `path` is already done; return its done.json.
+    `settings` (e.g. an evaluation's options) go into done.json; a finished stage made with other settings is
+    an error, never a skip."""
+    settings = None if settings is None else json.loads(json.dumps(settings, default=str))
     if is_done(path):
+        done = read_done(path)
+        if settings is not None and done.get("settings", settings) != settings:
+            diff = sorted(k for k in set(settings) | set(done["settings"]) if settings.get(k) != done["settings"].get(k))
+            raise PipelineError(f"{stage}: {path} was made with other settings ({diff}); use a new run name, or "
+                                "delete that folder to make it again")
         log(f"[skip] {stage} (done)")
         timer.record(stage, 0.0, skipped=True)
-        return read_done(path)
+        return done
     log(f"[run ] {stage}")
     t0 = time.perf_counter()
     with atomic_directory(path) as tmp:
         result = fn(tmp) or {}
         result = {**result, "stage": stage, "seconds": time.perf_counter() - t0}
+        if settings is not None:
+            result["settings"] = settings
         atomic_write_json(tmp / "done.json", result)
     timer.record(stage, result["seconds"], skipped=False)
     log(f"[done] {stage} in {result['seconds']:.1f}s")
@@ -838,7 +848,8 @@ def run(plan: Plan, *, log: Callable[[str], None] = print) -> dict[str, Any] | N
             for method in plan.methods:
                 name = f"eval/{key}/seed{seed}/{method}"
                 run_stage(plan, timer, name, plan.eval_dir(key, seed, method),
-                          lambda tmp, k=key, s=seed, m=method: evaluate_method(plan, k, s, m, tmp), log)
+                          lambda tmp, k=key, s=seed, m=method: evaluate_method(plan, k, s, m, tmp), log,
+                          settings=plan.opts)
     metrics = None
     if procs.main:
         from mpi.report import write_report

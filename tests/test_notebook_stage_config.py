@@ -95,3 +95,20 @@ def test_a_changed_run_config_is_never_skipped(run_folder, tmp_path):
     changed = stage_config(plan, "poro-grpo", 0, key)
     with pytest.raises(PipelineError, match=r"another config \(fields \['beta'\]\)"):
         train_in_run(plan, key, 0, ("poro-grpo",), changed, lambda folder: {"steps": 0}, log=lambda _: None)
+
+
+def test_an_evaluation_made_with_other_options_is_never_skipped(tmp_path):
+    """plan.opts (the evaluation options) edited after course_plan: the finished evaluation is an error."""
+    from mpi.config import get_config
+    from mpi.pipeline import PipelineError, Timer, make_plan, run_stage
+
+    plan = make_plan(get_config("tiny", out_dir=str(tmp_path)), name="p")
+    path = plan.eval_dir(plan.dataset_keys[0], 0, "cot-sft")
+    done = run_stage(plan, Timer(plan.run_dir), "eval/x", path, lambda tmp: {"accuracy": 0.5}, lambda _: None,
+                     settings=plan.opts)
+    assert done["settings"]["eval_limit"] == plan.opts["eval_limit"]
+    assert run_stage(plan, Timer(plan.run_dir), "eval/x", path, lambda tmp: {}, lambda _: None,
+                     settings=plan.opts)["accuracy"] == 0.5  # the same options: found, not made again
+    plan.opts["eval_limit"] = 3
+    with pytest.raises(PipelineError, match=r"other settings \(\['eval_limit'\]\)"):
+        run_stage(plan, Timer(plan.run_dir), "eval/x", path, lambda tmp: {}, lambda _: None, settings=plan.opts)
