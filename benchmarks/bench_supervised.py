@@ -72,7 +72,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--stages", default="cpt,sft-cot")
+    parser.add_argument("--stages", default="cpt,cot-sft")
     parser.add_argument("--quantization", default="none,4bit")
     parser.add_argument("--sparse", default="on,off")
     args = parser.parse_args(argv)

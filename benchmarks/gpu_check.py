@@ -183,7 +183,7 @@ def run_mode(mode: str, model_dir: Path, work: Path, shape: Shape, device: str, 
         row["estimate_gib"] = estimate(facts, "sft", dtype_name, quant, shape, batch_size=1, max_length=1)  # ~weights
         log(format_row(row))
 
-        for stage, mode_name in (("vm-cpt", "cpt"), ("sft", "sft-cot")):
+        for stage, mode_name in (("vm-cpt", "cpt"), ("sft", "cot-sft")):
             row = stage_row(stage)
             try:
                 cfg = SupervisedConfig(mode=mode_name, max_steps=1, batch_size=1, grad_accum_steps=1, learning_rate=1e-4,

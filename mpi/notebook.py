@@ -2,8 +2,8 @@
 
 The notebooks are one chain in the pipeline's run folder (`mpi.pipeline`, `runs/<name>/...`):
 
-    01 data/<dataset>/...   02 stages/<dataset>/seed<k>/cpt   03 .../sft-cot and .../cpt+sft-cot
-    04 .../cpt+sft-cot+poro-grpo                              05 eval/<dataset>/seed<k>/<method>
+    01 data/<dataset>/...   02 stages/<dataset>/seed<k>/cpt   03 .../cot-sft and .../cpt+cot-sft
+    04 .../cpt+cot-sft+poro-grpo                              05 eval/<dataset>/seed<k>/<method>
 
 Notebooks 02-04 train their own stage in view: `pipeline.stage_config` (the config the pipeline trains
 with, shown and editable), then `train_supervised` / `train_poro` between `pipeline.start_stage` and
@@ -137,18 +137,18 @@ def ensure_base(plan) -> str:
     return pipeline.base_model_path(plan)
 
 
-WHO_MAKES = {"cpt": "notebook 02", "sft-cot": "notebook 03", "sft-direct": "notebook 03",
+WHO_MAKES = {"cpt": "notebook 02", "cot-sft": "notebook 03", "direct-sft": "notebook 03",
              "grpo": "notebook 04", "dapo": "notebook 04", "poro-grpo": "notebook 04", "poro-dapo": "notebook 04"}
 
 
 def ensure_stage(plan, chain: Sequence[str], key: str | None = None, seed: int | None = None) -> dict[str, Any]:
-    """The trained model of `chain` (e.g. ("cpt", "sft-cot")) with the run's stage configs, trained with
+    """The trained model of `chain` (e.g. ("cpt", "cot-sft")) with the run's stage configs, trained with
     `pipeline.train_stage` if missing, parents first (an earlier notebook's stages). Returns its done.json."""
     from mpi import pipeline
 
     chain = tuple(chain)
     if not chain:
-        raise ValueError("ensure_stage needs a chain of stages, e.g. ('cpt', 'sft-cot'); the base model is ensure_base")
+        raise ValueError("ensure_stage needs a chain of stages, e.g. ('cpt', 'cot-sft'); the base model is ensure_base")
     key = key or plan.dataset_keys[0]
     seed = plan.seeds[0] if seed is None else seed
     ensure_data(plan, key)

@@ -24,7 +24,7 @@ ones. Layout of `runs/<name>/`:
 
     run.json                     the config (a rerun with a different config needs a new --name)
     data/<dataset>/<split>/      the datasets (clevr-T-N2, gta, ...)
-    stages/<dataset>/seed<k>/<chain>/   one trained adapter per training chain (cpt, cpt+sft-cot, ...)
+    stages/<dataset>/seed<k>/<chain>/   one trained adapter per training chain (cpt, cpt+cot-sft, ...)
     stages/<dataset>/seed<k>/<chain>.partial/   a training stage under way (checkpoints; resumed on rerun)
     eval/<dataset>/seed<k>/<method>/    results.json per method
     cost/<dataset>/              tokens and prefill with and without the policy
@@ -519,7 +519,7 @@ def load_for_stage(plan: Plan, seed: int, adapter: Path | None, trainable: bool)
 def stage_config(plan: Plan, stage: str, seed: int, key: str | None = None):
     """The config a training stage trains with: THE one mapping from the RunConfig to the stage configs.
 
-    "cpt", "sft-cot", "sft-direct" -> a SupervisedConfig: cpt_* or sft_* epochs and learning rate, the shared
+    "cpt", "cot-sft", "direct-sft" -> a SupervisedConfig: cpt_* or sft_* epochs and learning rate, the shared
     batch, max_length, LoRA and memory fields, then RunConfig.extra["cpt"] / ["sft"]. The RL stages -> a
     GRPOConfig: the method's preset (mpi.poro.GRPO_PRESETS) with the rl_* fields (rl_epochs through
     `rl_steps`, which needs the dataset `key`), then the run preset's RL_PRESETS and RunConfig.extra["grpo"].
@@ -629,7 +629,7 @@ def start_stage(plan: Plan, key: str, seed: int, chain: Sequence[str]):
     seed_everything(seed)
     model, processor = load_for_stage(plan, seed, parent, trainable=True)
     train = load_split(plan, key, "train")
-    if stage == "sft-cot":
+    if stage == "cot-sft":
         train = with_cot_only(train)
     return model, processor, train, validation_items(plan, key) if stage in RL_STAGES else None
 

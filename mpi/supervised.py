@@ -1,10 +1,10 @@
 """Stages 1 and 2: visually-masked continual pretraining (VM-CPT) and CoT / direct SFT.
 
 Both are next-token training on the batches of `mpi.collate.SupervisedCollator`; the mode decides which
-tokens carry loss ("cpt": everything but visual tokens, policy in context; "sft-cot" / "sft-direct": the
+tokens carry loss ("cpt": everything but visual tokens, policy in context; "cot-sft" / "direct-sft": the
 target only, no policy). One entry point trains both:
 
-    cfg = pipeline.stage_config(plan, "cpt", seed)                   # or "sft-cot", "sft-direct"
+    cfg = pipeline.stage_config(plan, "cpt", seed)                   # or "cot-sft", "direct-sft"
     result = train_supervised(model, processor, train_dataset, cfg, "runs/vm_cpt")
     result["adapter"]    # runs/vm_cpt/adapter, a standard peft adapter directory
 
@@ -54,7 +54,7 @@ class ConfigError(ValueError):
 class SupervisedConfig:
     """Every knob of one supervised stage. Defaults are the paper's SFT (LoRA r=8, lr 1e-4)."""
 
-    mode: str = "sft-cot"  # "cpt" (VM-CPT) | "sft-cot" | "sft-direct"
+    mode: str = "cot-sft"  # "cpt" (VM-CPT) | "cot-sft" | "direct-sft"
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
     learning_rate: float = 1e-4
@@ -216,12 +216,12 @@ def check_config(cfg: SupervisedConfig, *, model=None, processor=None, dataset=N
         if len(dataset) == 0:
             problems.append("the training dataset is empty: build it with mpi.data (e.g. build_clevr_policy(cfg, 'train'))")
         elif processor is not None and cfg.mode in MODES:
-            if cfg.mode != "sft-direct":
+            if cfg.mode != "direct-sft":
                 cots = dataset["cot"] if hasattr(dataset, "column_names") else [row.get("cot") for row in dataset]
                 empty = [str(dataset[i].get("id", i)) for i, c in enumerate(cots) if not c]
                 if empty:
                     problems.append(f"{len(empty)} item(s) have an empty 'cot' (first: {empty[0]}) but mode={cfg.mode!r} "
-                                    "trains on the chain of thought: filter them out or use mode='sft-direct'")
+                                    "trains on the chain of thought: filter them out or use mode='direct-sft'")
             if not problems:
                 lengths = sequence_lengths(processor, dataset, cfg)
                 item_id, longest, prompt = max(lengths, key=lambda t: t[1])

@@ -79,19 +79,19 @@ print("every method starts from:", ensure_base(plan))
 #
 # | method | chain (`stages/<dataset>/seed0/...`) | starts from | target |
 # |---|---|---|---|
-# | `direct-sft` | `sft-direct` | base | answer |
-# | `cot-sft` | `sft-cot` | base | CoT + answer |
-# | `vmcpt-cot-sft` (TriMPI stage 2) | `cpt+sft-cot` | VM-CPT adapter | CoT + answer |
+# | `direct-sft` | `direct-sft` | base | answer |
+# | `cot-sft` | `cot-sft` | base | CoT + answer |
+# | `vmcpt-cot-sft` (TriMPI stage 2) | `cpt+cot-sft` | VM-CPT adapter | CoT + answer |
 
 # %% id="stage-config"
-CHAINS = [("sft-cot",), ("cpt", "sft-cot")]   # add ("sft-direct",) for the direct-SFT baseline
+CHAINS = [("cot-sft",), ("cpt", "cot-sft")]   # add ("direct-sft",) for the direct-SFT baseline
 # The stage's config, as `python -m mpi` trains SFT with it (pipeline.stage_config, the one mapping from the
 # RunConfig). Edit it here, e.g. sup = dataclasses.replace(sup, epochs=2): section 5 trains the edited config
 # into its own folders (<chain>@<config key>); the run's config keeps the folders notebooks 04-05 continue.
 # policy_in_context_frac: 0 = the paper's policy-free SFT. The toy preset keeps the policy in the prompt of
 # half the batches: a small model otherwise forgets how to read it, and stage 3's guided half needs that skill.
 import dataclasses
-sup = pipeline.stage_config(plan, "sft-cot", SEED)
+sup = pipeline.stage_config(plan, "cot-sft", SEED)
 print(f"mode {sup.mode} | epochs {sup.epochs} (max steps {sup.max_steps}) | lr {sup.learning_rate} | "
       f"batch {sup.batch_size} x {sup.grad_accum_steps} | LoRA r={sup.lora_r} | policy in context for "
       f"{sup.policy_in_context_frac:.0%} of the batches")
@@ -146,16 +146,16 @@ from mpi.modeling import load_processor
 
 processor = load_processor(pipeline.base_model_path(plan))
 items = [train[0], train[1]]   # two rows of different lengths: the shorter one is padded
-for mode in ("sft-cot", "sft-direct", "cpt"):
+for mode in ("cot-sft", "direct-sft", "cpt"):
     collate = SupervisedCollator(processor, mode)
     batch = collate(items)
     text = processor.tokenizer.decode(batch["input_ids"][0])
     s = mask_summary(processor, batch)
     same = "" if mode == "cpt" else (" | same labels as the collator: " + str(torch.equal(
-        sft_batch_labels(processor, batch, items, direct=mode == "sft-direct"), batch["labels"])))
+        sft_batch_labels(processor, batch, items, direct=mode == "direct-sft"), batch["labels"])))
     print(f"{mode:10s}: {s['tokens']:4d} tokens, {s['supervised']:4d} carry loss | policy text in the sequence: "
           f"{items[0]['policy_text'][-60:] in text}{same}")
-for mode in ("sft-cot", "sft-direct"):
+for mode in ("cot-sft", "direct-sft"):
     batch = SupervisedCollator(processor, mode)([items[0]])
     display(HTML(f"<b>{mode}</b>" + render_loss_mask(describe_labels(processor, batch), collapse_images=True)))
 

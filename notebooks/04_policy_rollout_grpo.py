@@ -216,12 +216,12 @@ for text in ["<think>Condition 1 holds.</think>\n\\boxed{Case 3}", "\\boxed{Case
 # ## 7. The data and the starting model
 #
 # RL runs on the run's policy-free training prompts (notebook 01) and starts from TriMPI's stage-2 model,
-# `stages/<dataset>/seed0/cpt+sft-cot` (notebook 03; trained here with the same `train_stage` if missing). As
+# `stages/<dataset>/seed0/cpt+cot-sft` (notebook 03; trained here with the same `train_stage` if missing). As
 # in the pipeline, RL **continues the SFT adapter** (loaded trainable), and the KL reference is that adapter
 # as RL found it. `gcfg` is the stage's config, the one `python -m mpi` trains with (`pipeline.stage_config`:
 # e.g. the toy preset samples at temperature 0.7 and skips the importance-ratio log). Edit it here, e.g.
 # `gcfg = dataclasses.replace(gcfg, beta=0.04)`: section 9 trains your config into its own folder
-# (`cpt+sft-cot+poro-grpo@<config key>`), and the one-step cells below use it too.
+# (`cpt+cot-sft+poro-grpo@<config key>`), and the one-step cells below use it too.
 
 # %% id="code-19"
 from mpi import pipeline
@@ -230,7 +230,7 @@ from mpi.notebook import course_plan, ensure_stage, load_stage_model, stage_metr
 
 plan = course_plan(cfg)
 KEY, SEED = plan.dataset_keys[0], plan.seeds[0]
-SFT_CHAIN, RL_CHAIN = ("cpt", "sft-cot"), ("cpt", "sft-cot", "poro-grpo")
+SFT_CHAIN, RL_CHAIN = ("cpt", "cot-sft"), ("cpt", "cot-sft", "poro-grpo")
 ensure_stage(plan, SFT_CHAIN)
 train = pipeline.load_split(plan, KEY, "train")
 test = pipeline.load_split(plan, KEY, "test")
@@ -381,7 +381,7 @@ del model, optimizer, reference
 # of the best *smoothed* validation accuracy, the starting weights included, so RL that only hurts gives the
 # SFT model back. Below, the stage as the pipeline's `train_stage` runs it: `start_stage` loads the SFT model
 # (trainable), the training split and the validation split, `train_poro` trains on `gcfg`, `finish_stage`
-# saves `model/`; `train_in_run` runs it in `stages/<dataset>/seed0/cpt+sft-cot+poro-grpo` (with `gcfg` in its
+# saves `model/`; `train_in_run` runs it in `stages/<dataset>/seed0/cpt+cot-sft+poro-grpo` (with `gcfg` in its
 # `done.json`), the RL model notebook 05 evaluates.
 # (`--set 'rl_learning_rates=[3e-5,1e-4,3e-4]'` trains one run per rate and keeps the rate best on validation.)
 
@@ -426,9 +426,9 @@ if tables:
 # %% [markdown] id="md-27"
 # ## 10. Plain GRPO, DAPO, and a real model (Colab)
 #
-# - **Plain GRPO** (no guided half, the paper's "CoT SFT + GRPO" row): `ensure_stage(plan, ("sft-cot", "grpo"))`,
+# - **Plain GRPO** (no guided half, the paper's "CoT SFT + GRPO" row): `ensure_stage(plan, ("cot-sft", "grpo"))`,
 #   evaluated in notebook 05 if you add `"cot-sft-grpo"` to the plan's methods. **PoRo-DAPO**: chain
-#   `("cpt", "sft-cot", "poro-dapo")` (method `trimpi-dapo`).
+#   `("cpt", "cot-sft", "poro-dapo")` (method `trimpi-dapo`).
 # - On a CUDA GPU the config cell picks `colab-t4`: the same cells on Qwen2.5-VL-3B in 4-bit (QLoRA),
 #   `rl_learning_rate` 1e-6 as in the paper, G=4 per origin and 256-token completions. If memory runs out:
 #   lower `num_generations`, `max_completion_length`, or `micro_batch_size` (RunConfig fields).

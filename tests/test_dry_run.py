@@ -66,7 +66,7 @@ def test_dry_run_report_resolves_what_the_stages_would_train(nothing_heavy):
     rep = dry.plan_report(make_plan(cfg))
     assert rep.problems == []
     # default methods (in-context, cot-sft, trimpi-grpo) on N = 2, 4, 6: per N one data and one cost stage,
-    # 4 training chains (sft-cot, cpt, cpt+sft-cot, cpt+sft-cot+poro-grpo) and 3 evaluations
+    # 4 training chains (cot-sft, cpt, cpt+cot-sft, cpt+cot-sft+poro-grpo) and 3 evaluations
     assert len(rep.stages) == 3 * (1 + 1 + 4 + 3) == 27
     assert rep.stages[:3] == ["data/clevr-T-N2", "data/clevr-T-N4", "data/clevr-T-N6"]
     # the "colab" data preset: 4 policies x 125 train scenes, 32 validation and 200 test items, at 224 px
@@ -74,7 +74,7 @@ def test_dry_run_report_resolves_what_the_stages_would_train(nothing_heavy):
     assert rep.data["clevr-T-N4"]["config"]["image_size"] == 224 and rep.data["clevr-T-N4"]["config"]["depths"] == (4,)
     # each stage's config carries the RunConfig fields it is made from
     assert rep.configs["cpt"]["mode"] == "cpt" and rep.configs["cpt"]["learning_rate"] == cfg.cpt_learning_rate
-    assert rep.configs["sft-cot"]["quantization"] == "4bit" and rep.configs["sft-cot"]["grad_accum_steps"] == 8
+    assert rep.configs["cot-sft"]["quantization"] == "4bit" and rep.configs["cot-sft"]["grad_accum_steps"] == 8
     rl = rep.configs["poro-grpo"]
     assert (rl["num_generations"], rl["max_completion_length"], rl["steps"], rl["micro_batch_size"]) == (4, 256, 200, 4)
     assert rep.configs["eval"]["eval_max_new_tokens"] == 512

@@ -140,7 +140,7 @@ def run_sft(work: Path, out_name: str, world: int):
 
     model, processor = load_toy()
     set_trainable(model, torch.load(work / "init.pt"))
-    cfg = SupervisedConfig(mode="sft-cot", max_steps=2, batch_size=SFT_GLOBAL_BATCH // world, learning_rate=1e-2,
+    cfg = SupervisedConfig(mode="cot-sft", max_steps=2, batch_size=SFT_GLOBAL_BATCH // world, learning_rate=1e-2,
                            lr_scheduler_type="constant", warmup_ratio=0.0, save_every=1000, progress=False, seed=0,
                            lora_r=4)
     result = train_supervised(model, processor, make_items(8), cfg, work / out_name, resume=False)

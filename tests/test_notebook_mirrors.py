@@ -132,7 +132,7 @@ def test_vm_cpt_labels_match_the_collator(processor, items):
         assert torch.equal(nb02["vm_cpt_labels"](input_ids, attention, ids), collate.labels(input_ids, attention, []))
 
 
-@pytest.mark.parametrize("mode", ["sft-cot", "sft-direct"])
+@pytest.mark.parametrize("mode", ["cot-sft", "direct-sft"])
 def test_sft_labels_match_the_collator(processor, items, mode):
     from mpi.collate import SupervisedCollator
 
@@ -143,7 +143,7 @@ def test_sft_labels_match_the_collator(processor, items, mode):
         for _ in range(3):
             batch_items = rng.sample(items, rng.randint(1, 4))
             batch = collate(batch_items)
-            mine = nb03["sft_batch_labels"](processor, batch, batch_items, direct=mode == "sft-direct",
+            mine = nb03["sft_batch_labels"](processor, batch, batch_items, direct=mode == "direct-sft",
                                             with_policy=collate.shows_policy(batch_items))
             assert torch.equal(mine, batch["labels"])
             assert (mine != -100).sum() < batch["attention_mask"].sum()  # not everything carries loss
@@ -277,7 +277,7 @@ def test_stage_config_is_what_train_stage_trains_with(tmp_path, monkeypatch):
         monkeypatch.setattr("mpi.scale.memory.preflight", lambda *a, **k: None)
         monkeypatch.setattr(mpi.poro, "train_poro", capture)
         with pytest.raises(Captured):
-            pipeline.train_stage(plan, plan.dataset_keys[0], 0, ("sft-cot", "poro-grpo"), tmp_path / preset)
+            pipeline.train_stage(plan, plan.dataset_keys[0], 0, ("cot-sft", "poro-grpo"), tmp_path / preset)
         monkeypatch.undo()
         assert seen.pop("cfg") == stage_config(plan, "poro-grpo", 0), preset
     assert stage_config(plan, "poro-grpo", 0).temperature == 0.7   # the toy preset's, not GRPOConfig's 1.0

@@ -66,9 +66,9 @@ def test_notebook_02_trains_the_edited_vm_cpt_config(run_folder):
 def test_notebook_03_trains_the_edited_sft_config(run_folder):
     ns = run_cells(NOTEBOOK_DIR / "03_sft.ipynb", SETUP + ["code-05", "stage-config"])
     ns["sup"] = dataclasses.replace(ns["sup"], learning_rate=2e-3, max_steps=1)
-    ns["CHAINS"] = [("sft-cot",)]
+    ns["CHAINS"] = [("cot-sft",)]
     run_cells(NOTEBOOK_DIR / "03_sft.ipynb", ["train"], ns)
-    _edited_stage(ns, ("sft-cot",), ns["sup"], "config.json", "learning_rate", 2e-3)
+    _edited_stage(ns, ("cot-sft",), ns["sup"], "config.json", "learning_rate", 2e-3)
     assert ns["done"]["steps"] == 1
 
 
@@ -77,7 +77,7 @@ def test_notebook_04_trains_the_edited_rl_config(run_folder):
     ns = run_cells(nb, SETUP + ["code-19"])
     ns["gcfg"] = dataclasses.replace(ns["gcfg"], beta=0.07, steps=1)  # the learner's edit
     run_cells(nb, ["code-20", "train"], ns)
-    _edited_stage(ns, ("cpt", "sft-cot", "poro-grpo"), ns["gcfg"], "grpo_config.json", "beta", 0.07)
+    _edited_stage(ns, ("cpt", "cot-sft", "poro-grpo"), ns["gcfg"], "grpo_config.json", "beta", 0.07)
     assert ns["done"]["steps"] == 1
 
 

@@ -43,7 +43,7 @@ def warm_start():
     rest = [i for i in range(len(ds)) if i not in warm_rows]
     fixed = [dict(ds[i], answer="Case 1") for i in rest[:8]]  # the target, whatever the policy says
     model, processor = load_model_and_processor("toy-tiny", quantization=None, lora=None, seed=0, device="cpu")
-    batch = SupervisedCollator(processor, mode="sft-direct")(warm)
+    batch = SupervisedCollator(processor, mode="direct-sft")(warm)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(30):

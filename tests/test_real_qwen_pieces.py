@@ -129,7 +129,7 @@ def test_cpt_mask_masks_exactly_the_visual_tokens(qwen, items):
     assert int((ids[1][attn[1] == 0] == PAD).sum()) == int((attn[1] == 0).sum()) > 0
 
 
-@pytest.mark.parametrize("mode", ["sft-cot", "sft-direct"])
+@pytest.mark.parametrize("mode", ["cot-sft", "direct-sft"])
 def test_sft_target_is_the_response_and_im_end(qwen, items, mode):
     _, processor = qwen
     item = items["clevr"][0]
@@ -137,7 +137,7 @@ def test_sft_target_is_the_response_and_im_end(qwen, items, mode):
     tok = processor.tokenizer
     for row, it in enumerate([item, items["gta"]]):
         target = supervised_rows(batch, row).tolist()
-        response = format_response(it["cot"] if mode == "sft-cot" else None, it["answer"])
+        response = format_response(it["cot"] if mode == "cot-sft" else None, it["answer"])
         assert tok.decode(target) == response + "<|im_end|>"
         assert target[-1] == IM_END and PAD not in target and IMAGE_PAD not in target
         assert target == tok(response, add_special_tokens=False)["input_ids"] + [IM_END]
@@ -160,7 +160,7 @@ def test_one_vm_cpt_step_and_one_sft_step(qwen, items, tmp_path):
 
     model, processor = qwen
     data = [items["m"], items["clevr"][1]]
-    for mode in ("cpt", "sft-cot"):
+    for mode in ("cpt", "cot-sft"):
         before = _lora_b(model)
         cfg = SupervisedConfig(mode=mode, max_steps=1, batch_size=2, learning_rate=1e-2, warmup_ratio=0.0,
                                max_length=2048, progress=False, save_every=10, seed=0)

@@ -35,7 +35,7 @@ def fresh_model(**kw):
 
 
 def tiny_cfg(**kw):
-    values = dict(mode="sft-direct", max_steps=4, batch_size=2, learning_rate=1e-2, save_every=2, warmup_ratio=0.0,
+    values = dict(mode="direct-sft", max_steps=4, batch_size=2, learning_rate=1e-2, save_every=2, warmup_ratio=0.0,
                   max_length=512, progress=False, seed=0)
     values.update(kw)
     return SupervisedConfig(**values)
@@ -45,7 +45,7 @@ def adapter_weights(path):
     return load_file(str(path / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("mode", ["cpt", "sft-cot"])
+@pytest.mark.parametrize("mode", ["cpt", "cot-sft"])
 def test_masked_loss_matches_the_models_own_loss(toy_model_and_processor, mode):
     model, processor = toy_model_and_processor
     batch = SupervisedCollator(processor, mode)([clevr_item(id="a"), gta_item(n_images=2), clevr_item(n_policy_images=1)])
@@ -62,7 +62,7 @@ def test_masked_loss_matches_the_models_own_loss(toy_model_and_processor, mode):
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tmp_path):
     model, processor = fresh_model()
     data = items(4)
-    batch = SupervisedCollator(processor, "sft-direct")(data)
+    batch = SupervisedCollator(processor, "direct-sft")(data)
     labels = batch.pop("labels")
 
     def loss():
@@ -96,7 +96,7 @@ def test_training_feeds_the_policy_to_the_share_of_batches_the_config_asks_for(t
     for frac in (1.0, 0.0):
         seen.clear()
         model, processor = fresh_model()
-        train_supervised(model, processor, items(4), tiny_cfg(mode="sft-cot", max_steps=2, policy_in_context_frac=frac),
+        train_supervised(model, processor, items(4), tiny_cfg(mode="cot-sft", max_steps=2, policy_in_context_frac=frac),
                          tmp_path / f"run{frac}")
         training = seen[-2:]  # the length check's chunk comes first; the last two are the training batches
         assert training == [frac == 1.0] * 2, (frac, seen)
@@ -119,7 +119,7 @@ def interrupt_at(step):
 
 def test_interrupt_and_resume_gives_the_same_weights(tmp_path):
     data = items(4)
-    cfg = tiny_cfg(mode="sft-cot", max_steps=4, save_every=2, batch_size=2)  # 4 steps = 2 epochs: reshuffle
+    cfg = tiny_cfg(mode="cot-sft", max_steps=4, save_every=2, batch_size=2)  # 4 steps = 2 epochs: reshuffle
     model, processor = fresh_model()
     straight = train_supervised(model, processor, data, cfg, tmp_path / "straight")
 
@@ -144,7 +144,7 @@ def test_saved_adapter_reloads_with_identical_logits_and_finished_run_is_not_rer
     data = items(2)
     model, processor = fresh_model()
     result = train_supervised(model, processor, data, tiny_cfg(max_steps=2), tmp_path / "run")
-    batch = SupervisedCollator(processor, "sft-cot")(data)
+    batch = SupervisedCollator(processor, "cot-sft")(data)
     batch.pop("labels")
     model.eval()
     with torch.no_grad():
@@ -177,17 +177,17 @@ def test_config_errors_name_the_problem(toy_model_and_processor):
     with pytest.raises(ConfigError, match="quantization='4bit' on device 'cuda'"):
         check_config(tiny_cfg(quantization="4bit"), device_type="cuda", bnb_ok=False)
     with pytest.raises(ConfigError, match="empty 'cot'"):
-        check_config(tiny_cfg(mode="sft-cot"), processor=processor, dataset=[clevr_item(cot="")])
+        check_config(tiny_cfg(mode="cot-sft"), processor=processor, dataset=[clevr_item(cot="")])
     with pytest.raises(ConfigError, match=r"policy_in_context_frac=1.5: must be in \[0, 1\]"):
-        check_config(tiny_cfg(mode="sft-cot", policy_in_context_frac=1.5))
+        check_config(tiny_cfg(mode="cot-sft", policy_in_context_frac=1.5))
     with pytest.raises(ConfigError, match="policy_in_context_frac is for SFT"):
         check_config(tiny_cfg(mode="cpt", policy_in_context_frac=0.5))
     summary = check_config(tiny_cfg(), model=model, processor=processor, dataset=data)
-    lengths = SupervisedCollator(processor, "sft-direct")(data)["attention_mask"].sum(1)
+    lengths = SupervisedCollator(processor, "direct-sft")(data)["attention_mask"].sum(1)
     assert summary["longest_sequence"] == int(lengths.max()) and summary["lora_modules"] == 14
     # the length check measures the policy-in-context items with their policy
     summary = check_config(tiny_cfg(policy_in_context_frac=1.0), model=model, processor=processor, dataset=data)
-    with_policy = SupervisedCollator(processor, "sft-direct", policy_in_context_frac=1.0)(data)["attention_mask"].sum(1)
+    with_policy = SupervisedCollator(processor, "direct-sft", policy_in_context_frac=1.0)(data)["attention_mask"].sum(1)
     assert summary["longest_sequence"] == int(with_policy.max()) > int(lengths.max())
 
 
@@ -197,11 +197,11 @@ def test_stage_config_picks_the_stage_fields(tmp_path):
     run = get_config("tiny", cpt_learning_rate=3e-4, sft_learning_rate=2e-4, sft_policy_in_context_frac=0.3,
                      out_dir=str(tmp_path), extra={"cpt": {"lora_embeddings": True}, "sft": {"max_steps": 3}})
     plan = make_plan(run)
-    cpt, sft = stage_config(plan, "cpt", 0), stage_config(plan, "sft-cot", 0)
+    cpt, sft = stage_config(plan, "cpt", 0), stage_config(plan, "cot-sft", 0)
     assert (cpt.mode, cpt.learning_rate, cpt.lora_embeddings, cpt.policy_in_context_frac) == ("cpt", 3e-4, True, 0.0)
-    assert (sft.mode, sft.learning_rate, sft.lora_embeddings, sft.max_steps) == ("sft-cot", 2e-4, False, 3)
+    assert (sft.mode, sft.learning_rate, sft.lora_embeddings, sft.max_steps) == ("cot-sft", 2e-4, False, 3)
     assert sft.policy_in_context_frac == 0.3
-    assert stage_config(plan, "sft-direct", 0).mode == "sft-direct"
+    assert stage_config(plan, "direct-sft", 0).mode == "direct-sft"
     with pytest.raises(ValueError, match="unknown training stage"):
         stage_config(plan, "rl", 0)
 
@@ -232,7 +232,7 @@ def test_vm_cpt_adapter_continues_into_sft_with_embedding_learning_rate(tmp_path
     start = get_peft_model_state_dict(model)
     assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in saved)
     assert any(p.requires_grad for p in model.parameters())
-    sft = train_supervised(model, processor, data, tiny_cfg(mode="sft-cot", max_steps=1, batch_size=2),
+    sft = train_supervised(model, processor, data, tiny_cfg(mode="cot-sft", max_steps=1, batch_size=2),
                            tmp_path / "vm_cpt+cot_sft")
     assert sft["steps"] == 1 and sft["adapter"] == str(tmp_path / "vm_cpt+cot_sft" / "adapter")
     model, processor = load_model_and_processor("toy-tiny", quantization=None, seed=0)
@@ -249,7 +249,7 @@ def test_full_parameter_training_saves_a_loadable_model(tmp_path):
     assert result["adapter"] is None and result["model"] is model
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert any("visual" in k for k in changed) and any("lm_head" in k for k in changed)  # all weights train
-    batch = SupervisedCollator(processor, "sft-direct")(data)
+    batch = SupervisedCollator(processor, "direct-sft")(data)
     batch.pop("labels")
     reloaded, _ = load_model_and_processor(result["model_dir"], quantization=None, seed=0, trainable=False)
     model.eval()
@@ -261,10 +261,10 @@ def test_full_parameter_training_saves_a_loadable_model(tmp_path):
 def test_logged_loss_is_the_token_mean_over_the_accumulated_batch(tmp_path, batch_size, accum):
     model, processor = fresh_model()
     data = [clevr_item(id="a"), clevr_item(cot="Short.", id="b"), gta_item(), clevr_item(n_policy_images=1, id="c")]
-    batch = SupervisedCollator(processor, "sft-cot")(data)  # targets of different lengths: means would differ
+    batch = SupervisedCollator(processor, "cot-sft")(data)  # targets of different lengths: means would differ
     labels = batch.pop("labels")
     with torch.no_grad():
         total, n = supervised_loss(model, batch, labels, sparse=False)
-    cfg = tiny_cfg(mode="sft-cot", max_steps=1, batch_size=batch_size, grad_accum_steps=accum, learning_rate=1e-12)
+    cfg = tiny_cfg(mode="cot-sft", max_steps=1, batch_size=batch_size, grad_accum_steps=accum, learning_rate=1e-12)
     result = train_supervised(model, processor, data, cfg, tmp_path / "run")
     assert result["final_loss"] == pytest.approx(float(total / n), rel=1e-5)
