@@ -19,13 +19,17 @@ One training step, in the order the code runs it:
 6. update, metrics (split by origin), sample table every K steps, checkpoint every K steps.
 
 Every pass (sampling and all scoring) runs without dropout (`disable_dropout`), so at num_iterations=1 the
-ratio is exactly 1; on fp16 compute the update goes through a `engine.DynamicLossScaler` (fp16/* metrics).
+ratio is exactly 1; on fp16 compute the update goes through `mpi.engine.DynamicLossScaler` (fp16/* metrics).
 Controls of the guided half: `guided_context="wrong_policy"` (another policy's text in context) and
 `adaptive_guidance` (guided samples only for groups whose own half is all wrong). `eval_items=` adds
 validation metrics (val/sampled_accuracy, val/pass@k, val/greedy_accuracy) every `eval_every` steps.
 
-    cfg = get_grpo_config("poro-grpo", steps=30)
+    cfg = get_grpo_config("poro-grpo", steps=30)        # or pipeline.stage_config(plan, "poro-grpo", seed)
     result = train_poro(model, processor, dataset, cfg, "runs/poro")
+
+What is not PolicyRollout lives a floor down: prompts and sampling in `mpi.sampling`, the teacher-forced
+log-probs in `mpi.logprobs`, precision, the schedule, checkpoints and the best checkpoint in `mpi.engine`,
+the per-origin metric rows and sample tables in `mpi.metrics`, data parallel in `mpi.distributed`.
 """
 
 from __future__ import annotations
@@ -118,7 +122,7 @@ class GRPOConfig:
     learning_rate: float = 1e-4
     # The schedule (TRL's names): a linear warm-up from 0 over warmup_steps (a fresh Adam's first steps are its
     # largest: its second-moment estimate is still near 0), then "constant" or "cosine" down to
-    # min_lr_ratio x learning_rate at the last step. `learning_rate_at` is the whole rule.
+    # min_lr_ratio x learning_rate at the last step. `mpi.engine.learning_rate_at` is the whole rule.
     lr_scheduler_type: str = "constant"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1

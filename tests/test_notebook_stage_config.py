@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 
+from mpi.metrics import read_metrics
 from tests.nbtools import NOTEBOOK_DIR, run_cells
 
 SETUP = ["config"]
@@ -58,6 +59,8 @@ def test_notebook_02_trains_the_edited_vm_cpt_config(run_folder):
     folder = _edited_stage(ns, ("cpt",), ns["sup"], "config.json", "learning_rate", 3e-3)
     assert ns["done"]["steps"] == 2
     assert json.loads((folder / "work" / "config.json").read_text())["max_steps"] == 2
+    rates = [r["learning_rate"] for r in read_metrics(folder / "work") if "learning_rate" in r]
+    assert max(rates) == pytest.approx(3e-3)  # the optimizer ran at the edited rate (after one warm-up step)
     # the same cell again: the finished stage of this config is found, not trained again
     again = run_cells(NOTEBOOK_DIR / "02_vm_cpt_qlora.ipynb", ["train"], ns)["done"]
     assert again["seconds"] == ns["done"]["seconds"]
@@ -75,10 +78,11 @@ def test_notebook_03_trains_the_edited_sft_config(run_folder):
 def test_notebook_04_trains_the_edited_rl_config(run_folder):
     nb = NOTEBOOK_DIR / "04_policy_rollout_grpo.ipynb"
     ns = run_cells(nb, SETUP + ["code-19"])
-    ns["gcfg"] = dataclasses.replace(ns["gcfg"], beta=0.07, steps=1)  # the learner's edit
+    ns["gcfg"] = dataclasses.replace(ns["gcfg"], beta=0.07, learning_rate=2e-3, steps=1)  # the learner's edit
     run_cells(nb, ["code-20", "train"], ns)
-    _edited_stage(ns, ("cpt", "cot-sft", "poro-grpo"), ns["gcfg"], "grpo_config.json", "beta", 0.07)
+    folder = _edited_stage(ns, ("cpt", "cot-sft", "poro-grpo"), ns["gcfg"], "grpo_config.json", "beta", 0.07)
     assert ns["done"]["steps"] == 1
+    assert [r["lr"] for r in read_metrics(folder / "work") if "lr" in r] == [2e-3]  # the step ran at the edit
 
 
 def test_a_changed_run_config_is_never_skipped(run_folder, tmp_path):
