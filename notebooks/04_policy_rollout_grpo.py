@@ -252,9 +252,9 @@ for with_policy in (False, True):
 #
 # **The 2G group.** For each training prompt: the policy-free prompt and the prompt with the policy, laid out
 # side by side, each expanded to G samples in one batched `generate` (the images of a prompt are encoded once).
-# Every response is rewarded against the item's gold answer, whatever prompt produced it. `mpi.poro`'s
-# plumbing does the tokenising (`prompt_texts`, `encode_prompts`) and the sampling (`generate_from_prompts`,
-# every sampling knob explicit so the sampler is the softmax(z/T) the loss assumes).
+# Every response is rewarded against the item's gold answer, whatever prompt produced it. `mpi.sampling`
+# does the tokenising (`prompt_texts`, `encode_prompts`) and the sampling (`generate_from_prompts`, every
+# sampling knob explicit so the sampler is the softmax(z/T) the loss assumes).
 
 # %% id="sample-group" tags=["mirror"]
 import torch
@@ -298,8 +298,8 @@ for origin, sel in (("own", ~ro.guided), ("guided", ro.guided)):
 # **One update.** All 2G responses are scored behind the *policy-free* prompt: the guided ones are trained as
 # if the model had found them alone (the paper's rule, `offpolicy_rule="as_own"`). With one update per batch
 # (`num_iterations=1`) π_old is the network itself, so the old log-probs are the new ones detached: the ratio
-# is 1 and its gradient is A·∇log π. The KL term pulls towards the reference (the start policy). `mpi.poro`
-# builds the scoring tensors (`build_scoring_batch`), runs the vision tower once per prompt
+# is 1 and its gradient is A·∇log π. The KL term pulls towards the reference (the start policy).
+# `mpi.logprobs` builds the scoring tensors (`build_scoring_batch`), runs the vision tower once per prompt
 # (`encode_images_once`) and the teacher-forced forward (`forward_log_probs`). The test checks this step
 # gives the same loss and the same updated weights as `mpi.poro.train_on_rollout`.
 
