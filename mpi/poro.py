@@ -275,14 +275,19 @@ class Rollout:
     def num_groups(self) -> int:
         return len(self.items)
 
-    def select_groups(self, keep: Sequence[int], group_size: int) -> "Rollout":
-        rows = torch.tensor([g * group_size + k for g in keep for k in range(group_size)], dtype=torch.long)
-        return Rollout(items=[self.items[g] for g in keep], completion_ids=self.completion_ids[rows],
-                       eos_mask=self.eos_mask[rows], truncated=self.truncated[rows], guided=self.guided[rows],
-                       texts=[self.texts[int(r)] for r in rows],
+    def take(self, rows, items: list[dict], guide_items: list[dict] | None = None) -> "Rollout":
+        """These rows, in this order, as a Rollout of the groups `items`."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return Rollout(items=list(items), completion_ids=self.completion_ids[rows], eos_mask=self.eos_mask[rows],
+                       truncated=self.truncated[rows], guided=self.guided[rows], texts=[self.texts[int(r)] for r in rows],
                        rewards={k: v[rows] for k, v in self.rewards.items()}, gen_seconds=self.gen_seconds,
-                       guide_items=None if self.guide_items is None else [self.guide_items[g] for g in keep],
+                       guide_items=guide_items,
                        sample_log_probs=None if self.sample_log_probs is None else self.sample_log_probs[rows])
+
+    def select_groups(self, keep: Sequence[int], group_size: int) -> "Rollout":
+        rows = [g * group_size + k for g in keep for k in range(group_size)]
+        return self.take(rows, [self.items[g] for g in keep],
+                         None if self.guide_items is None else [self.guide_items[g] for g in keep])
 
 
 def _pad_columns(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
@@ -389,27 +394,9 @@ def adaptive_rollout(model, processor, items: list[dict], cfg: GRPOConfig, build
         images += im
     gen = generate_from_prompts(model, processor, texts, images, own_cfg, return_log_probs=want)
     second = score_completions(processor, items, gen, all_wrong.repeat_interleave(G), cfg, reward_fn)
-    width = max(first.completion_ids.shape[1], second.completion_ids.shape[1])
-    rows = torch.arange(len(items) * G).view(len(items), G)
-    pad = processor.tokenizer.pad_token_id or 0
-
-    def halves(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # group g: a's G rows, then b's G rows
-        return torch.stack([a.view(len(items), G, *a.shape[1:]), b.view(len(items), G, *b.shape[1:])], 1).flatten(0, 2)
-
-    order = torch.stack([rows, rows + len(items) * G], 1).flatten().tolist()
-    texts_all = first.texts + second.texts
-    return Rollout(
-        items=items,
-        completion_ids=halves(_pad_columns(first.completion_ids, width, pad), _pad_columns(second.completion_ids, width, pad)),
-        eos_mask=halves(_pad_columns(first.eos_mask, width, 0), _pad_columns(second.eos_mask, width, 0)),
-        truncated=halves(first.truncated, second.truncated), guided=halves(first.guided, second.guided),
-        texts=[texts_all[i] for i in order],
-        rewards={k: halves(first.rewards[k], second.rewards[k]) for k in first.rewards},
-        gen_seconds=first.gen_seconds + second.gen_seconds, guide_items=guide_items,
-        sample_log_probs=(None if first.sample_log_probs is None or second.sample_log_probs is None else
-                          halves(_pad_columns(first.sample_log_probs, width, 0),
-                                 _pad_columns(second.sample_log_probs, width, 0))),
-    )
+    rows = torch.arange(len(items) * G).view(len(items), G)  # group g: its G first rows, then its G second rows
+    order = torch.stack([rows, rows + len(items) * G], 1).flatten()
+    return concat_rollouts([first, second]).take(order, items, guide_items)
 
 
 def wrong_policy_guide(dataset) -> Callable[[dict], dict]:
