@@ -292,7 +292,7 @@ class BestCheckpoint:
     def update(self, step: int, metrics: dict[str, Any], model) -> dict[str, float]:
         if self.metric not in metrics:
             raise ValueError(f"keep_best: metric {self.metric!r} is not among the validation metrics "
-                             f"{sorted(metrics)}; set GRPOConfig.best_metric to one of them")
+                             f"{sorted(metrics)}; pass one of them as BestCheckpoint's metric")
         value = float(metrics[self.metric])
         self.average = value if self.average is None else self.smoothing * value + (1 - self.smoothing) * self.average
         if self.best is None or self.average > self.best:

@@ -682,7 +682,7 @@ def learning_rate_sweep(plan: Plan, key: str, seed: int, chain: Sequence[str], m
                         val: list[dict[str, Any]] | None):
     """Train the RL stage once per learning rate (same seed, so the same prompts), each into work/lr_<rate>/ and
     resumable, and return (the model with the winner's best-validation weights, a result whose rows are the
-    winner's). `model` is the stage's freshly loaded start; each later rate starts from a fresh load. The winner: the highest best smoothed validation accuracy (GRPOConfig.best_metric); a tie goes
+    winner's). `model` is the stage's freshly loaded start; each later rate starts from a fresh load. The winner: the highest best smoothed validation accuracy (mpi.poro.BEST_METRIC); a tie goes
     to the rate listed first. The test split plays no part."""
     from mpi.device import seed_everything
     from mpi.poro import TrainResult, train_poro

@@ -157,13 +157,11 @@ class GRPOConfig:
     # 0 = only at the last step (and only when eval_items are given).
     eval_every: int = 0
     eval_samples: int = 4
-    eval_seed: int = 1234
-    # Keep the best validation checkpoint: the run ends with the weights whose *smoothed* best_metric was
+    # Keep the best validation checkpoint: the run ends with the weights whose *smoothed* BEST_METRIC was
     # highest (the step-0 weights included, so RL that only hurts gives back the model it started from).
     # Smoothing: an exponential moving average with weight best_smoothing on the newest evaluation, because a
     # single evaluation on a few dozen items is noisy (one item = 1/len(eval_items)); 1.0 = no smoothing.
     keep_best: bool = False
-    best_metric: str = "val/sampled_accuracy"
     best_smoothing: float = 0.5
 
     @property
@@ -635,6 +633,10 @@ def collect_rollout(model, processor, dataset, sampler, cfg: GRPOConfig, build_m
     return (concat_rollouts(kept) if kept else None), tries
 
 
+# The validation metric keep_best follows: the policy-free accuracy of answers sampled at the rollout temperature,
+# the policy RL trains. Every evaluation samples from this seed in a forked RNG, so training is untouched.
+BEST_METRIC = "val/sampled_accuracy"
+VALIDATION_SEED = 1234
 PRINT_KEYS = ("loss", "own/reward_mean", "guided/reward_mean", "own/accuracy", "guided/accuracy", "all/kl",
               "all/completion_length", "step_time", "gen_tokens_per_s")
 
@@ -659,7 +661,7 @@ def train_poro(model, processor, dataset, cfg: GRPOConfig, out_dir: str | Path, 
     reference = make_reference(model, cfg)  # before a checkpoint loads: "start" copies the weights RL starts from
     scaler = engine.make_loss_scaler(model, cfg)  # float16 compute only
     guide_for = wrong_policy_guide(dataset) if cfg.guided_context == "wrong_policy" and cfg.policy_rollout else None
-    best = engine.BestCheckpoint(out_dir, cfg.best_metric, cfg.best_smoothing) if cfg.keep_best else None
+    best = engine.BestCheckpoint(out_dir, BEST_METRIC, cfg.best_smoothing) if cfg.keep_best else None
     validate = validator(model, processor, eval_items, cfg, best, build_messages, reward_fn)
     sampler = dist.ShardedSampler(engine.PromptSampler(len(dataset), cfg.seed))  # process p: positions p, p+W, ...
     local_cfg = dataclasses.replace(cfg, prompts_per_step=dist.local_count(cfg.prompts_per_step))
@@ -770,7 +772,7 @@ def validation_metrics(model, processor, items: Sequence[dict], cfg: GRPOConfig,
     ecfg = dataclasses.replace(cfg, num_generations=k, policy_rollout=False, adaptive_guidance=False)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(cfg.eval_seed if seed is None else seed)
+        torch.manual_seed(VALIDATION_SEED if seed is None else seed)
         sampled = rollout(model, processor, items, ecfg, build, reward_fn)
         texts, images = prompt_texts(processor, items, False, build)
         gen = generate_from_prompts(model, processor, texts, images, ecfg, num_return_sequences=1, greedy=True)
