@@ -1,89 +1,84 @@
-"""What a toy base sees: its general skills broken down by objects per scene and by attribute.
+"""The toy base's premises, measured against their gates (mpi.toy_base.GATES) on held-out scenes and unseen policies.
 
-    python benchmarks/bench_toy_base_skills.py                          # the shipped toy-small base
-    python benchmarks/bench_toy_base_skills.py --base PATH --items 64
+    python benchmarks/bench_toy_base_skills.py                       # the shipped toy-small base
+    python benchmarks/bench_toy_base_skills.py --base PATH           # a base built elsewhere
+    python benchmarks/bench_toy_base_skills.py --checkpoint DIR.ckpt # a build still running (its last checkpoint)
+    python benchmarks/bench_toy_base_skills.py --random-init         # the same toy before pretraining
 
-For 1, 2, 3 and 4 objects per scene (fresh scenes from their own random stream, greedy decoding, one
-CPU thread so the numbers repeat exactly):
-
-- exists: "Is there a <value> object?" accuracy, and the share of "no" answers (a model that always says
-  "no" scores the share of "no" items, whatever it sees);
-- count: "How many <value> objects are there?" accuracy;
-- describe (1 and 3 objects): per attribute, the Jaccard overlap of the listed values with the true ones.
-
-Measured on the shipped v4 base (64 items per cell, 48 for describe): exists 46.9 / 62.5 / 46.9 / 50.0% on
-1 / 2 / 3 / 4 objects, with "no" for every item; count 54.7 / 42.2 / 26.6 / 29.7%; describe on 1 object
-colors 0.99, shapes 0.33, sizes 0.86, materials 0.41; on 3 objects 0.92 / 0.63 / 0.92 / 0.84. The v3 base
-(before the zoom curriculum, `--base` on its weights from git): exists the same (all "no"), count 62.5 / 39.1 /
-34.4 / 17.2%, describe colors 0.58 on 1 object and 0.50 on 3 (shapes 0.36 / 0.66).
+Prints, with one CPU thread so the numbers repeat exactly:
+- existence: "Is there a <value> object in the image?" accuracy for each of the 15 attribute values (16 items each,
+  yes and no alternating, 1-4 objects) and the share of "yes" answers (a model that ignores the image scores 50%);
+- describe: the share of exact descriptions ("colors: red, blue. shapes: cube. ...") of 1-4-object scenes;
+- following unseen random compact policies in context, N=2 and N=4 (48 each, one uniformly drawn outcome per item:
+  chance 25% and 6.25%), the parse rate, and the share of CoTs that visit exactly the gold section ids;
+- each gate, met or not.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import random
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def jaccard_by_attribute(prediction: str, answer: str) -> dict[str, float]:
-    """'colors: red, blue. shapes: cube.' vs the target, per attribute: |P & T| / |P | T|."""
-    def parse(text: str) -> dict[str, set[str]]:
-        out = {}
-        for part in text.split("."):
-            if ":" in part:
-                key, values = part.split(":", 1)
-                out[key.strip()] = {v.strip() for v in values.split(",") if v.strip()}
-        return out
-
-    pred, true = parse(prediction), parse(answer)
-    return {k: len(pred.get(k, set()) & t) / len(pred.get(k, set()) | t) for k, t in true.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default=None, help="a toy base directory (default: the shipped toy-small-s0)")
-    p.add_argument("--items", type=int, default=64, help="items per (task, objects) cell; describe uses 3/4 of it")
+    p.add_argument("--checkpoint", default=None, help="a running build's checkpoint folder (<base dir>.ckpt)")
+    p.add_argument("--random-init", action="store_true", help="measure the random-init toy the base starts from")
+    p.add_argument("--toy", default=None, help="with --checkpoint: the toy directory the build started from (its "
+                   "tokenizer; default: the toy this checkout builds)")
+    p.add_argument("--exists-per-value", type=int, default=16)
+    p.add_argument("--describe", type=int, default=64)
+    p.add_argument("--policies", type=int, default=48, help="unseen random policies per depth")
+    p.add_argument("--json", default=None, help="also write the numbers to this file")
     args = p.parse_args(argv)
 
     import torch
 
     torch.set_num_threads(1)
-    from mpi.evaluate import generate_texts
     from mpi.modeling import load_model_and_processor
-    from mpi.rewards import normalize_answer
-    from mpi.toy_base import SHIPPED_ROOT, _image_size, _skill_builder, render, skill_example
+    from mpi.toy import build_toy
+    from mpi.toy_base import SHIPPED_ROOT, skills_line, toy_base_config, toy_base_skills
 
-    base = args.base or str(SHIPPED_ROOT / "toy-small-s0")
-    model, processor = load_model_and_processor(base, quantization=None, lora=None, trainable=False)
-    size = _image_size("toy-small")
-
-    def answers(task: str, n: int, k: int, max_new_tokens: int):
-        rng = random.Random(f"bench-skills/{task}/{n}")
-        items = [render(skill_example(rng, task, size, n, n, index=i), size) for i in range(k)]
-        texts = generate_texts(model, processor, items, batch_size=16, max_new_tokens=max_new_tokens,
-                               build_messages=_skill_builder)
-        return items, texts
-
-    print(f"toy base {base}")
-    for task in ("exists", "count"):
-        for n in (1, 2, 3, 4):
-            items, texts = answers(task, n, args.items, 4)
-            acc = sum(normalize_answer(t) == normalize_answer(i["answer"]) for i, t in zip(items, texts)) / len(items)
-            extra = (f" | 'no' answers {100 * sum(normalize_answer(t) == 'no' for t in texts) / len(texts):.0f}%"
-                     if task == "exists" else "")
-            print(f"{task:8s} {n} objects: accuracy {100 * acc:5.1f}%{extra}")
-    for n in (1, 3):
-        items, texts = answers("describe", n, 3 * args.items // 4, 40)
-        scores: dict[str, list[float]] = {}
-        for i, t in zip(items, texts):
-            for k, v in jaccard_by_attribute(t, i["answer"]).items():
-                scores.setdefault(k, []).append(v)
-        print(f"describe {n} objects: " + ", ".join(f"{k} {sum(v) / len(v):.2f}" for k, v in scores.items()))
+    cfg = toy_base_config("toy")
+    if args.checkpoint or args.random_init:
+        toy = args.toy or str(build_toy(cfg.model, seed=cfg.seed))
+        model, processor = load_model_and_processor(toy, quantization=None, lora=None, seed=cfg.seed,
+                                                    device="cpu", trainable=False)
+        where = "random init"
+        if args.checkpoint:
+            state = torch.load(Path(args.checkpoint) / "state.pt", map_location="cpu", weights_only=False)
+            model.load_state_dict(state["model"])
+            where = f"checkpoint at step {state['step']} ({state['seconds'] / 60:.0f} min)"
+    else:
+        base = Path(args.base) if args.base else SHIPPED_ROOT / f"{cfg.model}-s{cfg.seed}"
+        model, processor = load_model_and_processor(str(base), quantization=None, lora=None, device="cpu",
+                                                    trainable=False)
+        where = str(base)
+    model.eval()
+    t0 = time.perf_counter()
+    s = toy_base_skills(model, processor, cfg, exists_per_value=args.exists_per_value, n_describe=args.describe,
+                        policies_per_depth=args.policies)
+    print(f"toy base: {where}; measured in {time.perf_counter() - t0:.0f} s")
+    print("existence per value: " + ", ".join(f"{v} {100 * a:.0f}" for v, a in s["exists"].items())
+          + f"  (yes rate {100 * s['exists_yes_rate']:.0f}%)")
+    for d in (2, 4):
+        print(f"N={d}: {100 * s[f'policy_N{d}']:.1f}% (chance {100 * s[f'policy_N{d}_chance']:.1f}%), parsed "
+              f"{100 * s[f'policy_N{d}_parsed']:.0f}%, sections exact {100 * s[f'policy_N{d}_sections_exact']:.0f}%")
+        print("   e.g. " + json.dumps(s[f"policy_N{d}_examples"][0]["prediction"]))
+    print("describe e.g. " + json.dumps(s["describe_examples"][0]))
+    print(skills_line(s))
+    for name, g in s["gates"].items():
+        print(f"gate {name:15s} {100 * g['value']:5.1f}%  >= {100 * g['gate']:.0f}%  {'met' if g['met'] else 'NOT met'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(s, indent=2, default=str))
     return 0
 
 

@@ -11,8 +11,9 @@ project's own loader in two precisions:
 
 In each: one VM-CPT step and one SFT step (mpi.supervised.train_supervised), one PoRo-GRPO step with
 G = 4 own + 4 guided and 256-token completions (mpi.poro.train_poro), one evaluation batch
-(mpi.evaluate.evaluate_accuracy). Per stage it prints the step time, the peak CUDA memory against
-mpi.scale.memory's estimate for the same shapes, and NaN/inf checks of the loss and of every trainable weight.
+(mpi.evaluate.evaluate_accuracy). Per stage it prints the step time against mpi.wall_time's estimate for the
+same shapes on this GPU's throughput entry (the numbers the dry run's `estimated wall time` is made of), the peak
+CUDA memory against mpi.scale.memory's estimate, and NaN/inf checks of the loss and of every trainable weight.
 
     python benchmarks/gpu_check.py                   # both modes; about 5-8 minutes on one GPU
     python benchmarks/gpu_check.py --modes bf16      # one mode
@@ -166,6 +167,11 @@ def run_mode(mode: str, model_dir: Path, work: Path, shape: Shape, device: str, 
     facts = facts_from_config(json.loads((model_dir / "config.json").read_text()), "qwen2.5-vl-3b-random")
     meter = Meter(device)
     rows: list[dict] = []
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+    def log_stage(row: dict) -> None:  # every stage row gets its wall-time estimate before it is printed
+        row["estimate_s"] = wall_time_estimate(row, device_name, facts, shape)
+        log(format_row(row))
     train, test = make_items(shape)
 
     def stage_row(stage: str) -> dict:
@@ -181,7 +187,7 @@ def run_mode(mode: str, model_dir: Path, work: Path, shape: Shape, device: str, 
                 device=device, dtype=dtype, seed=0, gradient_checkpointing=True, trainable=True)
         row["ok"] = trainable_finite(model)
         row["estimate_gib"] = estimate(facts, "sft", dtype_name, quant, shape, batch_size=1, max_length=1)  # ~weights
-        log(format_row(row))
+        log_stage(row)
 
         for stage, mode_name in (("vm-cpt", "cpt"), ("sft", "cot-sft")):
             row = stage_row(stage)
@@ -200,7 +206,7 @@ def run_mode(mode: str, model_dir: Path, work: Path, shape: Shape, device: str, 
             except Exception as err:  # noqa: BLE001 - report every stage, then fail at the end
                 row["error"] = f"{type(err).__name__}: {err}"
                 traceback.print_exc()
-            log(format_row(row))
+            log_stage(row)
 
         row = stage_row("poro-grpo")
         try:
@@ -229,7 +235,7 @@ def run_mode(mode: str, model_dir: Path, work: Path, shape: Shape, device: str, 
         except Exception as err:  # noqa: BLE001
             row["error"] = f"{type(err).__name__}: {err}"
             traceback.print_exc()
-        log(format_row(row))
+        log_stage(row)
 
         row = stage_row("eval")
         try:
@@ -240,7 +246,7 @@ def run_mode(mode: str, model_dir: Path, work: Path, shape: Shape, device: str, 
         except Exception as err:  # noqa: BLE001
             row["error"] = f"{type(err).__name__}: {err}"
             traceback.print_exc()
-        log(format_row(row))
+        log_stage(row)
     model = processor = result = None  # drop the references (result holds the model too)
     gc.collect()  # the next mode's load starts from an empty GPU
     if device == "cuda":
@@ -248,11 +254,31 @@ def run_mode(mode: str, model_dir: Path, work: Path, shape: Shape, device: str, 
     return rows
 
 
+def wall_time_estimate(row: dict, device_name: str, facts, shape: Shape) -> float | None:
+    """mpi.wall_time's seconds for this row's work on one `device_name` GPU (the dry run's arithmetic; the
+    first step also pays warm-up, so a measured step above the estimate is expected on the first call)."""
+    from mpi.wall_time import GPU_NAMES, THROUGHPUT, Rates
+
+    key = next((k for name, k in GPU_NAMES.items() if name in device_name), "cpu:toy-tiny")
+    rates = Rates.of(THROUGHPUT[key], facts.total_params(), gpus=1)  # this check runs on one GPU
+    if row["stage"] in ("vm-cpt", "sft") and "tokens" in row:
+        return row["tokens"] / rates.train
+    if row["stage"] == "poro-grpo" and "tokens" in row:
+        free, guided = row["tokens"]
+        return rates.rl_step(prompts=1, rows=2 * shape.num_generations, positions=shape.max_completion_length,
+                             free_prompt=free, prefill=free + guided)
+    if row["stage"] == "eval":
+        return rates.generate(shape.eval_items, shape.eval_new_tokens)
+    return None
+
+
 def format_row(row: dict) -> str:
     peak = f"{row['peak_gib']:6.2f}" if "peak_gib" in row else "   n/a"
     est = f"{row['estimate_gib']:6.2f}" if "estimate_gib" in row else "   n/a"
     loss = f"{row['loss']:.3f}" if isinstance(row.get("loss"), float) else "-"
     extra = f" tokens {row['tokens']}" if "tokens" in row else ""
+    if row.get("estimate_s") is not None:
+        extra += f"  wall-time estimate {row['estimate_s']:.1f}s"
     status = "ok" if row.get("ok") else f"FAILED {row.get('error', '(non-finite loss or weights)')}"
     return (f"{row['mode']:<9} {row['stage']:<10} {row.get('seconds', 0.0):7.1f}s  peak {peak} GiB  "
             f"estimate {est} GiB  loss {loss}{extra}  {status}")
@@ -300,6 +326,10 @@ def main(argv: list[str] | None = None) -> dict | None:
             rows += run_mode(mode, model_dir, work, shape, device)
     info["seconds"] = time.perf_counter() - t_start
     info["rows"] = rows
+    timed = [r for r in rows if r.get("estimate_s") and r.get("seconds")]
+    for r in timed:  # measured against the dry run's estimate (mpi.wall_time), for README's table
+        print(f"wall time {r['mode']:<9} {r['stage']:<10} measured {r['seconds']:7.1f}s  estimated {r['estimate_s']:7.1f}s"
+              f"  ratio {r['seconds'] / r['estimate_s']:.2f}")
     failed = [r for r in rows if not r.get("ok")]
     print(f"gpu_check: {len(rows) - len(failed)}/{len(rows)} stages ok in {info['seconds']:.0f}s")
     if args.json:

@@ -11,7 +11,10 @@ is a plain field so that `dataclasses.asdict(cfg)` is the whole record of a run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +77,9 @@ class RunConfig:
 
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        check_values(self)  # a bad value is named here, at config time, not by a traceback mid-run
+
     def replace(self, **overrides: Any) -> "RunConfig":
         _check_fields(overrides)
         return dataclasses.replace(self, **overrides)
@@ -84,7 +90,9 @@ class RunConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CI-sized: seconds per stage, proves the code path, learns little.
-    "tiny": dict(model="toy-tiny", data_preset="toy", image_size=56, batch_size=4, max_length=768,
+    # max_length: an N=4 item with its policy is ~1,120 tokens; at 768 `--table` (N=2, 4) stopped in VM-CPT (the dry
+    # run names it now), so tiny holds N=4 like the toy. A bound, never a truncation: nothing else changes.
+    "tiny": dict(model="toy-tiny", data_preset="toy", image_size=56, batch_size=4, max_length=1536,
                  cpt_epochs=1, sft_epochs=1, rl_steps=2, num_generations=2, max_completion_length=16,
                  prompts_per_step=2),
     # The default on a laptop: a few-M-parameter toy VLM that really learns ClevrPolicy N=2.
@@ -96,16 +104,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # batches with the policy in context keep that skill, and VM-CPT then pays off (README, "Results on the toy").
     # max_length: a ClevrPolicy N=4 item with its policy in context runs to ~1,080 toy tokens (never truncated:
     # a longer sequence is a config error), so N=2 and N=4 (`--table`) fit one setting.
-    # max_completion_length: an N=4 chain of thought + answer runs to 164 toy tokens (N=2: 90); generation stops
-    # at the end-of-turn token, so the bound costs nothing on shorter answers.
-    "toy": dict(model="toy-small", data_preset="small", image_size=112, max_completion_length=176, max_length=1536,
+    # max_completion_length: a compact N=4 chain of thought + answer runs to 65 toy tokens (N=2: 53, N=6: 75);
+    # generation stops at the end-of-turn token, so the bound costs only when a model rambles.
+    "toy": dict(model="toy-small", data_preset="small", image_size=112, max_completion_length=96, max_length=1536,
                 sft_epochs=1, sft_policy_in_context_frac=0.5),
-    # One Colab T4 (15 GB, no bf16): 3B in 4-bit NF4, fp16 compute, short completions.
+    # One Colab T4 (15 GB, no bf16): 3B in 4-bit NF4, fp16 compute, short completions. Sized to one free Colab
+    # session by the dry run's estimate (mpi.wall_time: ~2.6 h): N=2 only, 60 RL steps, 160-token completions
+    # (an N=2 CoT + answer is ~95 Qwen tokens). The full plan is opt-in, its hours printed by the dry run
+    # (README "Presets"): --depths 2,4,6 --set rl_steps=200 --set max_completion_length=256 --set max_length=4992.
     "colab-t4": dict(model="Qwen/Qwen2.5-VL-3B-Instruct", quantization="4bit", data_preset="colab",
-                     image_size=224, depths=(2, 4, 6), lora_r=8, lora_alpha=16, lora_dropout=0.05,
+                     image_size=224, depths=(2,), lora_r=8, lora_alpha=16, lora_dropout=0.05,
                      max_length=2048, batch_size=1, grad_accum_steps=8,
                      cpt_learning_rate=1e-4, sft_learning_rate=1e-4, rl_learning_rate=1e-6,
-                     num_generations=4, max_completion_length=256, prompts_per_step=1, rl_steps=200,
+                     num_generations=4, max_completion_length=160, prompts_per_step=1, rl_steps=60,
                      gradient_checkpointing=True, micro_batch_size=4),
     # The paper's setting (Qwen2.5-VL-7B, 8 GPUs); LoRA here where the paper trains all weights in CPT.
     "paper": dict(model="Qwen/Qwen2.5-VL-7B-Instruct", quantization=None, data_preset="paper",
@@ -144,3 +155,114 @@ def get_config(preset: str | None = None, **overrides: Any) -> RunConfig:
     _check_fields(overrides)
     values = {**PRESETS[preset], **overrides}
     return RunConfig(preset=preset, **values)
+
+
+# =========================================================================== value checks
+
+# The range each numeric field must lie in, beyond its type: (lowest, lowest allowed?, highest, highest allowed?).
+# A field not listed only has its type checked (image_size: DataConfig names a bad size with its fix).
+VALUE_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "cpt_learning_rate": (0, False, None, False), "sft_learning_rate": (0, False, None, False),
+    "rl_learning_rate": (0, False, None, False),  # <= 0 would not train, or ascend the loss
+    "cpt_epochs": (0, True, None, False), "sft_epochs": (0, True, None, False), "rl_steps": (0, True, None, False),
+    "rl_epochs": (0, False, None, False),
+    "num_generations": (2, True, None, False),  # GRPO's advantage is a sample against its group: one has no spread
+    "max_completion_length": (1, True, None, False), "max_length": (1, True, None, False),
+    "prompts_per_step": (1, True, None, False), "batch_size": (1, True, None, False),
+    "grad_accum_steps": (1, True, None, False), "micro_batch_size": (1, True, None, False),
+    "lora_r": (1, True, None, False), "lora_alpha": (1, True, None, False), "lora_dropout": (0, True, 1, False),
+    "sft_policy_in_context_frac": (0, True, 1, True), "save_every": (1, True, None, False),
+    "log_every": (1, True, None, False), "seed": (0, True, None, False),
+}
+
+
+class ConfigValueError(ValueError):
+    """RunConfig value(s) of the wrong type or out of range; `problems` holds (field, value, expected, example)."""
+
+    def __init__(self, problems: list[tuple[str, Any, str, Any]]):
+        self.problems = problems
+        lines = [f"  - RunConfig.{name} = {value!r} ({type(value).__name__}): expected {expected}\n"
+                 f"    fix: --set {name}={_json(example)} (in Python: get_config(..., {name}={example!r}))"
+                 for name, value, expected, example in problems]
+        super().__init__(f"{len(problems)} bad RunConfig value(s):\n" + "\n".join(lines))
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(list(value) if isinstance(value, tuple) else value, separators=(",", ":"))
+
+
+def _type_name(tp: Any) -> str:
+    """'an integer', 'a number', 'a string or null', 'a list of integers', ... for an annotation."""
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a JSON object"}
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_type_name(args[0]).split(' ', 1)[1]}s"
+    return names.get(origin or tp, getattr(tp, "__name__", str(tp)))
+
+
+def _has_type(value: Any, tp: Any) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:  # True is an int in Python, not here
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:  # an integer is a number: --set rl_learning_rate=1 parses as 1
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if origin is tuple:
+        return isinstance(value, (tuple, list)) and all(_has_type(v, args[0]) for v in value)
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    return isinstance(value, origin or tp)
+
+
+def _range_text(low, low_ok, high, high_ok) -> str:
+    parts = []
+    if low is not None:
+        parts.append(f"{'>=' if low_ok else '>'} {low}")
+    if high is not None:
+        parts.append(f"{'<=' if high_ok else '<'} {high}")
+    return " and ".join(parts)
+
+
+def value_problems(cfg: RunConfig) -> list[tuple[str, Any, str, Any]]:
+    """(field, value, what was expected, a valid example: the preset's value) for every RunConfig field of the
+    wrong type or out of its range."""
+    hints = typing.get_type_hints(type(cfg))
+    problems = []
+    for f in dataclasses.fields(cfg):
+        value, tp = getattr(cfg, f.name), hints[f.name]
+        bound = VALUE_RANGES.get(f.name)
+        optional = type(None) in typing.get_args(tp)
+        plain = typing.Union[tuple(a for a in typing.get_args(tp) if a is not type(None))] if optional else tp
+        expected = _type_name(plain) + (f" {_range_text(*bound)}" if bound else "") + (", or null" if optional else "")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        example = PRESETS.get(cfg.preset, {}).get(f.name, default)
+        if not _has_type(value, tp):
+            problems.append((f.name, value, expected, example))
+            continue
+        if bound is None or value is None:
+            continue
+        low, low_ok, high, high_ok = bound
+        if (low is not None and (value < low or (value == low and not low_ok))) or \
+                (high is not None and (value > high or (value == high and not high_ok))):
+            problems.append((f.name, value, expected, example))
+    return problems
+
+
+def check_values(cfg: RunConfig) -> RunConfig:
+    """Raise ConfigValueError naming each field of the wrong type or out of range; list-valued tuples become tuples."""
+    problems = value_problems(cfg)
+    if problems:
+        raise ConfigValueError(problems)
+    for f in dataclasses.fields(cfg):  # JSON gives lists (--set depths=[2,4]); the config keeps tuples
+        if isinstance(getattr(cfg, f.name), list) and typing.get_origin(typing.get_type_hints(type(cfg))[f.name]) is tuple:
+            setattr(cfg, f.name, tuple(getattr(cfg, f.name)))
+    return cfg

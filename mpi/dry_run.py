@@ -10,6 +10,8 @@ Prints what `python -m mpi` would do with the same arguments, and stops before a
                   checked by the stage module's own validation; the evaluation options
     memory        mpi.scale.memory's expected peak per stage against the device the run is for (this machine's
                   GPU, else the preset's target GPU: a T4 for colab-t4, 8 x 80 GB for paper)
+    time          the estimated wall time of every stage and in total on that device (mpi.wall_time: tokens per
+                  stage x a throughput table whose sources it names; the CPU's for toy and tiny)
 
 Exit 0 when everything checks out; otherwise each problem is printed with the field to change and how
 (exit 2, as the pipeline's other argument errors). No weights are loaded and nothing is written: a toy
@@ -58,6 +60,7 @@ class DryRunReport:
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage kind -> resolved config
     data: dict[str, dict[str, Any]] = field(default_factory=dict)  # dataset key -> DataConfig + sizes
     memory: dict[str, dict[str, Any]] = field(default_factory=dict)  # "cpt" / "sft" / "rl" -> estimate
+    wall_time: Any = None  # mpi.wall_time.Estimate
     device: str = ""
     seconds: float = 0.0
 
@@ -282,6 +285,36 @@ def check_memory(plan, rep: DryRunReport, facts, device_info, processes: int) ->
         rep.say(f"  {kind:<4} {est.peak_gib:7.2f} GiB peak ({est.phase}) {verdict}: {parts}")
 
 
+def check_wall_time(plan, rep: DryRunReport, facts, device_info, processes: int) -> None:
+    """The estimated wall time per stage and in total (mpi.wall_time), and the prompts that cannot fit
+    max_length (a policy longer than the sequence: VM-CPT and RL would refuse it mid-run)."""
+    from mpi.wall_time import estimate_plan
+
+    if any(not p.field.startswith("memory") for p in rep.problems):  # it reads the same configs: a broken one is named
+        return
+    est = estimate_plan(plan, facts, device_info, rep.stages, processes)
+    rep.wall_time = est
+    for line in est.lines():
+        rep.say(line)
+    from mpi.pipeline import data_config
+    from mpi.wall_time import item_tokens
+
+    for key in plan.dataset_keys:
+        dcfg = data_config(plan.cfg, key)
+        policy_px = dcfg.policy_image_size or max(28, dcfg.image_size // 2)
+        s = item_tokens(dcfg, "gta" if key == "gta" else "clevr", facts.image_tokens(plan.cfg.image_size),
+                        facts.image_tokens(policy_px))
+        longest = int(s["policy_prompt"] + s["response"])
+        shows_policy = plan.cfg.sft_policy_in_context_frac > 0 or any(
+            c[0] == "cpt" or "poro" in c[-1] for c in training_chains(plan.methods))
+        if shows_policy and longest > plan.cfg.max_length:
+            rep.problem("RunConfig.max_length", f"dataset {key}: an item with its policy in context is ~{longest} "
+                        f"tokens on average (policy ~{s['policy']:.0f}), longer than max_length={plan.cfg.max_length}: "
+                        "VM-CPT and PolicyRollout refuse such items rather than cut them",
+                        f"--set max_length={int(longest * 1.25) // 64 * 64 + 64} (check memory again), or leave this "
+                        "depth out (--depths)")
+
+
 # =========================================================================== entry points
 
 
@@ -322,6 +355,7 @@ def plan_report(plan, *, gpu: str | None = None, num_processes: int | None = Non
     check_stages(plan, rep, device_info.type)
     if facts is not None:
         check_memory(plan, rep, facts, device_info, processes)
+        check_wall_time(plan, rep, facts, device_info, processes)
     rep.seconds = time.perf_counter() - t0
     return rep
 

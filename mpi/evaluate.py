@@ -108,13 +108,16 @@ def majority_baseline(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 # =========================================================================== referral
 
 
-_CITED = re.compile(r"#?\s*Condition\s+(\d+(?:\.\d+)*)")
+# '# Condition 1.2' / 'Condition 1' (the paper's format), or '#1.2 metal? yes' (the toy's compact format, where
+# '#1.2.1 Case 3' names the leaf the walk ends at: a response, not a condition)
+_CITED = re.compile(r"#?\s*Condition\s+(\d+(?:\.\d+)*)|#(\d+(?:\.\d+)*)(?![\d.]| Case)")
 
 
 def cited_conditions(cot: str | None) -> list[str]:
-    """Condition ids a CoT cites ('# Condition 1.2', 'Condition 1'), first mention order, no repeats."""
+    """Condition ids a CoT cites ('# Condition 1.2', 'Condition 1', '#1.2'), first mention order, no repeats."""
     seen: list[str] = []
-    for cid in _CITED.findall(cot or ""):
+    for paper, compact in _CITED.findall(cot or ""):
+        cid = paper or compact
         if cid not in seen:
             seen.append(cid)
     return seen

@@ -207,6 +207,7 @@ def load_model_and_processor(
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     if quant is None:
         model.to(device)
+    vision_tower_overflow_safe(model, dtype)
     if quant == "4bit" and device.type == "cpu" and trainable:
         keep_cpu_4bit_trainable(model)
     processor = load_processor(path)
@@ -228,6 +229,36 @@ def load_model_and_processor(
     if not trainable:
         model.eval()
     return model, processor
+
+
+def vision_tower(model):
+    """The model's vision encoder (Qwen2.5-VL's `model.visual`), or None."""
+    for owner in (model, getattr(model, "model", None), getattr(getattr(model, "model", None), "model", None)):
+        visual = getattr(owner, "visual", None) if owner is not None else None
+        if isinstance(visual, torch.nn.Module):
+            return visual
+    return None
+
+
+def vision_tower_overflow_safe(model, compute_dtype: torch.dtype) -> str:
+    """Under fp16 compute (a T4: no bf16) keep the vision tower in float32; returns what was done.
+
+    Qwen2.5-VL's vision blocks grow residual activations past fp16's 65,504 on real images: in fp16 they
+    become inf, then NaN after the next norm, and every image token of the prompt is NaN (vLLM PR 13968 clamps
+    them for the same reason). In float32 the tower cannot overflow; its output passes through the merger's
+    norm before the language model casts it to fp16. A trainable 4-bit model had it already (peft's
+    prepare_model_for_kbit_training upcasts every unquantized weight, and mpi.scale.memory counts it so); the
+    evaluation load (trainable=False) and a plain fp16 load kept it in fp16. The cost there: 4-bit leaves the
+    tower unquantized (QUANTIZATION_SKIP_MODULES), so float32 doubles its weights (Qwen2.5-VL-3B: 0.67 B
+    parameters, +1.25 GiB); its compute is small (256 patches for a 224 px image). bf16 and fp32 are left as
+    they are (bf16 has fp32's range)."""
+    if compute_dtype != torch.float16:
+        return "unchanged"
+    visual = vision_tower(model)
+    if visual is None:
+        return "no vision tower"
+    visual.float()
+    return "vision tower kept in float32 (fp16 overflow)"
 
 
 def keep_cpu_4bit_trainable(model) -> int:

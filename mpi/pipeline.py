@@ -50,6 +50,7 @@ from typing import Any, Callable, Sequence
 
 from mpi.atomic import atomic_directory, atomic_write_json
 from mpi.engine import save_model
+from mpi.integrity import MANIFEST_KEY, file_manifest, stage_damage
 from mpi.config import BOOKKEEPING_FIELDS, PRESETS, RunConfig, get_config
 # The methods, their chains and the stage kinds live in mpi.methods (the report and the dry run read them
 # too); notebooks and tests read them as pipeline.METHODS, pipeline.DEFAULT_METHODS as well.
@@ -62,9 +63,14 @@ from mpi.methods import (DEFAULT_METHODS, METHODS, RL_STAGES, SUPERVISED_STAGES,
 # policy back in context and override on the first 64 (eval_side_limit), to keep the laptop run short.
 EVAL_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": dict(eval_limit=8, eval_batch_size=8, eval_max_new_tokens=24, prefill_items=2, toy_base="tiny"),
-    "toy": dict(eval_limit=200, eval_side_limit=64, eval_batch_size=16, eval_max_new_tokens=192, prefill_items=8,
+    # A compact ClevrPolicy CoT is up to 53 (N=2) / 65 (N=4) toy tokens: answers must fit (RunConfig.max_completion_length).
+    "toy": dict(eval_limit=200, eval_side_limit=64, eval_batch_size=16, eval_max_new_tokens=96, prefill_items=8,
                 toy_base="toy"),
-    "colab-t4": dict(eval_limit=200, eval_batch_size=4, eval_max_new_tokens=512, prefill_items=8, toy_base=None),
+    # colab-t4 is sized to one Colab session (mpi.wall_time's estimate): the headline on 100 test items, the side
+    # views on 32, 8 answers per generate call (decoding on a T4 costs about the same for 4 or 8 rows); 256 new
+    # tokens hold an N=2 answer (~95 tokens) with room.
+    "colab-t4": dict(eval_limit=100, eval_side_limit=32, eval_batch_size=8, eval_max_new_tokens=256, prefill_items=8,
+                     toy_base=None),
     "paper": dict(eval_limit=None, eval_batch_size=8, eval_max_new_tokens=1024, prefill_items=16, toy_base=None),
 }
 
@@ -81,9 +87,10 @@ RL_PRESETS: dict[str, dict[str, Any]] = {
     # as on tiny.
     "toy": dict(log_behaviour_ratio=False, temperature=0.7, warmup_steps=3, lr_scheduler_type="cosine",
                 eval_every=10, eval_samples=2, keep_best=True),
-    # The GPU presets: the same schedule and best-validation checkpoint, validated every 50 steps (32 validation
-    # items x 3 answers on a 3B model cost about 3 RL steps).
-    "colab-t4": dict(warmup_steps=10, lr_scheduler_type="cosine", eval_every=50, eval_samples=2, keep_best=True),
+    # The GPU presets: the same schedule and best-validation checkpoint. colab-t4 is sized to one Colab session
+    # (mpi.wall_time's estimate): validation every 20 of its 60 steps, one answer per validation item. paper:
+    # validated every 50 steps (32 validation items x 3 answers on a 3B model cost about 3 RL steps).
+    "colab-t4": dict(warmup_steps=5, lr_scheduler_type="cosine", eval_every=20, eval_samples=1, keep_best=True),
     "paper": dict(warmup_steps=10, lr_scheduler_type="cosine", eval_every=50, eval_samples=2, keep_best=True),
 }
 
@@ -235,6 +242,26 @@ def is_done(path: Path) -> bool:
     return (path / "done.json").exists()
 
 
+def finished_intact(path: Path, stage: str, log: Callable[[str], None]) -> bool:
+    """Whether `path` is a finished stage whose files match its done.json (mpi.integrity). A damaged one (a
+    partial Drive sync, a full disk) is named with what is wrong, removed and reported as not finished, so
+    the caller rebuilds it instead of a later stage failing on it with a raw traceback."""
+    if not is_done(path):
+        return False
+    problems = stage_damage(path)
+    if not problems:
+        return True
+    log(f"[damaged] {stage}: {path} does not match its done.json ({'; '.join(problems[:3])}"
+        f"{f'; {len(problems) - 3} more' if len(problems) > 3 else ''}): rebuilding the stage")
+    shutil.rmtree(path)
+    return False
+
+
+def with_manifest(result: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """`result` (a done.json) with the size and sha256 of every file of the finished stage in `folder`."""
+    return {**result, MANIFEST_KEY: file_manifest(folder)}
+
+
 def read_done(path: Path) -> dict[str, Any]:
     return json.loads((path / "done.json").read_text())
 
@@ -258,11 +285,11 @@ class Timer:
 
 def run_stage(plan: Plan, timer: Timer, stage: str, path: Path, fn: Callable[[Path], dict[str, Any]],
               log: Callable[[str], None], settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run `fn(tmp_dir)` into `path` atomically unless `path` is already done; return its done.json.
+    """Run `fn(tmp_dir)` into `path` atomically unless `path` is already done (and intact); return its done.json.
     `settings` (e.g. an evaluation's options) go into done.json; a finished stage made with other settings is
     an error, never a skip."""
     settings = None if settings is None else json.loads(json.dumps(settings, default=str))
-    if is_done(path):
+    if finished_intact(path, stage, log):
         done = read_done(path)
         if settings is not None and done.get("settings", settings) != settings:
             diff = sorted(k for k in set(settings) | set(done["settings"]) if settings.get(k) != done["settings"].get(k))
@@ -278,6 +305,7 @@ def run_stage(plan: Plan, timer: Timer, stage: str, path: Path, fn: Callable[[Pa
         result = {**result, "stage": stage, "seconds": time.perf_counter() - t0}
         if settings is not None:
             result["settings"] = settings
+        result = with_manifest(result, tmp)
         atomic_write_json(tmp / "done.json", result)
     timer.record(stage, result["seconds"], skipped=False)
     log(f"[done] {stage} in {result['seconds']:.1f}s")
@@ -355,8 +383,12 @@ def run_training_stage(plan: Plan, timer: Timer, stage: str, path: Path, fn: Cal
     procs = processes()
     procs.barrier()
     partial = partial_dir(path)
-    state = procs.share("done" if is_done(path) else "trained" if is_done(partial) else
-                        "saved" if (partial / "model").exists() else "resume" if partial.exists() else "new")
+    state = None
+    if procs.main:  # a damaged finished stage (or trained work folder) is set aside and trained again
+        state = ("done" if finished_intact(path, stage, log) else
+                 "trained" if finished_intact(partial, stage + " (trained, not yet published)", log) else
+                 "saved" if (partial / "model").exists() else "resume" if partial.exists() else "new")
+    state = procs.share(state)
     record = {} if config is None else {"config_key": config_key(config), "config": dataclasses.asdict(config)}
     if state == "done":
         done = read_done(path)
@@ -383,8 +415,9 @@ def run_training_stage(plan: Plan, timer: Timer, stage: str, path: Path, fn: Cal
             raise PipelineError(f"{stage}: {err}\n(pipeline: delete {partial} to train this stage from the start, "
                                 "or rerun with the settings it was started with)") from err
     if procs.main and state != "trained":
-        atomic_write_json(partial / "done.json", {**result, **record, "stage": stage, "resumed": state == "resume",
-                                                  "seconds": time.perf_counter() - t0})
+        atomic_write_json(partial / "done.json",
+                          with_manifest({**result, **record, "stage": stage, "resumed": state == "resume",
+                                         "seconds": time.perf_counter() - t0}, partial))
     if procs.main:
         seconds = read_done(partial)["seconds"]
         publish(partial, path)
@@ -503,14 +536,38 @@ def load_for_stage(plan: Plan, seed: int, adapter: Path | None, trainable: bool)
     cfg = plan.cfg
     common = dict(quantization=cfg.quantization, device=cfg.device, seed=seed, trainable=trainable,
                   gradient_checkpointing=bool(getattr(cfg, "gradient_checkpointing", False)) and trainable)
-    if adapter is not None and (adapter / "config.json").exists():  # a full model directory
-        return load_model_and_processor(str(adapter), lora=None, **common)
     if adapter is not None:
-        return load_model_and_processor(base_model_path(plan), adapter=str(adapter), **common)
+        return _load_stage_model(plan, Path(adapter), common)
     lora = lora_settings(cfg) if trainable else None
     if trainable and lora is None and cfg.quantization:
         raise PipelineError("full fine-tuning (lora_r=None) of a quantized model is not possible; set lora_r")
     return load_model_and_processor(base_model_path(plan), lora=lora, **common)
+
+
+def damaged_stage_error(stage_dir: Path, what: str) -> PipelineError:
+    return PipelineError(f"{stage_dir} is damaged ({what}): delete that folder and rerun (python -m mpi with the same "
+                         "arguments, or the notebook's cell) to train the stage again")
+
+
+def _load_stage_model(plan: Plan, adapter: Path, common: dict[str, Any]):
+    """A finished stage's model: checked against its done.json first, and a file that still fails to load
+    (a done.json from before manifests) named with its stage folder instead of a raw SafetensorError."""
+    from mpi.modeling import load_model_and_processor
+
+    stage_dir = adapter.parent
+    problems = stage_damage(stage_dir) if is_done(stage_dir) else []
+    if problems:
+        raise damaged_stage_error(stage_dir, "; ".join(problems))
+    try:
+        if (adapter / "config.json").exists():  # a full model directory
+            return load_model_and_processor(str(adapter), lora=None, **common)
+        return load_model_and_processor(base_model_path(plan), adapter=str(adapter), **common)
+    except Exception as err:
+        from safetensors import SafetensorError
+
+        if isinstance(err, (SafetensorError, json.JSONDecodeError, UnicodeDecodeError)):
+            raise damaged_stage_error(stage_dir, f"{type(err).__name__}: {err}") from err
+        raise
 
 
 # =========================================================================== training stages
@@ -613,12 +670,15 @@ def partial_dir(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
-def start_stage(plan: Plan, key: str, seed: int, chain: Sequence[str]):
+def start_stage(plan: Plan, key: str, seed: int, chain: Sequence[str], config=None):
     """What the last stage of `chain` starts from: (model, processor, training items, validation items).
 
     The model is the parent stage's (`chain[:-1]`, trainable) or the base with a fresh LoRA; CoT SFT trains on
     the items with a CoT; the validation split (never the test split) is for the RL stages. Prints the
-    expected peak memory first and refuses, with the knobs to turn, a stage that cannot fit."""
+    expected peak memory first and refuses, with the knobs to turn, a stage that cannot fit. An RL stage's
+    training prompts are measured first: one over max_length (with the policy in context too when `config`,
+    default `stage_config`, rolls out with it) is refused with the item, never truncated through its image
+    tokens."""
     from mpi.device import seed_everything
     from mpi.scale.memory import preflight
 
@@ -631,6 +691,16 @@ def start_stage(plan: Plan, key: str, seed: int, chain: Sequence[str]):
     train = load_split(plan, key, "train")
     if stage == "cot-sft":
         train = with_cot_only(train)
+    if stage in RL_STAGES and len(train):
+        from mpi.prompt_lengths import PromptTooLong, check_prompt_lengths
+
+        policy_rollout = (config or stage_config(plan, stage, seed, key)).policy_rollout
+        where = f"{key} seed{seed} {'+'.join(chain)} (RL)"
+        try:
+            check_prompt_lengths(processor, train, plan.cfg.max_length, where=where,
+                                 with_policy=(False, True) if policy_rollout else (False,))
+        except PromptTooLong as err:
+            raise PipelineError(str(err)) from err
     return model, processor, train, validation_items(plan, key) if stage in RL_STAGES else None
 
 
@@ -666,7 +736,7 @@ def train_stage(plan: Plan, key: str, seed: int, chain: tuple[str, ...], tmp: Pa
     from mpi.supervised import train_supervised
 
     config = config or stage_config(plan, chain[-1], seed, key)
-    model, processor, train, val = start_stage(plan, key, seed, chain)
+    model, processor, train, val = start_stage(plan, key, seed, chain, config)
     work = tmp / "work"
     if chain[-1] in SUPERVISED_STAGES:
         result = train_supervised(model, processor, train, per_process_config(config, processes().world), work)
@@ -791,7 +861,7 @@ def general_skills(plan: Plan, model, processor) -> dict[str, Any] | None:
     from mpi.toy_base import general_skill_accuracy, general_skill_items
 
     tb = toy_base_cfg(plan)
-    items = general_skill_items(tb.model, tb.n_eval, seed=tb.seed, max_objects=tb.max_objects)
+    items = general_skill_items(tb.model, tb.n_eval, seed=tb.seed, max_objects=tb.max_objects, world=tb.world)
     # the attribute list runs to ~40 tokens: decode far enough that it can be complete
     r = general_skill_accuracy(model, processor, items, batch_size=plan.opts["eval_batch_size"],
                                max_new_tokens=max(tb.max_new_tokens, 64))
@@ -898,7 +968,9 @@ def check_run_dir(plan: Plan) -> None:
     if path.exists():
         old = json.loads(path.read_text())
         # seeds and datasets may be added to a run; bookkeeping (checkpoint / print cadence) changes no result
-        ignored = ("seed", "datasets", "depths", *BOOKKEEPING_FIELDS)
+        # out_dir is where the folder is, not what it holds: `runs/toy` from the CLI and MPI_OUT_DIR=$PWD/runs from
+        # the notebooks (or the folder moved to Drive) are the same run
+        ignored = ("seed", "datasets", "depths", "out_dir", *BOOKKEEPING_FIELDS)
         old_cfg = {k: v for k, v in old.get("config", {}).items() if k not in ignored}
         new_cfg = json.loads(json.dumps({k: v for k, v in record["config"].items() if k not in ignored}, default=str))
         if old_cfg != new_cfg or old.get("opts") != json.loads(json.dumps(plan.opts, default=str)):
@@ -989,7 +1061,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         overrides["depths"] = (2, 4)
     if args.out_dir:
         overrides["out_dir"] = args.out_dir
-    cfg = get_config(args.preset, **overrides)
+    from mpi.config import ConfigValueError
+
+    try:
+        cfg = get_config(args.preset, **overrides)
+    except ConfigValueError as err:  # a --set value of the wrong type or out of range: named, no traceback
+        raise PipelineError(str(err)) from err
     cfg.extra = {**cfg.extra, **extra}
     return cfg
 

@@ -328,11 +328,16 @@ def markdown(data: dict[str, Any], wall_seconds: float | None = None) -> str:
         tb = data["toy_base"]
         lines.append("## Toy base")
         lines.append("")
+        skills = ""
+        if tb.get("skills"):
+            from mpi.toy_base import skills_line
+
+            skills = f" Premises: {skills_line(tb['skills'])}."
         lines.append(f"`{tb.get('path', '')}`: trained {tb.get('train_seconds', 0) / 60:.1f} min "
-                     f"({tb['config']['steps']} steps{_condition_steps(tb['config'])}). General skills {100 * tb['general_skill']['accuracy']:.1f}% "
+                     f"({tb['config']['steps']} steps). General skills {100 * tb['general_skill']['accuracy']:.1f}% "
                      f"(random init {100 * tb['general_skill_random_init']['accuracy']:.1f}%), per task "
                      + ", ".join(f"{k} {100 * v:.0f}%" for k, v in tb["general_skill"]["per_task"].items())
-                     + f"; following random in-context policies {100 * tb['in_context_policy']['accuracy']:.1f}%.")
+                     + "." + skills)
         lines.append("")
     if data["timings"]:
         lines.append("## Wall time per stage")
@@ -451,9 +456,3 @@ def write_report(run_dir: str | Path, wall_seconds: float | None = None) -> dict
         atomic_write_text(run_dir / "report.md", text)
     data["plots"] = plots
     return data
-
-
-def _condition_steps(config: dict) -> str:
-    """', then N condition-phase steps' for a toy base that had one (mpi.toy_base.ToyBaseConfig.condition_steps)."""
-    n = config.get("condition_steps", 0)
-    return f", then {n} condition-phase steps" if n else ""

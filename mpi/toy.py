@@ -25,12 +25,28 @@ import torch
 
 from mpi.atomic import atomic_directory
 
-TOY_VERSION = 1  # bump when the recipe changes so old caches are not reused
+TOY_VERSION = 2  # bump when the recipe changes so old caches are not reused. 2: COMPACT_TOKENS added
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
     "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
 ]
 PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN = "<|endoftext|>", "<|im_end|>", "<|image_pad|>"
+
+
+def _section_ids(levels: int = 7) -> list[str]:
+    ids, frontier = [], ["1"]
+    for _ in range(levels):
+        ids += frontier
+        frontier = [f"{i}.{b}" for i in frontier for b in (1, 2)]
+    return ids
+
+
+# Whole words of the compact policies (mpi.data.policies.Policy.render_compact): every section id ("#1.2.1", trees
+# of up to 6 layers and their leaves) and every case ("Case 12", with and without its leading space) is one token,
+# longest match first. A section is then found by a single attention look-up on one token, which a random-init toy
+# learns quickly; split into digits and dots, "#1.1" and "#1.1.2" share a prefix and the look-up needs several hops.
+COMPACT_TOKENS = ([f"#{i}" for i in _section_ids()] + [f"Case {k}" for k in range(1, 129)]
+                  + [f" Case {k}" for k in range(1, 129)])
 
 # Qwen2-VL's chat template, without video. Images become <|vision_start|><|image_pad|><|vision_end|>
 # and the processor expands <|image_pad|> to one token per merged 2x2 patch.
@@ -136,6 +152,7 @@ def train_tokenizer(corpus: list[str], vocab_size: int):
         tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
         additional_special_tokens=SPECIAL_TOKENS[1:], padding_side="left",
     )
+    tokenizer.add_tokens(COMPACT_TOKENS)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 

@@ -1,41 +1,33 @@
-"""The toy base: a toy VLM pretrained offline on general visual skills and on in-context policies.
+"""The toy base: a toy VLM pretrained offline to see the sprite world and to follow a policy in its prompt.
 
-The paper starts from an instruction-tuned VLM that already sees colors and shapes and can follow a
-policy given in its prompt. A random-init toy has neither, so before any MPI method runs, the toy is
-pretrained here on
+The paper starts from an instruction-tuned VLM that already sees colors and shapes and follows a policy
+given in its prompt. A random-init toy does neither, so before any MPI method runs, the toy is pretrained
+here (full parameters, from random init) on
 
-1. general visual skills over rendered CLEVR-style scenes: "Is there a red object?" (yes/no),
-   "How many cubes are there?" and a short description listing the colors, shapes, sizes and
-   materials in view (one dense target that supervises every attribute at once);
-2. following *randomly generated* policies given in context (policy in the prompt, forward CoT or a
-   direct answer as the target), drawn from their own random stream, never the evaluation policies.
+1. general visual skills over sprite scenes (`mpi.data.sprites`): "Is there a metal object in the image?"
+   (yes/no), "How many cubes are there?", and a description that lists the colors, shapes, sizes and
+   materials in view ("colors: red, blue. shapes: cube. sizes: large. materials: metal.");
+2. following *randomly generated* compact policies given in context (`Policy.render_compact`, never the
+   evaluation policies: their own random stream), with the evidence-first CoT (`mpi.data.clevr.compact_cot`):
+   the description first, then one line per section visited, then the case.
 
-Perception is what a random toy lacks, and it is slow to learn: a small object is ~13 px, about one of
-the 16 image tokens at 112 px, and a fresh transformer must first learn *where* to look. Measured here
-(`benchmarks/bench_toy_perception.py`; 600-step runs that ramped from 1 to 10 objects at learning rates
-5e-4 and 1e-3 stayed at chance on existence questions), so the recipe is:
+Two things make this learnable on a laptop (measured in `../shared`'s feasibility notes and here):
 
-1. `perception_steps` of single-object scenes described in full (every attribute supervised at once),
-   at a moderate learning rate (1e-3; after 200 steps at 2e-3 a linear probe on the last hidden state
-   read a single object's color 19% of the time, against 70% at random init), seen first in close-up:
-   the image is cropped around the object and enlarged `perception_zoom` times, and the zoom shrinks
-   linearly to the full scene over `perception_zoom_steps` (the *zoom curriculum*). A big object is
-   easy to find; once the model reads it, it keeps reading it as it shrinks. Measured with
-   `benchmarks/bench_toy_perception.py --fresh`: on fresh single-object scenes, "What color is the
-   object?" read 31.2% held-out after 200 steps without the zoom (chance 12.5%), 97.9% with 3x -> 1x;
-2. then a ramp from 1 to `max_objects` objects over `curriculum_steps`, with existence and count
-   questions and the random in-context policies mixed in;
-3. optionally (`condition_steps`, 0 in the shipped recipe) a *condition phase*: fresh scenes, mostly
-   existence questions (the policies' conditions), a fresh AdamW at `condition_lr`. The shipped base answers
-   "no" to every existence question; measured with `benchmarks/bench_toy_condition_phase.py`, up to 3,000
-   such steps on top of it taught it color and size, not shape or material (see the benchmark).
+- **a grounding loss**: at every visual token the merger's output vector, scored against the language model's
+  input embeddings of the 15 attribute words (and of `<|vision_pad|>` for an empty cell), is trained to name
+  what that token's cell holds. The visual tokens then *look like the words* to the language model, and
+  "is there a metal object?" becomes finding the word " metal" among the tokens, an attention look-up. Without
+  it a random-init toy stays at the yes/no prior for hundreds of steps;
+- **compact policies with one-token section ids** (`mpi.toy.COMPACT_TOKENS`): each CoT step copies the token
+  that follows a section id, or finds a word among the evidence just written.
 
-    path = build_toy_base(ToyBaseConfig(model="toy-small", seed=0))   # cached, deterministic per seed
+    path = build_toy_base(ToyBaseConfig(model="toy-small", seed=0))   # cached, resumable, deterministic per seed
     model, processor = load_model_and_processor(str(path), quantization=None, lora=...)
-    general_skill_accuracy(model, processor, eval_items)   # the forgetting baseline
+    toy_base_skills(model, processor, cfg)                             # the gates: existence, describe, policies
 
-The checkpoint is a normal model directory (plus `toy_base.json` with the config and the held-out
-general-skill accuracy), written atomically under `mpi.toy.cache_root()/toy_base/<model>-s<seed>-<key>`.
+The checkpoint is a normal model directory (plus `toy_base.json` with the config, the training log and the
+measured skills), written atomically under `mpi.toy.cache_root()/toy_base/<model>-s<seed>-<key>`. A build that
+is interrupted resumes from its last checkpoint (`<dir>.ckpt/`, every `checkpoint_every` steps) on the next call.
 """
 
 from __future__ import annotations
@@ -44,24 +36,27 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from mpi.atomic import atomic_directory
+from mpi.atomic import atomic_directory, atomic_write_json
 
-# bump when the recipe changes so old caches are not reused. 4: the zoom curriculum (perception_zoom).
-# 3: the random policies' scenes are natural scenes conditioned on the outcome (mpi.data.clevr.natural_scene_for),
-# like the splits; v2 used the witness search, whose 1-4-object scenes held a single object 90% of the time.
-TOY_BASE_VERSION = 4
-# The toy base trained by this recipe, shipped so that every machine starts from the same weights in seconds
-# (training it takes 20-40 minutes on 2 CPU cores). `python -m mpi toy-base --rebuild` trains it again.
+# bump when the recipe changes so old caches are not reused. 5: the sprite world, the grounding loss, compact
+# policies with the evidence-first CoT, batches drawn per step (resumable). v1-v4 (CLEVR-like renderer, zoom
+# curriculum, condition phase) are in docs/results-history.md.
+TOY_BASE_VERSION = 5
+# The toy base trained by this recipe, shipped so that every machine starts from the same weights in seconds.
+# `python -m mpi toy-base --rebuild` trains it again.
 SHIPPED_ROOT = Path(__file__).resolve().parent / "assets" / "toy_base"
-SKILL_TASKS = ("describe", "exists", "count", "policy")
+SKILL_TASKS = ("describe", "exists", "count", "policy", "lookup", "repeat")
+BATCH_KINDS = {"describe": "skill", "exists": "skill", "count": "skill", "policy": "policy", "lookup": "lookup",
+               "repeat": "lookup"}
 
 
 @dataclass
@@ -70,35 +65,27 @@ class ToyBaseConfig:
 
     model: str = "toy-small"
     seed: int = 0
-    steps: int = 1300
-    batch_size: int = 32
-    learning_rate: float = 1e-3  # 2e-3 collapsed the vision features (linear probe 70% -> 19% on color)
-    vision_lr_mult: float = 1.0
-    min_lr_ratio: float = 0.3  # cosine decays to this fraction of the peak
-    warmup_steps: int = 30
+    steps: int = 4000
+    batch_size: int = 32  # skill batches (~60 tokens each)
+    policy_batch_size: int = 16  # policy batches (the policy is in the prompt: 100-250 tokens)
+    learning_rate: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    warmup_steps: int = 50
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    # sampling weights of the four tasks
-    task_weights: dict[str, float] = field(default_factory=lambda: {"describe": 2.0, "exists": 1.0, "count": 0.25,
-                                                                      "policy": 1.0})
-    policy_depths: tuple[int, ...] = (1, 2)  # depths of the random in-context policies
-    policy_cot_fraction: float = 0.5  # share of policy targets with the forward CoT (else a direct answer)
-    # The optional condition phase, after `steps` (0: none, the shipped recipe): the policies' conditions are
-    # existence questions over four attributes, and the main phase ends answering every one "no". A fresh AdamW,
-    # mostly existence questions; the default mix is the one measured longest (benchmarks/bench_toy_condition_phase.py).
-    condition_steps: int = 0
-    condition_lr: float = 3e-4
-    condition_task_weights: dict[str, float] = field(default_factory=lambda: {"describe": 0.5, "exists": 6.0,
-                                                                                "count": 0.25, "policy": 1.0})
-    perception_steps: int = 500  # first, single-object scenes and the describe task only
-    perception_zoom: float = 3.0  # ... seen first enlarged this many times around the object (1 = no zoom)
-    perception_zoom_steps: int = 300  # ... shrinking linearly to the full scene (zoom 1) by this step
-    curriculum_steps: int = 300  # then objects per scene ramp from `min_objects` to `max_objects`
+    grounding_weight: float = 1.0  # the grounding loss (see the module docstring); 0 = off
+    # sampling weights of the four tasks (after `perception_steps`; before, describe and exists only)
+    task_weights: dict[str, float] = field(default_factory=lambda: {"describe": 1.0, "exists": 1.5, "count": 0.25,
+                                                                      "policy": 2.0, "lookup": 1.5})
+    perception_steps: int = 300
+    policy_depths: tuple[int, ...] = (1, 2, 3, 4)  # depths of the random in-context policies
+    world: str = "sprites"  # = the toy data's DataConfig.world and policy_format (a test keeps them equal)
+    policy_format: str = "compact"
     min_objects: int = 1
     max_objects: int = 4  # = the toy data's DataConfig.n_objects max ("small" preset; a test keeps them equal)
-    pool_size: int = 41600  # pre-rendered training examples (re-drawn in order once exhausted)
     n_eval: int = 96  # held-out general-skill questions (the forgetting baseline)
     max_new_tokens: int = 32
+    checkpoint_every: int = 250
     log_every: int = 50
     progress: bool = True
 
@@ -111,35 +98,30 @@ class ToyBaseConfig:
         if self.model not in TOY_SPECS:
             raise ValueError(f"ToyBaseConfig.model must be a toy model ({sorted(TOY_SPECS)}), got {self.model!r}; "
                              "a hub model is already a base and needs no toy base")
-        for name in ("task_weights", "condition_task_weights"):
-            unknown = sorted(set(getattr(self, name)) - set(SKILL_TASKS))
-            if unknown:
-                raise ValueError(f"ToyBaseConfig.{name}: unknown task(s) {unknown}; tasks are {SKILL_TASKS}")
-        if self.condition_steps < 0 or self.condition_lr <= 0:
-            raise ValueError("ToyBaseConfig.condition_steps must be >= 0 and condition_lr > 0")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("ToyBaseConfig.steps and batch_size must be >= 1")
-        if self.pool_size % self.batch_size:
-            raise ValueError(f"ToyBaseConfig.pool_size ({self.pool_size}) must be a multiple of batch_size "
-                             f"({self.batch_size}) so that every batch holds one kind of example")
-        if not 1 <= self.min_objects <= self.max_objects <= 10:
-            raise ValueError(f"ToyBaseConfig: need 1 <= min_objects <= max_objects <= 10, got "
+        unknown = sorted(set(self.task_weights) - set(SKILL_TASKS))
+        if unknown:
+            raise ValueError(f"ToyBaseConfig.task_weights: unknown task(s) {unknown}; tasks are {SKILL_TASKS}")
+        for name in ("steps", "batch_size", "policy_batch_size", "checkpoint_every", "log_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"ToyBaseConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"ToyBaseConfig.learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.grounding_weight < 0 or self.perception_steps < 0:
+            raise ValueError("ToyBaseConfig.grounding_weight and perception_steps must be >= 0")
+        if not 1 <= self.min_objects <= self.max_objects <= 16:
+            raise ValueError(f"ToyBaseConfig: need 1 <= min_objects <= max_objects <= 16, got "
                              f"{self.min_objects}..{self.max_objects}")
-        if self.perception_zoom < 1:
-            raise ValueError(f"ToyBaseConfig.perception_zoom must be >= 1 (1 = the full scene), got {self.perception_zoom}")
-        if self.perception_zoom_steps > self.perception_steps:
-            raise ValueError(f"ToyBaseConfig.perception_zoom_steps ({self.perception_zoom_steps}) must be <= "
-                             f"perception_steps ({self.perception_steps}): the zoom is for single-object scenes")
-        if not 0 <= self.policy_cot_fraction <= 1:
-            raise ValueError("ToyBaseConfig.policy_cot_fraction must be in [0, 1]")
+        if self.world not in ("sprites", "clevr") or self.policy_format not in ("compact", "paper"):
+            raise ValueError(f"ToyBaseConfig.world must be 'sprites' or 'clevr' and policy_format 'compact' or "
+                             f"'paper', got {self.world!r} / {self.policy_format!r}")
         return self
 
 
 TOY_BASE_PRESETS: dict[str, dict[str, Any]] = {
     # CI: seconds. Proves the code path; learns close to nothing.
-    "tiny": dict(model="toy-tiny", steps=12, batch_size=4, pool_size=48, n_eval=12, perception_steps=4,
-                 perception_zoom_steps=2, curriculum_steps=4, warmup_steps=2, max_new_tokens=16, log_every=4),
-    # The laptop toy: tens of minutes once, cached.
+    "tiny": dict(model="toy-tiny", steps=12, batch_size=4, policy_batch_size=2, n_eval=12, perception_steps=4,
+                 warmup_steps=2, policy_depths=(1, 2), max_new_tokens=16, log_every=4, checkpoint_every=6),
+    # The laptop toy: about an hour of one CPU thread once, shipped.
     "toy": dict(model="toy-small"),
 }
 
@@ -166,18 +148,11 @@ def _image_size(model: str) -> int:
     return TOY_SPECS[model].image_size
 
 
-def _present(objects: Sequence[dict[str, Any]], attr: str) -> list[str]:
-    from mpi.data.scenes import ATTRIBUTES
-
-    seen = {o[attr] for o in objects}
-    return [v for v in ATTRIBUTES[attr] if v in seen]  # fixed ontology order: a deterministic target
-
-
 def describe_target(objects: Sequence[dict[str, Any]]) -> str:
     """'colors: red, blue. shapes: cube. sizes: large. materials: metal, rubber.' (ontology order)."""
-    parts = [f"{name}: {', '.join(_present(objects, attr))}." for attr, name in
-             (("color", "colors"), ("shape", "shapes"), ("size", "sizes"), ("material", "materials"))]
-    return " ".join(parts)
+    from mpi.data.clevr import describe_target as target
+
+    return target(objects)
 
 
 DESCRIBE_QUESTION = "List the colors, shapes, sizes and materials of the objects in the image."
@@ -192,9 +167,11 @@ def _plural_noun(attr: str, value: str) -> str:
 
 
 def skill_example(rng: random.Random, task: str, image_size: int, max_objects: int, min_objects: int = 1,
-                  index: int = 0, attribute: str | None = None) -> dict[str, Any]:
+                  index: int = 0, attribute: str | None = None, value: str | None = None,
+                  want: bool | None = None) -> dict[str, Any]:
     """One general-skill example: {"task", "question", "answer", "scene"} (scene not yet rendered).
-    `attribute` fixes what an exists/count question asks about (default: drawn; fixing it skips that draw)."""
+    `attribute` / `value` fix what an exists/count question asks about and `want` an existence answer
+    (default: drawn; fixing one skips its draw)."""
     from mpi.data.scenes import ATTRIBUTES, sample_object, sample_scene
 
     lo = max(1, min(min_objects, max_objects))
@@ -204,9 +181,9 @@ def skill_example(rng: random.Random, task: str, image_size: int, max_objects: i
     if attribute is not None and attribute not in ATTRIBUTES:
         raise ValueError(f"unknown attribute {attribute!r}; attributes are {sorted(ATTRIBUTES)}")
     attr = attribute or rng.choice(list(ATTRIBUTES))
-    value = rng.choice(ATTRIBUTES[attr])
+    value = value or rng.choice(ATTRIBUTES[attr])
     if task == "exists":
-        want = rng.random() < 0.5  # balanced yes/no: a model that ignores the image scores 50%
+        want = rng.random() < 0.5 if want is None else want  # balanced yes/no: a blind model scores 50%
         n = rng.randint(lo, max_objects)
         objects = []
         for k in range(n):
@@ -228,26 +205,57 @@ def skill_example(rng: random.Random, task: str, image_size: int, max_objects: i
 
 
 def policy_example(rng: random.Random, depth: int, image_size: int, index: int = 0, cot: bool = True,
-                   n_objects: tuple[int, int] = (3, 10)) -> dict[str, Any]:
+                   n_objects: tuple[int, int] = (3, 10), policy_format: str = "compact") -> dict[str, Any]:
     """A random policy (never an evaluation one: its own random stream) with a balanced scene, as an mpi.data item."""
-    from mpi.data.clevr import QUERY, forward_cot, natural_scene_for
+    from mpi.data.clevr import QUERY, natural_scene_for, policy_text_and_cot
     from mpi.data.policies import generate_policy, policy_name
 
     policy = generate_policy(rng, depth, policy_name(rng, depth))
     target = rng.choice(policy.outcomes())
     scene = natural_scene_for(rng, policy, target, image_size, index=index, n_objects=n_objects)
     outcome, path, _ = policy.evaluate(scene)
+    text, chain = policy_text_and_cot(policy, scene, policy_format)
     return {"task": "policy", "id": f"toybase-{index}", "dataset": "clevr", "variant": "T", "depth": depth,
-            "policy_name": policy.name, "policy_text": policy.render_text(), "policy_images": [],
-            "query": QUERY.format(name=policy.name), "cot": forward_cot(policy, scene) if cot else "",
+            "policy_name": policy.name, "policy_text": text, "policy_images": [],
+            "query": QUERY.format(name=policy.name), "cot": chain if cot else "",
             "answer": outcome, "gold_path": path, "override": False, "extra": "{}", "scene": scene}
 
 
-def render(example: dict[str, Any], image_size: int) -> dict[str, Any]:
+LOOKUP_QUESTION = "What do sections {ids} say?"
+
+
+def lookup_example(rng: random.Random, depth: int, index: int = 0) -> dict[str, Any]:
+    """A reading drill on a random compact policy, text only: "What do sections #1.2, #1.1.1 and #1 say?" ->
+    "#1.2 small\n#1.1.1 Case 4\n#1 metal". Every answer word is the token that follows a section id in the policy:
+    the look-up a CoT step makes, here several times per example instead of once or twice per CoT, so that the
+    attention pattern that does it (find this id earlier, copy what follows it) forms in fewer steps."""
+    from mpi.data.policies import generate_policy, policy_name
+
+    policy = generate_policy(rng, depth, policy_name(rng, depth))
+    lines = dict(line.split(" ", 1) for line in policy.render_compact().splitlines()[1:])
+    ids = rng.sample(sorted(lines), min(len(lines), rng.randint(2, 6)))
+    question = LOOKUP_QUESTION.format(ids=", ".join(ids[:-1]) + " and " + ids[-1])
+    return {"task": "lookup", "question": policy.render_compact() + question,
+            "answer": "\n".join(f"{i} {lines[i]}" for i in ids), "images": [], "index": index}
+
+
+def repeat_example(rng: random.Random, index: int = 0) -> dict[str, Any]:
+    """The plainest copying drill, text only: "Repeat: #1.2 cube Case 3 red ..." -> the same words. After the first
+    word, each next one is the word that followed the current one in the question (no word repeats), the look-up
+    a policy CoT makes when it copies what a section says."""
+    from mpi.data.scenes import ATTRIBUTES
+    from mpi.toy import COMPACT_TOKENS
+
+    words = [w.strip() for w in COMPACT_TOKENS if not w.startswith(" ")] + [v for vs in ATTRIBUTES.values() for v in vs]
+    seq = " ".join(rng.sample(words, rng.randint(6, 24)))
+    return {"task": "repeat", "question": f"Repeat: {seq}", "answer": seq, "images": [], "index": index}
+
+
+def render(example: dict[str, Any], image_size: int, world: str = "sprites") -> dict[str, Any]:
     from mpi.data.scenes import scene_image
 
     out = dict(example)
-    out["images"] = [scene_image(example["scene"], image_size)]
+    out["images"] = [scene_image(example["scene"], image_size, world=world)]
     return out
 
 
@@ -258,118 +266,99 @@ def example_messages(example: dict[str, Any], with_answer: bool = True):
 
         response = format_response(example["cot"] or None, example["answer"]) if with_answer else None
         return build_messages(example, with_policy=True, response=response)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": example["question"]}]}]
+    image = [{"type": "image"}] if example.get("images") else []
+    messages = [{"role": "user", "content": image + [{"type": "text", "text": example["question"]}]}]
     if with_answer:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": example["answer"]}]})
     return messages, list(example["images"])
 
 
-def perception_zoom_at(step: int, cfg: ToyBaseConfig) -> float:
-    """Close-up factor of the single-object scenes at `step`: `perception_zoom` at step 0, linearly down to 1
-    (the full scene) at `perception_zoom_steps`, and 1 after."""
-    if step >= cfg.perception_zoom_steps or cfg.perception_zoom <= 1:
-        return 1.0
-    return cfg.perception_zoom - (cfg.perception_zoom - 1.0) * step / cfg.perception_zoom_steps
+def batch_at(cfg: ToyBaseConfig, step: int) -> list[dict[str, Any]]:
+    """The rendered examples of training step `step`: a pure function of (seed, step), so a resumed run sees
+    exactly the batches an uninterrupted one would.
 
-
-def zoom_to_object(example: dict[str, Any], zoom: float, image_size: int) -> dict[str, Any]:
-    """The rendered example with its image cropped to a square 1/zoom the side, centred on the first object
-    (moved inside the image at the borders), and resized back to image_size: the object `zoom` times bigger."""
-    if zoom <= 1.0:
-        return example
-    from PIL import Image
-
-    x1, y1, x2, y2 = example["scene"]["objects"][0]["bbox"]
-    half = image_size / (2 * zoom)
-    cx = min(max((x1 + x2) / 2, half), image_size - half)
-    cy = min(max((y1 + y2) / 2, half), image_size - half)
-    box = (cx - half, cy - half, cx + half, cy + half)
-    image = example["images"][0].resize((image_size, image_size), Image.BILINEAR, box=box)
-    return {**example, "images": [image], "zoom": zoom}
-
-
-def curriculum_max_objects(step: int, cfg: ToyBaseConfig) -> int:
-    """Objects per scene at `step`: one during perception, then a linear ramp to `max_objects`."""
-    if step < cfg.perception_steps:
-        return 1
-    if cfg.curriculum_steps <= 0:
-        return cfg.max_objects
-    frac = min(1.0, (step - cfg.perception_steps) / cfg.curriculum_steps)
-    return int(round(cfg.min_objects + frac * (cfg.max_objects - cfg.min_objects)))
-
-
-def training_batches(cfg: ToyBaseConfig, phase: str = "main") -> Iterator[list[dict[str, Any]]]:
-    """The rendered examples of one training phase, one batch at a time, in training order (drawn lazily: the
-    condition phase's examples are each seen once, so they are never all held in memory).
-
-    A batch is either all policy examples (~300 tokens: the policy is in the prompt) or all skill
-    examples (~40 tokens), so short examples are never padded to policy length.
-
-    - `phase="main"`: `pool_size` examples made for the curriculum stage they are first seen at: the first
-      `perception_steps` batches describe single-object scenes (in close-up first, see `perception_zoom_at`),
-      later scenes have up to `max_objects`.
-    - `phase="conditions"`: `condition_steps` batches of fresh scenes of up to `max_objects` objects drawn with
-      `condition_task_weights` (their own random stream)."""
-    if phase not in ("main", "conditions"):
-        raise ValueError(f"unknown toy-base phase {phase!r}; phases are 'main' and 'conditions'")
-    main = phase == "main"
+    A batch holds one kind of example (`BATCH_KINDS`: skills ~60 tokens, policies with the policy in the prompt,
+    text-only look-up drills), so short examples are never padded to policy length. The first `perception_steps`
+    batches are describe/exists only."""
     image_size = _image_size(cfg.model)
-    rng = _rng(cfg.seed, "train" if main else "train-conditions")
-    weights = cfg.task_weights if main else cfg.condition_task_weights
-    size = cfg.pool_size if main else cfg.condition_steps * cfg.batch_size
-    perception_steps = cfg.perception_steps if main else 0
-    skills = [t for t in SKILL_TASKS if t != "policy" and weights.get(t, 0) > 0]
-    skill_weights = [weights[t] for t in skills]
-    total = sum(weights.get(t, 0) for t in SKILL_TASKS)
-    p_policy = weights.get("policy", 0) / total if total else 0.0
-    k = step = 0
-    while k < size:
-        perceiving = step < perception_steps
-        max_objects = curriculum_max_objects(step, cfg) if main else cfg.max_objects
-        policy_batch = not perceiving and (rng.random() < p_policy or not skills)
-        batch = []
-        for _ in range(min(cfg.batch_size, size - k)):
-            if policy_batch:
-                ex = policy_example(rng, rng.choice(cfg.policy_depths), image_size, index=k,
-                                    cot=rng.random() < cfg.policy_cot_fraction,
-                                    n_objects=(cfg.min_objects, cfg.max_objects))
-            else:
-                task = "describe" if perceiving else rng.choices(skills, skill_weights)[0]
-                ex = skill_example(rng, task, image_size, max_objects, cfg.min_objects, index=k)
-            ex = render(ex, image_size)
-            if perceiving:  # the single-object scenes, in close-up first
-                ex = zoom_to_object(ex, perception_zoom_at(step, cfg), image_size)
-            batch.append(ex)
-            k += 1
-        yield batch
-        step += 1
+    rng = _rng(cfg.seed, "train", step)
+    weights = dict(cfg.task_weights)
+    if step < cfg.perception_steps:
+        weights = {t: w for t, w in weights.items() if t in ("describe", "exists")}
+    skills = [t for t in SKILL_TASKS if BATCH_KINDS[t] == "skill" and weights.get(t, 0) > 0]
+    kinds = ["skill", "policy", "lookup"]
+    kind = rng.choices(kinds, [sum(w for t, w in weights.items() if BATCH_KINDS[t] == k) for k in kinds])[0]
+    batch = []
+    if kind == "lookup":
+        drills = [t for t in ("lookup", "repeat") if weights.get(t, 0) > 0]
+        task = rng.choices(drills, [weights[t] for t in drills])[0]
+        if task == "repeat":
+            return [repeat_example(rng, index=step * 1000 + k) for k in range(cfg.batch_size)]
+        return [lookup_example(rng, rng.choice(cfg.policy_depths), index=step * 1000 + k)
+                for k in range(cfg.policy_batch_size)]
+    if kind == "policy":
+        for k in range(cfg.policy_batch_size):
+            ex = policy_example(rng, rng.choice(cfg.policy_depths), image_size, index=step * 1000 + k,
+                                n_objects=(cfg.min_objects, cfg.max_objects), policy_format=cfg.policy_format)
+            batch.append(render(ex, image_size, cfg.world))
+    else:
+        for k in range(cfg.batch_size):
+            task = rng.choices(skills, [weights[t] for t in skills])[0]
+            ex = skill_example(rng, task, image_size, cfg.max_objects, cfg.min_objects, index=step * 1000 + k)
+            batch.append(render(ex, image_size, cfg.world))
+    return batch
 
 
-def training_pool(cfg: ToyBaseConfig, phase: str = "main") -> list[dict[str, Any]]:
-    """All of `training_batches`, flattened: the main phase's pool, re-drawn in order once exhausted."""
-    return [ex for batch in training_batches(cfg, phase) for ex in batch]
-
-
-def general_skill_items(model: str, n: int, seed: int = 0, max_objects: int = 10) -> list[dict[str, Any]]:
+def general_skill_items(model: str, n: int, seed: int = 0, max_objects: int = 10,
+                        world: str = "sprites") -> list[dict[str, Any]]:
     """Held-out general-skill questions (exists, count, describe) on scenes of up to `max_objects`
     objects (at least min(3, max_objects)).
 
-    The stream is fixed by `seed` and named 'eval', so it never overlaps the training pool."""
+    The stream is fixed by `seed` and named 'eval', so it never overlaps the training batches."""
     image_size = _image_size(model)
     rng = _rng(seed, "eval")
     order = ("exists", "exists", "count", "describe")
     lo = min(3, max_objects)
-    return [render(skill_example(rng, order[k % len(order)], image_size, max_objects, lo, index=k), image_size)
+    return [render(skill_example(rng, order[k % len(order)], image_size, max_objects, lo, index=k), image_size, world)
             for k in range(n)]
 
 
+def existence_items(model: str, n_per_value: int, seed: int = 0, max_objects: int = 4,
+                    world: str = "sprites") -> list[dict[str, Any]]:
+    """Held-out "Is there a <value> object?" items: for each of the 15 attribute values, `n_per_value` items with
+    yes and no alternating (exactly balanced), 1..max_objects objects, from their own stream."""
+    from mpi.data.scenes import ATTRIBUTES
+
+    image_size = _image_size(model)
+    rng = _rng(seed, "eval-exists")
+    items = []
+    for attr, values in ATTRIBUTES.items():
+        for value in values:
+            for k in range(n_per_value):
+                ex = skill_example(rng, "exists", image_size, max_objects, 1, index=len(items), attribute=attr,
+                                   value=value, want=k % 2 == 0)
+                items.append({**render(ex, image_size, world), "attribute": attr, "value": value})
+    return items
+
+
+def describe_items(model: str, n: int, seed: int = 0, max_objects: int = 4,
+                   world: str = "sprites") -> list[dict[str, Any]]:
+    """Held-out describe items on 1..max_objects-object scenes (object counts cycled), from their own stream."""
+    image_size = _image_size(model)
+    rng = _rng(seed, "eval-describe")
+    return [render(skill_example(rng, "describe", image_size, 1 + k % max_objects, 1 + k % max_objects, index=k),
+                   image_size, world) for k in range(n)]
+
+
 def policy_items(model: str, n: int, seed: int = 0, depths: Sequence[int] = (1, 2),
-                 n_objects: tuple[int, int] = (3, 10)) -> list[dict[str, Any]]:
-    """Held-out random in-context policies: how well the base follows a policy it is given."""
+                 n_objects: tuple[int, int] = (3, 10), world: str = "sprites",
+                 policy_format: str = "compact") -> list[dict[str, Any]]:
+    """Held-out random in-context policies (their own stream), one outcome each drawn uniformly: how well the base
+    follows a policy it is given. Chance is 1 / 2^N."""
     image_size = _image_size(model)
     rng = _rng(seed, "eval-policy")
-    return [render(policy_example(rng, depths[k % len(depths)], image_size, index=k, cot=True, n_objects=n_objects),
-                   image_size) for k in range(n)]
+    return [render(policy_example(rng, depths[k % len(depths)], image_size, index=k, cot=True, n_objects=n_objects,
+                                  policy_format=policy_format), image_size, world) for k in range(n)]
 
 
 # =========================================================================== training
@@ -409,104 +398,159 @@ def _tokens_per_image(processor) -> int:
     return (int(side) // ip.patch_size) ** 2 // ip.merge_size ** 2
 
 
-def toy_base_loss(model, batch) -> torch.Tensor:
-    """Mean next-token loss of a batch that carries its labels, with the output layer applied only where a label
-    exists (about 1.5x faster than full logits: most positions are prompt and image tokens). Unlike
-    mpi.supervised.supervised_loss (a (sum, count) pair for the Trainer's token-weighted accumulation) this is
-    the plain mean the toy base's own loop steps on."""
+def grounding_words(tokenizer) -> list[int]:
+    """Token ids of the 15 attribute words (" red", " cube", ...; ATTRIBUTES order) and of `<|vision_pad|>` (an
+    empty cell), the classes the grounding loss scores each visual token against."""
+    from mpi.data.scenes import ATTRIBUTES
+
+    ids = []
+    for values in ATTRIBUTES.values():
+        for v in values:
+            toks = tokenizer(" " + v, add_special_tokens=False)["input_ids"]
+            if len(toks) != 1:
+                raise ValueError(f"the grounding loss needs ' {v}' to be one token of the toy tokenizer, got {toks}")
+            ids += toks
+    return ids + [tokenizer.convert_tokens_to_ids("<|vision_pad|>")]
+
+
+def grounding_targets(examples: Sequence[dict[str, Any]], tokens_per_side: int) -> torch.Tensor:
+    """(images * tokens, 16) target distributions: an object's four words 1/4 each, an empty cell the pad class."""
+    from mpi.data.scenes import ATTRIBUTES
+    from mpi.data.sprites import cell_objects
+
+    index = {(a, v): i for i, (a, v) in enumerate((a, v) for a, vs in ATTRIBUTES.items() for v in vs)}
+    n = tokens_per_side ** 2
+    out = torch.zeros(len(examples) * n, len(index) + 1)
+    for e, ex in enumerate(examples):
+        cells = cell_objects(ex["scene"], tokens_per_side)
+        for t in range(n):
+            obj = cells.get(t)
+            if obj is None:
+                out[e * n + t, -1] = 1.0
+            else:
+                for a in ATTRIBUTES:
+                    out[e * n + t, index[(a, obj[a])]] = 0.25
+    return out
+
+
+def toy_base_loss(model, batch, grounding: tuple[list[int], torch.Tensor] | None = None,
+                  grounding_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean next-token loss of a batch that carries its labels, plus `grounding_weight` x the grounding loss.
+
+    The output layer is applied only where a label exists (about 1.5x faster than full logits: most positions
+    are prompt and image tokens). `grounding` = (class token ids, targets from `grounding_targets`): the merger's
+    output at each visual token, scored against those words' input embeddings, is trained toward the words of
+    the object its cell holds (soft cross-entropy)."""
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = model.model(**inputs).last_hidden_state  # (B, T, H)
+    captured = {}
+    hook = None
+    if grounding is not None:
+        hook = model.model.visual.register_forward_hook(
+            lambda module, args, output: captured.__setitem__("features", output.pooler_output))
+    try:
+        hidden = model.model(**inputs).last_hidden_state  # (B, T, H)
+    finally:
+        if hook is not None:
+            hook.remove()
     target = labels[:, 1:]
     keep = target != -100
-    h = hidden[:, :-1][keep]
-    logits = model.lm_head(h).float()
-    return torch.nn.functional.cross_entropy(logits, target[keep])
+    logits = model.lm_head(hidden[:, :-1][keep]).float()
+    lm = torch.nn.functional.cross_entropy(logits, target[keep])
+    parts = {"lm": float(lm.detach())}
+    if grounding is None:
+        return lm, parts
+    word_ids, targets = grounding
+    words = model.get_input_embeddings().weight[torch.tensor(word_ids, device=hidden.device)]
+    scores = captured["features"].float() @ words.float().T
+    ground = -(targets.to(scores.device) * torch.log_softmax(scores, dim=-1)).sum(-1).mean()
+    parts["grounding"] = float(ground.detach())
+    return lm + grounding_weight * ground, parts
 
 
-def _lr_lambda(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak at `total_steps`."""
-    def fn(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return fn
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_toy_base_optimizer(model, cfg: ToyBaseConfig, learning_rate: float | None = None) -> torch.optim.Optimizer:
-    """AdamW over all weights, the vision tower at cfg.vision_lr_mult times the learning rate."""
-    lr = cfg.learning_rate if learning_rate is None else learning_rate
-    vision = [p for n, p in model.named_parameters() if p.requires_grad and ".visual." in f".{n}"]
-    other = [p for n, p in model.named_parameters() if p.requires_grad and ".visual." not in f".{n}"]
-    groups = [{"params": other, "lr": lr}, {"params": vision, "lr": lr * cfg.vision_lr_mult}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+def make_toy_base_optimizer(model, cfg: ToyBaseConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                             weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
 
 
-def _train_phase(model, processor, cfg: ToyBaseConfig, phase: str, log: Callable[[dict], None] | None) -> list[dict]:
-    """One phase's loop: its examples, a fresh AdamW and its schedule, clipped full-parameter steps."""
-    from tqdm.auto import tqdm
-
-    main = phase == "main"
-    t_pool = time.perf_counter()
-    pool = training_pool(cfg, phase) if main else None  # the main pool is rendered up front and re-used in order
-    fresh = None if main else training_batches(cfg, phase)  # the condition phase's are drawn as it goes
-    pool_seconds = time.perf_counter() - t_pool
-    steps = cfg.steps if main else cfg.condition_steps
-    optimizer = make_toy_base_optimizer(model, cfg, cfg.learning_rate if main else cfg.condition_lr)
-    # the condition phase keeps its learning rate after the warm-up: existence is learned only after a plateau
-    # at the yes/no prior (about 120 steps for colors alone at a constant 3e-4, benchmarks/bench_toy_exists.py)
-    min_ratio = cfg.min_lr_ratio if main else 1.0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg.warmup_steps, steps, min_ratio))
-    device = next(model.parameters()).device
-    image_token_id = model.config.image_token_id
-    model.train()
-    rows, window = [], []
-    start = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"toy base {phase} ({cfg.model}, seed {cfg.seed})", disable=not cfg.progress)
-    for step in bar:
-        if main:
-            examples = [pool[(step * cfg.batch_size + j) % len(pool)] for j in range(cfg.batch_size)]
-        else:
-            examples = next(fresh)
-        batch = encode_examples(processor, examples, image_token_id).to(device)
-        loss = toy_base_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        window.append(float(loss.detach()))
-        if (step + 1) % cfg.log_every == 0 or step + 1 == steps:
-            row = {"phase": phase, "step": step + 1 + (0 if main else cfg.steps),
-                   "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
-                   "seconds": time.perf_counter() - start,
-                   "max_objects": curriculum_max_objects(step, cfg) if main else cfg.max_objects}
-            window = []
-            rows.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}")
-            if log is not None:
-                log(row)
-    bar.close()
-    if rows and main:
-        rows[-1]["pool_seconds"] = pool_seconds
-    model.eval()
-    return rows
+def _save_checkpoint(ckpt: Path, model, optimizer, step: int, rows: list[dict], seconds: float, key: str) -> None:
+    """Weights, optimizer and progress, written to a temporary file and renamed: a kill never leaves half of one."""
+    ckpt.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt / "state.pt.tmp"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rows": rows,
+                "seconds": seconds, "key": key, "torch_rng": torch.get_rng_state()}, tmp)
+    os.replace(tmp, ckpt / "state.pt")
 
 
 def train_toy_base(model, processor, cfg: ToyBaseConfig, log: Callable[[dict], None] | None = None,
-                   phases: Sequence[str] = ("main", "conditions")) -> list[dict]:
-    """Full-parameter pretraining of a toy: the main phase, then (if `condition_steps`) the condition phase,
-    each with its own pool and a fresh optimizer. `phases=("conditions",)` runs the condition phase alone on a
-    model that already went through the main phase (what a full build does next). Returns the logged rows."""
+                   checkpoint_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Full-parameter pretraining of a toy on `batch_at(cfg, step)` for cfg.steps steps; returns the logged rows.
+
+    With `checkpoint_dir`, the state is saved every `checkpoint_every` steps and a call that finds a checkpoint of
+    the same recipe there continues from it: the batches are a function of the step, so the resumed run trains
+    on exactly what the uninterrupted one would have."""
+    from tqdm.auto import tqdm
+
     from mpi.device import seed_everything
 
     seed_everything(cfg.seed)
-    rows: list[dict] = []
-    for phase in phases:
-        if phase == "conditions" and cfg.condition_steps == 0:
-            continue
-        rows += _train_phase(model, processor, cfg, phase, log)
+    device = next(model.parameters()).device
+    optimizer = make_toy_base_optimizer(model, cfg)
+    key = toy_base_key(cfg)
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    start_step, rows, seconds = 0, [], 0.0
+    if ckpt is not None and (ckpt / "state.pt").exists():
+        state = torch.load(ckpt / "state.pt", map_location=device, weights_only=False)
+        if state.get("key") == key:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_step, rows, seconds = state["step"], state["rows"], state["seconds"]
+            torch.set_rng_state(state["torch_rng"])
+    image_token_id = model.config.image_token_id
+    word_ids = grounding_words(processor.tokenizer) if cfg.grounding_weight > 0 else None
+    per_side = int(round(_tokens_per_image(processor) ** 0.5))
+    model.train()
+    window: dict[str, list[float]] = {}
+    t0 = time.perf_counter() - seconds
+    bar = tqdm(range(start_step, cfg.steps), desc=f"toy base ({cfg.model}, seed {cfg.seed})", disable=not cfg.progress,
+               initial=start_step, total=cfg.steps)
+    for step in bar:
+        examples = batch_at(cfg, step)
+        batch = encode_examples(processor, examples, image_token_id).to(device)
+        has_images = bool(examples[0].get("images"))
+        grounding = (word_ids, grounding_targets(examples, per_side)) if word_ids is not None and has_images else None
+        loss, parts = toy_base_loss(model, batch, grounding, cfg.grounding_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        lr = cfg.learning_rate * lr_factor(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:  # the schedule is a function of the step: nothing to restore on resume
+            group["lr"] = lr
+        optimizer.step()
+        kind = examples[0]["task"] if examples[0]["task"] in ("lookup", "repeat") else BATCH_KINDS[examples[0]["task"]]
+        window.setdefault(f"{kind}_loss", []).append(parts["lm"])
+        if "grounding" in parts:
+            window.setdefault("grounding_loss", []).append(parts["grounding"])
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            row = {"step": step + 1, "lr": lr, "seconds": time.perf_counter() - t0,
+                   **{k: sum(v) / len(v) for k, v in window.items()}}
+            window = {}
+            rows.append(row)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k.endswith("loss")})
+            if log is not None:
+                log(row)
+        if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps):
+            _save_checkpoint(ckpt, model, optimizer, step + 1, rows, time.perf_counter() - t0, key)
+    bar.close()
+    model.eval()
     return rows
 
 
@@ -539,25 +583,81 @@ def general_skill_accuracy(model, processor, items: Sequence[dict[str, Any]], *,
 
 def in_context_policy_accuracy(model, processor, items: Sequence[dict[str, Any]], *, batch_size: int = 8,
                                max_new_tokens: int = 160) -> dict[str, Any]:
-    """Accuracy of following held-out random policies given in context (the base's instruction following)."""
+    """Following held-out random policies given in context: accuracy, parse rate, referral, and `sections_exact`,
+    the share of answers whose CoT visits exactly the gold CoT's section ids, in order (leaf included)."""
+    import re
+
     from mpi.evaluate import evaluate_accuracy
 
     r = evaluate_accuracy(model, processor, list(items), with_policy=True, batch_size=batch_size,
                           max_new_tokens=max_new_tokens)
-    return {"accuracy": r["accuracy"], "n": r["n"], "parsed_rate": r["parsed_rate"], "referral": r["referral"]}
+    ids = re.compile(r"#(\d+(?:\.\d+)*)")
+    exact = [float(ids.findall(p or "") == ids.findall(i["cot"])) for i, p in zip(items, r["predictions"])]
+    return {"accuracy": r["accuracy"], "n": r["n"], "parsed_rate": r["parsed_rate"], "referral": r["referral"],
+            "sections_exact": sum(exact) / len(exact) if exact else float("nan"),
+            "examples": [{"answer": i["answer"], "prediction": p} for i, p in list(zip(items, r["predictions"]))[:3]]}
+
+
+GATES = {"exists_min": 0.95, "describe": 0.90, "policy_N2": 0.70, "policy_N4": 0.40, "sections_exact": 0.95}
+
+
+def toy_base_skills(model, processor, cfg: ToyBaseConfig, *, exists_per_value: int = 16, n_describe: int = 64,
+                    policies_per_depth: int = 48, depths: Sequence[int] = (2, 4)) -> dict[str, Any]:
+    """The premises the toy base must meet (`GATES`), on held-out scenes and unseen random policies:
+
+    - existence: "Is there a <value> object?" accuracy for each of the 15 values (yes/no exactly balanced);
+    - describe: the share of exact descriptions of 1..max_objects-object scenes;
+    - policies: following unseen random N-layer compact policies in context (chance 1 / 2^N), and the share of
+      CoTs that visit exactly the gold section ids."""
+    from mpi.evaluate import generate_texts
+    from mpi.rewards import normalize_answer
+
+    ex_items = existence_items(cfg.model, exists_per_value, seed=cfg.seed, max_objects=cfg.max_objects, world=cfg.world)
+    texts = generate_texts(model, processor, ex_items, batch_size=32, max_new_tokens=4, build_messages=_skill_builder)
+    per_value: dict[str, list[float]] = {}
+    yes = 0
+    for item, text in zip(ex_items, texts):
+        per_value.setdefault(item["value"], []).append(float(normalize_answer(text) == item["answer"]))
+        yes += normalize_answer(text) == "yes"
+    exists = {v: sum(x) / len(x) for v, x in per_value.items()}
+    d_items = describe_items(cfg.model, n_describe, seed=cfg.seed, max_objects=cfg.max_objects, world=cfg.world)
+    texts = generate_texts(model, processor, d_items, batch_size=32, max_new_tokens=40, build_messages=_skill_builder)
+    describe = [float(t.strip() == i["answer"]) for i, t in zip(d_items, texts)]
+    out: dict[str, Any] = {
+        "exists": exists, "exists_min": min(exists.values()), "exists_mean": sum(exists.values()) / len(exists),
+        "exists_yes_rate": yes / len(ex_items), "describe": sum(describe) / len(describe),
+        "describe_examples": [{"answer": i["answer"], "prediction": t} for i, t in list(zip(d_items, texts))[:3]]}
+    for depth in depths:
+        items = policy_items(cfg.model, policies_per_depth, seed=cfg.seed, depths=(depth,),
+                             n_objects=(cfg.min_objects, cfg.max_objects), world=cfg.world,
+                             policy_format=cfg.policy_format)
+        r = in_context_policy_accuracy(model, processor, items, max_new_tokens=32 + 12 * depth)
+        out[f"policy_N{depth}"] = r["accuracy"]
+        out[f"policy_N{depth}_chance"] = 1 / 2 ** depth
+        out[f"policy_N{depth}_sections_exact"] = r["sections_exact"]
+        out[f"policy_N{depth}_parsed"] = r["parsed_rate"]
+        out[f"policy_N{depth}_examples"] = r["examples"]
+    exact = [out[f"policy_N{d}_sections_exact"] for d in depths]
+    out["sections_exact"] = sum(exact) / len(exact)
+    out["gates"] = {k: {"value": out[k], "gate": g, "met": out[k] >= g} for k, g in GATES.items() if k in out}
+    return out
+
+
+def skills_line(skills: dict[str, Any]) -> str:
+    """One line for reports: 'exists 97% (min 95%), describe 91%, in-context policies N=2 74% (chance 25%), ...'."""
+    parts = [f"exists {skills['exists_mean']:.0%} (min {skills['exists_min']:.0%})", f"describe {skills['describe']:.0%}"]
+    depths = sorted(int(k[len("policy_N"):]) for k in skills if k.startswith("policy_N") and k[len("policy_N"):].isdigit())
+    pols = [f"N={d} {skills[f'policy_N{d}']:.0%} (chance {skills[f'policy_N{d}_chance']:.0%})" for d in depths]
+    return ", ".join(parts + [f"in-context policies {', '.join(pols)}",
+                              f"sections exact {skills['sections_exact']:.0%}"])
 
 
 # =========================================================================== cache
 
 
 def _recipe_config(cfg: ToyBaseConfig) -> dict[str, Any]:
-    """The knobs that change the weights: not the log cadence, and not the condition phase's when it does not run
-    (`condition_steps=0` trains exactly what v4 trained, so the v4 base and its caches stay valid)."""
-    config = {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "log_every")}
-    if cfg.condition_steps == 0:
-        for k in ("condition_steps", "condition_lr", "condition_task_weights"):
-            config.pop(k)
-    return config
+    """The knobs that change the weights: not the log or checkpoint cadence."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "log_every", "checkpoint_every")}
 
 
 def toy_base_key(cfg: ToyBaseConfig) -> str:
@@ -620,17 +720,19 @@ def build_toy_base(cfg: ToyBaseConfig | None = None, *, overwrite: bool = False,
     model, processor = load_model_and_processor(cfg.model, quantization=None, lora=None, seed=cfg.seed,
                                                 device=device, trainable=True)
     model.train()
-    skill_items = general_skill_items(cfg.model, cfg.n_eval, seed=cfg.seed, max_objects=cfg.max_objects)
-    pol_items = policy_items(cfg.model, max(8, cfg.n_eval // 4), seed=cfg.seed, depths=cfg.policy_depths,
-                             n_objects=(cfg.min_objects, cfg.max_objects))
-    t0 = time.perf_counter()
+    skill_items = general_skill_items(cfg.model, cfg.n_eval, seed=cfg.seed, max_objects=cfg.max_objects,
+                                      world=cfg.world)
     before = general_skill_accuracy(model, processor, skill_items, max_new_tokens=cfg.max_new_tokens)
-    rows = train_toy_base(model, processor, cfg, log=log)
-    train_seconds = time.perf_counter() - t0
+    ckpt = path.with_name(path.name + ".ckpt")
+    rows = train_toy_base(model, processor, cfg, log=log, checkpoint_dir=ckpt)
+    train_seconds = rows[-1]["seconds"] if rows else 0.0  # across interruptions: the checkpoint carries the clock
     after = general_skill_accuracy(model, processor, skill_items, max_new_tokens=cfg.max_new_tokens)
-    following = in_context_policy_accuracy(model, processor, pol_items)
-    info = {"config": cfg.to_dict(), "recipe": recipe_record(cfg), "key": toy_base_key(cfg), "log": rows, "train_seconds": train_seconds,
-            "general_skill_random_init": before, "general_skill": after, "in_context_policy": following}
+    small = cfg.model == "toy-tiny"  # CI: a few items prove the code path
+    skills = toy_base_skills(model, processor, cfg, exists_per_value=2 if small else 16,
+                             n_describe=4 if small else 64, policies_per_depth=2 if small else 48)
+    info = {"config": cfg.to_dict(), "recipe": recipe_record(cfg), "key": toy_base_key(cfg), "log": rows,
+            "train_seconds": train_seconds, "threads": torch.get_num_threads(),
+            "general_skill_random_init": before, "general_skill": after, "skills": skills}
     with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -638,6 +740,9 @@ def build_toy_base(cfg: ToyBaseConfig | None = None, *, overwrite: bool = False,
         src = Path(build_toy(cfg.model, seed=cfg.seed))
         (tmp / "toy_spec.json").write_text((src / "toy_spec.json").read_text())
         (tmp / "toy_base.json").write_text(json.dumps(info, indent=2, default=str))
+    import shutil
+
+    shutil.rmtree(ckpt, ignore_errors=True)
     return path
 
 
@@ -669,14 +774,17 @@ def ship_toy_base(cfg: ToyBaseConfig | None = None, *, src: str | Path | None = 
                   str(tmp / "model.safetensors"), metadata={"format": "pt"})
         model, processor = load_model_and_processor(str(tmp), quantization=None, lora=None, device=device,
                                                      trainable=False)
-        items = general_skill_items(cfg.model, cfg.n_eval, seed=cfg.seed, max_objects=cfg.max_objects)
+        items = general_skill_items(cfg.model, cfg.n_eval, seed=cfg.seed, max_objects=cfg.max_objects,
+                                    world=cfg.world)
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # one thread: the recorded number is then reproduced exactly on any machine
+        torch.set_num_threads(1)  # one thread: the recorded numbers are then reproduced exactly on any machine
         try:
             shipped_acc = general_skill_accuracy(model, processor, items, max_new_tokens=cfg.max_new_tokens)
+            skills = toy_base_skills(model, processor, cfg)
         finally:
             torch.set_num_threads(threads)
         info.update(recipe=recipe_record(cfg), general_skill_trained_fp32=info.get("general_skill"),
-                    general_skill=shipped_acc, weights_dtype="float16")
+                    general_skill=shipped_acc, skills_trained_fp32=info.get("skills"), skills=skills,
+                    weights_dtype="float16")
         (tmp / "toy_base.json").write_text(json.dumps(info, indent=2, default=str))
     return dst

@@ -21,7 +21,7 @@
 # %% [markdown] id="md-what-you-will-learn"
 # ## What you will learn
 #
-# How this course runs anywhere: the run config and presets, the offline toy Qwen2.5-VL (tokenizer, processor, model), how an image becomes tokens, why image tokens never carry loss, where LoRA adapters go and what 4-bit quantization leaves in full precision. Runs in under a minute on a CPU.
+# How this course runs anywhere: the run config and presets, the offline toy Qwen2.5-VL (tokenizer, processor, model), how an image becomes tokens, why image tokens never carry loss, where LoRA adapters go and what 4-bit quantization leaves in full precision, and what the whole run will cost in hours before it starts. Runs in under a minute on a CPU.
 
 # %% id="install"
 # Install (Colab) / path set-up (local). Colab keeps its own CUDA torch: requirements-colab.txt has no torch.
@@ -136,6 +136,26 @@ print(f"trainable {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
 from mpi.device import DeviceInfo, pick_dtype
 for info in [DeviceInfo("cpu"), DeviceInfo("cuda", "Tesla T4", False, (7, 5)), DeviceInfo("cuda", "A100", True, (8, 0))]:
     print(f"{info.name:10s} -> {pick_dtype(info)}")
+
+# %% [markdown] id="md-6-what-the-whole-run-costs"
+# ## 6. What the whole run costs, before it starts
+#
+# A free Colab session ends after a few hours, so know the bill first. `python -m mpi --dry-run` (here
+# `plan_report`) loads nothing: it counts the tokens of every stage on a few sample items and divides by a
+# throughput table for the device the preset is meant for (a T4 for `colab-t4`, 8 × H100 for `paper`, this
+# CPU for `toy` and `tiny`). Each rate names its source in `mpi.wall_time.THROUGHPUT`: published GRPO runs on
+# the same stack, or this repo's measured toy run. It is an estimate, to be set against measurement.
+
+# %% id="wall-time"
+from mpi import pipeline
+from mpi.dry_run import plan_report
+from mpi.wall_time import fmt_duration
+
+estimate = plan_report(pipeline.make_plan(cfg)).wall_time  # the plan `python -m mpi` would run with this config
+print("\n".join(estimate.lines()))
+if cfg.preset == "colab-t4":  # the full plan is opt-in: its hours, before you choose it
+    full = pipeline.make_plan(cfg.replace(depths=(2, 4), rl_steps=200, max_completion_length=256))
+    print(f"opt-in N = 2 and 4, 200 RL steps, 256-token completions: {fmt_duration(plan_report(full).wall_time.total_seconds)}")
 
 # %% [markdown] id="md-14"
 # Next: `01_data_construction.ipynb` builds the two datasets the policy will be internalized from.

@@ -81,6 +81,26 @@ examples = render_examples(n=8, image_size=112, seed=cfg.seed)   # 112 px for yo
 show_scenes(examples, ncols=4); plt.show()
 print(json.dumps(examples[0][0]["objects"][:2], indent=1))
 
+# %% [markdown] id="md-1b-the-toy-s-world"
+# ### 1b. The toy's world: the same scenes as sprites
+#
+# A pretrained VLM reads the perspective scenes above; a 3M-parameter toy trained on a laptop does not (small,
+# overlapping objects, one of them ~13 px). The `toy` and `tiny` presets therefore draw *the same object lists* as
+# flat sprites (`DataConfig.world="sprites"`, `mpi.data.sprites`): one object per cell of a 4 x 4 grid, so at
+# 112 px each of the 16 visual tokens holds at most one object. Cube = square, sphere = disc, cylinder =
+# triangle; large fills the cell, small half of it; metal has a white rim and a highlight, rubber a thin dark
+# rim. The scene graph, the policies, the balancing and the test split are unchanged: only the picture differs.
+
+# %% id="code-06b"
+toy_objects = (1, 4)   # the toy presets' scenes hold 1-4 objects (DataConfig.n_objects)
+clevr_look = render_examples(n=4, image_size=112, seed=cfg.seed, n_objects=toy_objects)
+sprite_look = render_examples(n=4, image_size=112, seed=cfg.seed, world="sprites", n_objects=toy_objects)
+show_images([img for _, img in clevr_look] + [img for _, img in sprite_look],
+            [f"CLEVR-like {k}" for k in range(4)] + [f"sprites {k}" for k in range(4)], size=2.2); plt.show()
+from mpi.data.clevr import describe_target
+for k, (scene, _) in enumerate(sprite_look):
+    print(k, describe_target(scene["objects"]))   # the words the toy learns to say about each picture
+
 # %% [markdown] id="md-2-policies-decision-trees-with-n-layers"
 # ## 2. Policies: decision trees with N layers
 #
@@ -101,6 +121,19 @@ text6 = policies[6].render_text()
 n_sections = sum(line.startswith("# Condition") for line in text6.splitlines())
 print(f"... the N=6 policy has {n_sections} sections and {len(text6):,} characters; its start:")
 print("\n".join(text6.splitlines()[4:14]))
+
+# %% [markdown] id="md-2b-compact"
+# ### 2b. The toy's compact policies
+#
+# The toy presets write the same tree compactly (`DataConfig.policy_format="compact"`, `Policy.render_compact`):
+# one line per section, the condition as the words a scene description uses, each section id one token of the
+# toy tokenizer. Their CoT is *evidence first* (`mpi.data.clevr.compact_cot`): the model first lists what it
+# sees, then checks each condition against those words and jumps to the next section. A toy can learn to read
+# this in an hour of CPU; the paper's prose it could not (docs/results-history.md). The real presets keep the
+# paper's format.
+
+# %% id="code-08b"
+print(policies[2].render_compact())
 
 # %% [markdown] id="md-3-the-m-variant-some-values-shown-as-ima"
 # ## 3. The -M variant: some values shown as image crops

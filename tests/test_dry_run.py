@@ -55,7 +55,7 @@ def test_dry_run_shows_the_rl_config_train_stage_would_use(nothing_heavy):
     cfg = get_config("toy", model="toy-tiny", rl_steps=200)
     shown = dry.plan_report(make_plan(cfg)).configs["poro-grpo"]
     assert shown["temperature"] == 0.7 and shown["keep_best"] is True  # RL_PRESETS["toy"]
-    assert shown["max_completion_length"] == cfg.max_completion_length == 176  # the RunConfig's, an N=4 CoT fits
+    assert shown["max_completion_length"] == cfg.max_completion_length == 96  # the RunConfig's, an N=4 CoT fits
     assert shown["log_behaviour_ratio"] is False
     assert shown["save_every"] == cfg.save_every == 10
     assert shown["log_every"] is None and cfg.log_every is None  # at most 50 printed lines: every ceil(200 / 50)
@@ -65,20 +65,20 @@ def test_dry_run_report_resolves_what_the_stages_would_train(nothing_heavy):
     cfg = get_config("colab-t4")
     rep = dry.plan_report(make_plan(cfg))
     assert rep.problems == []
-    # default methods (in-context, cot-sft, trimpi-grpo) on N = 2, 4, 6: per N one data and one cost stage,
-    # 4 training chains (cot-sft, cpt, cpt+cot-sft, cpt+cot-sft+poro-grpo) and 3 evaluations
-    assert len(rep.stages) == 3 * (1 + 1 + 4 + 3) == 27
-    assert rep.stages[:3] == ["data/clevr-T-N2", "data/clevr-T-N4", "data/clevr-T-N6"]
+    # default methods (in-context, cot-sft, trimpi-grpo) on N = 2 (sized to one Colab session, tests/test_wall_time.py):
+    # one data and one cost stage, 4 training chains (cot-sft, cpt, cpt+cot-sft, cpt+cot-sft+poro-grpo), 3 evaluations
+    assert len(rep.stages) == 1 + 1 + 4 + 3 == 9
+    assert rep.stages[:2] == ["data/clevr-T-N2", "cost/clevr-T-N2"]
     # the "colab" data preset: 4 policies x 125 train scenes, 32 validation and 200 test items, at 224 px
-    assert rep.data["clevr-T-N4"]["sizes"] == {"train": 500, "val": 32, "test": 200, "override": 200}
-    assert rep.data["clevr-T-N4"]["config"]["image_size"] == 224 and rep.data["clevr-T-N4"]["config"]["depths"] == (4,)
+    assert rep.data["clevr-T-N2"]["sizes"] == {"train": 500, "val": 32, "test": 200, "override": 200}
+    assert rep.data["clevr-T-N2"]["config"]["image_size"] == 224 and rep.data["clevr-T-N2"]["config"]["depths"] == (2,)
     # each stage's config carries the RunConfig fields it is made from
     assert rep.configs["cpt"]["mode"] == "cpt" and rep.configs["cpt"]["learning_rate"] == cfg.cpt_learning_rate
     assert rep.configs["cot-sft"]["quantization"] == "4bit" and rep.configs["cot-sft"]["grad_accum_steps"] == 8
     rl = rep.configs["poro-grpo"]
-    assert (rl["num_generations"], rl["max_completion_length"], rl["steps"], rl["micro_batch_size"]) == (4, 256, 200, 4)
-    assert rep.configs["eval"]["eval_max_new_tokens"] == 512
-    assert (rl["keep_best"], rl["eval_every"], rl["lr_scheduler_type"]) == (True, 50, "cosine")
+    assert (rl["num_generations"], rl["max_completion_length"], rl["steps"], rl["micro_batch_size"]) == (4, 160, 60, 4)
+    assert rep.configs["eval"]["eval_max_new_tokens"] == 256
+    assert (rl["keep_best"], rl["eval_every"], rl["lr_scheduler_type"]) == (True, 20, "cosine")
     # the memory preflight ran against a T4 (this machine has no GPU) and every stage fits it
     assert "Tesla T4" in rep.device and set(rep.memory) == {"cpt", "sft", "rl"}
     assert all(0 < m["peak_gib"] < (14.74 - 0.5) * 0.95 for m in rep.memory.values())
@@ -88,7 +88,7 @@ def test_dry_run_report_resolves_what_the_stages_would_train(nothing_heavy):
 @pytest.mark.parametrize("override, field, fix", [
     ("image_size=0", "DataConfig.image_size", "--set image_size="),
     ("data_preset=colabb", "RunConfig.data_preset", "colab"),
-    ("num_generations=0", "GRPOConfig", "num_generations"),
+    ('grpo={"temperature": 0}', "GRPOConfig", "temperature"),  # RunConfig's own values: tests/test_config_values.py
     ("max_completion_length=4096", "memory (rl)", "micro_batch_size"),
 ])
 def test_broken_override_names_the_field_and_the_fix(override, field, fix, tmp_path, capsys, nothing_heavy):
@@ -136,3 +136,5 @@ def test_gpu_check_cpu_smoke_runs_every_stage_on_the_4bit_path(tmp_path, monkeyp
     assert rows["poro-grpo"]["tokens"][1] > rows["poro-grpo"]["tokens"][0]  # the guided prompt carries the policy
     assert rows["eval"]["n"] == 2
     assert (tmp_path / "rows.json").is_file()
+    # every timed stage carries mpi.wall_time's estimate for the same work (the dry run's arithmetic)
+    assert all(rows[s]["estimate_s"] > 0 for s in ("vm-cpt", "sft", "poro-grpo", "eval"))

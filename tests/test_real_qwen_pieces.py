@@ -292,3 +292,164 @@ def test_evaluation_batch_and_parsers_on_real_decoded_text(qwen, items, monkeypa
         assert text == answer and parse_boxed(text) == it["answer"] and format_reward(text) == 1.0
         assert score_one(it, text)["score"] == 1.0
     assert parse_boxed(tok.decode(tok("\\boxed{Case 2", add_special_tokens=False)["input_ids"])) is None
+
+
+# =========================================================================== the field's failures (issue 28)
+# Failures reported by users of the same stack (Qwen2.5-VL + transformers + GRPO), each checked here on the real
+# pieces: TRL issue 5785 (padding misaligns image tokens in mixed-length batches), vLLM PR 13968 (fp16 overflow
+# in the vision encoder), "Image features and image tokens do not match" (a prompt truncated through its image
+# tokens), VLM-R1 issue 173 (answer-only SFT before RL: format reward 0).
+
+
+def test_mixed_length_poro_batch_keeps_every_images_tokens_aligned(qwen, items):
+    """A short policy-free prompt and a long policy-in-context one share a batch (and an -M item brings a
+    second, policy image): left padding, every row's <|image_pad|> count equals its images' patch count, and
+    each row's log-probs in the mixed batch equal those of the row alone (features landed on its own tokens).
+    Today's code does this already (mpi.sampling.encode_prompts pads left); the test keeps it so."""
+    from mpi.logprobs import build_scoring_batch, encode_images_once, forward_log_probs
+    from mpi.sampling import encode_prompts, prompt_texts
+
+    model, processor = qwen
+    texts, images = [], []
+    for item in (items["clevr"][0], items["m"]):
+        for with_policy in (False, True):
+            t, i = prompt_texts(processor, [item], with_policy, build_messages)
+            texts += t
+            images += i
+    assert [len(i) for i in images] == [1, 1, 1, 2]  # the -M item's policy image only with the policy
+    enc = encode_prompts(processor, texts, images)
+    ids, attn = enc["input_ids"], enc["attention_mask"]
+    lengths = attn.sum(1).tolist()
+    assert max(lengths) > 2.5 * min(lengths), lengths  # short and long prompts in one batch (118 vs 351 tokens)
+    for row, imgs in enumerate(images):
+        real = attn[row].bool()
+        n_pad = int((~real).sum())
+        assert torch.equal(real, torch.arange(ids.shape[1]) >= n_pad)  # left padding: the prompt ends the row
+        assert (ids[row][~real] == PAD).all()
+        # independently: Qwen's patch 14 x merge 2 arithmetic on each image's own size
+        expected = sum(expected_image_tokens(*img.size) for img in imgs)
+        assert int((ids[row][real] == IMAGE_PAD).sum()) == expected
+        assert int((ids[row] == VISION_START).sum()) == len(imgs)
+    # the image features the processor made are exactly as many as the image tokens (merge 2 x 2)
+    assert int(enc["image_grid_thw"].prod(-1).sum()) // 4 == int((ids == IMAGE_PAD).sum())
+
+    # teacher-forced log-probs of one fixed completion behind every prompt: mixed batch vs each prompt alone
+    tok = processor.tokenizer
+    completion = torch.tensor([tok("<think>a cube</think>\n\\boxed{Case 1}", add_special_tokens=False)["input_ids"]
+                               + [IM_END]])
+    n = len(texts)
+
+    def log_probs(prompt_texts_, prompt_images, shared):
+        k = len(prompt_texts_)
+        batch = build_scoring_batch(processor, prompt_texts_, prompt_images, completion.repeat(k, 1),
+                                    torch.ones(k, completion.shape[1], dtype=torch.long), torch.arange(k))
+        encode_images_once(model, batch)
+        with torch.no_grad():
+            return forward_log_probs(model, batch, torch.arange(k), 1.0, shared_prompt=shared)[0]
+
+    model.eval()
+    try:
+        for shared in (True, False):
+            mixed = log_probs(texts, images, shared)
+            alone = torch.cat([log_probs([texts[r]], [images[r]], shared) for r in range(n)])
+            assert torch.allclose(mixed, alone, atol=2e-4), (shared, (mixed - alone).abs().max())
+        # the check has power: the same text with another image (features misplaced) moves the log-probs
+        swapped = log_probs([texts[0]], [[images[2][0].transpose(Image.Transpose.FLIP_LEFT_RIGHT)]], True)
+        assert (swapped - alone[:1]).abs().max() > 1e-3
+    finally:
+        model.train()
+
+
+def test_fp16_vision_tower_stays_finite_with_large_activations(qwen_dir):
+    """A T4 computes in fp16. Qwen2.5-VL's vision blocks can push activations past fp16's 65,504: made so here
+    (one block's MLP set to give ~2e5), the vision tower in fp16 gives inf features and NaN logits. Loaded by
+    mpi.modeling under fp16 compute, the tower is kept in float32 and every feature and logit stays finite."""
+    import numpy as np
+
+    from mpi.modeling import load_model_and_processor, vision_tower, vision_tower_overflow_safe
+
+    model, processor = load_model_and_processor(str(qwen_dir), quantization=None, lora=None, device="cpu",
+                                                dtype=torch.float16, seed=0, trainable=False)
+    visual = vision_tower(model)
+    assert next(visual.parameters()).dtype == torch.float32 and model.lm_head.weight.dtype == torch.float16
+    mlp = visual.blocks[0].mlp
+    with torch.no_grad():  # weights fp16 can hold; their activations it cannot
+        mlp.gate_proj.weight.fill_(4.0)
+        mlp.up_proj.weight.fill_(4.0)
+        mlp.down_proj.weight.fill_(1.0)
+    peak = {}
+    hook = visual.blocks[0].register_forward_hook(lambda m, i, o: peak.__setitem__("max", float(o.abs().max())))
+    image = Image.fromarray((np.random.RandomState(0).rand(112, 112, 3) * 255).astype("uint8"))
+    text = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is here?<|im_end|>\n"
+    enc = processor(text=[text], images=[image], return_tensors="pt")
+
+    def forward():
+        with torch.no_grad():
+            feats = model.model.get_image_features(enc["pixel_values"], enc["image_grid_thw"], return_dict=True)
+            return torch.cat(list(feats.pooler_output)), model(**enc).logits
+
+    try:
+        feats, logits = forward()
+        assert peak["max"] > 65504 * 2  # the activations really exceed fp16's range
+        assert torch.isfinite(feats).all() and torch.isfinite(logits).all()
+        visual.half()  # what a plain fp16 load did before (and the evaluation load under 4-bit): it overflows
+        feats16, logits16 = forward()
+        assert not torch.isfinite(feats16).all() and not torch.isfinite(logits16).all()
+        assert vision_tower_overflow_safe(model, torch.float16).startswith("vision tower kept in float32")
+        assert torch.isfinite(forward()[1]).all()
+        assert vision_tower_overflow_safe(model, torch.bfloat16) == "unchanged"
+    finally:
+        hook.remove()
+
+
+def test_a_prompt_longer_than_max_length_is_refused_not_truncated(qwen, items):
+    """RL prompts are encoded without truncation (every image token kept) and measured before training: one
+    over RunConfig.max_length is refused with the item, its length and its image tokens. SFT sequences were
+    refused already (mpi.collate; checked here on the real tokenizer)."""
+    from mpi.sampling import encode_prompts, prompt_texts
+    from mpi.prompt_lengths import PromptTooLong, check_prompt_lengths
+
+    _, processor = qwen
+    m = items["m"]
+    messages, imgs = build_messages(m, with_policy=True)
+    # independently: the template and the processor on this one prompt, no padding
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    alone = processor(text=[text], images=list(imgs), return_tensors="pt")["input_ids"][0]
+    n = int(alone.shape[0])
+    assert int((alone == IMAGE_PAD).sum()) == 64 + 16
+    data = [items["clevr"][0], m]
+    assert check_prompt_lengths(processor, data, n) == {"longest_prompt": n, "longest_item": "m0", "items": 2}
+    with pytest.raises(PromptTooLong) as info:
+        check_prompt_lengths(processor, data, n - 1, where="clevr-T-N2 seed0 poro (RL)")
+    assert str(info.value).startswith(
+        f"clevr-T-N2 seed0 poro (RL): the prompt of item m0 (with the policy) is {n} tokens (80 of them image "
+        f"tokens), longer than max_length={n - 1}. It is not truncated")
+    assert f"--set max_length={n}" in str(info.value)
+    # the RL encoder never truncates: the long prompt keeps all 80 image tokens next to a short one
+    texts, images = prompt_texts(processor, data, True, build_messages)
+    enc = encode_prompts(processor, texts, images)
+    assert int((enc["input_ids"][1] == IMAGE_PAD).sum()) == 80 and int(enc["attention_mask"][1].sum()) == n
+    # SFT: the collator refuses a sequence over max_length instead of truncating it (today's code did already)
+    with pytest.raises(ValueError, match=r"item m0 is \d+ tokens, longer than max_length=.*Truncation is not done"):
+        SupervisedCollator(processor, "cpt", max_length=n - 1)([m])
+
+
+def test_rl_starts_from_an_sft_whose_answers_earn_the_format_reward(qwen, items):
+    """VLM-R1 issue 173: RL after an answer-only SFT starts at format reward 0. Here every RL stage follows CoT
+    SFT, whose target, through Qwen's real BPE and back, earns format reward 1; Direct SFT's target earns 0, so
+    Direct SFT is an evaluated baseline that no RL stage starts from."""
+    from mpi.methods import METHODS, RL_STAGES
+    from mpi.rewards import format_reward
+
+    _, processor = qwen
+    tok = processor.tokenizer
+    rl_chains = {m: c for m, c in METHODS.items() if any(s in RL_STAGES for s in c)}
+    assert rl_chains and "direct-sft" in METHODS
+    for method, chain in rl_chains.items():
+        first_rl = next(i for i, s in enumerate(chain) if s in RL_STAGES)
+        assert chain[first_rl - 1] == "cot-sft", (method, chain)
+    for item in (items["clevr"][0], items["gta"]):
+        for mode, want in (("cot-sft", 1.0), ("direct-sft", 0.0)):
+            target = SupervisedCollator(processor, mode).response(item)
+            decoded = tok.decode(tok(target, add_special_tokens=False)["input_ids"] + [IM_END], skip_special_tokens=True)
+            assert format_reward(decoded) == want, (mode, decoded[:80])

@@ -27,6 +27,7 @@ from PIL import Image
 from .clevr import clevr_policies, clevr_records, make_rng, outcome_report, split_object_keys
 from .gta import gta_records, render_spec
 from .scenes import load_clevr_scenes, render_object, sample_scene, scene_image
+from .sprites import render_sprite_object
 
 # val: model selection only (the RL stage's learning rate and its best checkpoint), drawn like test (object sets
 # unseen in training) from its own random stream; never used to report a result.
@@ -53,8 +54,14 @@ class DataConfig:
     test_unseen_objects: bool = True
     condition_kinds: tuple[str, ...] = ("exists",)  # add "count" and/or "and" for harder policies
     # objects per rendered scene (CLEVR: 3-10). The toy VLM learns to see far faster with few objects:
-    # a small object is ~13 px, one of 16 image tokens at 112 px (benchmarks/bench_toy_perception.py).
+    # a small object is ~13 px, one of 16 image tokens at 112 px (docs/results-history.md).
     n_objects: tuple[int, int] = (3, 10)
+    # How scenes are drawn: "clevr" (perspective, CLEVR-like) or "sprites" (flat sprites on a 4 x 4 grid, one object
+    # per visual token at 112 px: what a toy trained on a laptop can learn to see; mpi.data.sprites).
+    world: str = "clevr"
+    # How a policy is written: "paper" (prose sections, forward CoT) or "compact" (one line per section and an
+    # evidence-first CoT: what a toy can learn to read; Policy.render_compact, clevr.compact_cot).
+    policy_format: str = "paper"
     m_image_fraction: float = 0.5  # -M: share of conditions whose value is shown as an image
     m_max_images: int = 6  # -M: at most this many images per policy (they repeat in every item)
     n_gta_train: int = 24  # paper: 451
@@ -76,6 +83,12 @@ class DataConfig:
         for d in self.depths:
             if not isinstance(d, int) or d < 1:
                 raise ValueError(f"DataConfig.depths: every tree depth N must be an integer >= 1, got {d!r}")
+        if self.world not in ("clevr", "sprites"):
+            raise ValueError(f"DataConfig.world must be 'clevr' or 'sprites', got {self.world!r}")
+        if self.policy_format not in ("paper", "compact"):
+            raise ValueError(f"DataConfig.policy_format must be 'paper' or 'compact', got {self.policy_format!r}")
+        if self.world == "sprites" and self.n_objects[1] > 16:
+            raise ValueError(f"DataConfig.n_objects: the sprite world has 16 cells, got up to {self.n_objects[1]} objects")
         if self.variant not in ("T", "M"):
             raise ValueError(f"DataConfig.variant must be 'T' or 'M', got {self.variant!r}")
         for field_name in ("n_policies", "n_train_per_policy", "n_test", "n_gta_train", "n_gta_test", "image_size"):
@@ -91,10 +104,11 @@ class DataConfig:
 DATA_PRESETS: dict[str, dict[str, Any]] = {
     # seconds on a laptop; CI and unit tests
     "toy": dict(n_policies=2, n_train_per_policy=16, n_test=16, depths=(2,), image_size=56,
-                n_gta_train=24, n_gta_test=16),
+                n_gta_train=24, n_gta_test=16, world="sprites", policy_format="compact"),
     # toy learning runs (toy-small model, 112 px)
+    # the sprite world and compact policies: what a random-init toy learns to see and read (toy base v5, mpi.toy_base)
     "small": dict(n_policies=4, n_train_per_policy=250, n_test=200, n_val=32, depths=(2,), image_size=112,
-                  n_objects=(1, 4), n_gta_train=451, n_gta_test=106),
+                  n_objects=(1, 4), n_gta_train=451, n_gta_test=106, world="sprites", policy_format="compact"),
     # one Colab T4 (the colab-t4 run preset): 4 policies x 125 train scenes per N (500 sequences, 63 optimizer steps
     # of 1 x 8 per epoch, where the paper's 20K per N would be 2,500 steps) and 200 test items (its eval_limit).
     # CLEVR's natural 3-10 objects: a pretrained VLM sees them (the toy-sized 1-4 of "small" is for the toy).
@@ -139,9 +153,9 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _render_clevr(job: tuple[dict[str, Any], int]) -> bytes:
-    scene, size = job
-    return png_bytes(scene_image(scene, size))
+def _render_clevr(job: tuple[dict[str, Any], int, str]) -> bytes:
+    scene, size, world = job
+    return png_bytes(scene_image(scene, size, world=world))
 
 
 def _render_gta(job: tuple[Any, int]) -> bytes:
@@ -201,7 +215,8 @@ def clevr_split_records(cfg: DataConfig, split: str, depth: int, variant: str | 
         # the override split is evaluated on test-like scenes, drawn from their own stream
         records += clevr_records([policy], n, split=split, seed=cfg.seed, image_size=cfg.image_size,
                                  balanced=cfg.balanced, override=override, scene_pool=pool,
-                                 n_objects=tuple(cfg.n_objects), exclude_keys=exclude)
+                                 n_objects=tuple(cfg.n_objects), exclude_keys=exclude,
+                                 policy_format=cfg.policy_format)
     if pool is not None:
         _warn_repeated_scenes(records, split, depth, len(pool))
     return records
@@ -232,13 +247,16 @@ def build_clevr_policy(cfg: DataConfig, split: str = "train", depth: int | None 
         if not isinstance(d, int) or d < 1:
             raise ValueError(f"depth (tree layers N) must be an integer >= 1, got {d!r}")
     records = [r for d in depths for r in clevr_split_records(cfg, split, d, variant)]
-    scene_png = _map(_render_clevr, [(r["scene"], cfg.image_size) for r in records], cfg.num_proc, "render scenes")
+    world = "clevr" if cfg.clevr_scenes_json else cfg.world  # real CLEVR scenes come with their own pictures
+    scene_png = _map(_render_clevr, [(r["scene"], cfg.image_size, world) for r in records], cfg.num_proc,
+                     "render scenes")
     crops: dict[str, list[bytes]] = {}
     rows = []
     for r, png in zip(records, scene_png):
         key = (r["id"].rsplit("-", 1)[0])
         if key not in crops:
-            crops[key] = [png_bytes(render_object(o, cfg.crop_size)) for o in r["policy"].policy_images()]
+            draw = render_sprite_object if world == "sprites" else render_object
+            crops[key] = [png_bytes(draw(o, cfg.crop_size)) for o in r["policy"].policy_images()]
         row = {c: r[c] for c in COLUMNS if c in r}
         row["images"] = [{"bytes": png, "path": None}]
         row["policy_images"] = [{"bytes": b, "path": None} for b in crops[key]]
@@ -468,6 +486,10 @@ def tokenizer_corpus(seed: int = 0, n: int = 2000) -> list[str]:
         texts += [p.render_text() for p in clevr_policies(depth, 1, seed, override=True)]
     for depth in (2, 3):
         texts += [p.render_text() for p in clevr_policies(depth, 1, seed, kinds=("exists", "count", "and"))]
+    for depth in (2, 4):  # the toy presets' compact policies and evidence-first CoT (policy_format="compact")
+        for r in clevr_records(policies_by_depth[depth], 2, split="corpus-compact", seed=seed, image_size=56,
+                               n_objects=(1, 4), policy_format="compact"):
+            texts += [r["policy_text"], format_response(r["cot"], r["answer"])]
     gta_base = gta_records(1, split="corpus", seed=seed, image_size=56)
     gta_over = gta_records(1, split="corpus", seed=seed, image_size=56, override=True)
     texts += [gta_base[0]["policy_text"], gta_over[0]["policy_text"]]
@@ -546,8 +568,9 @@ def token_report(
 
 
 # ----------------------------------------------------------------------------- scenes only
-def render_examples(n: int = 8, image_size: int = 112, seed: int = 0) -> list[tuple[dict[str, Any], Image.Image]]:
-    """n sampled scenes with their pictures (for notebooks)."""
+def render_examples(n: int = 8, image_size: int = 112, seed: int = 0, world: str = "clevr",
+                    n_objects: tuple[int, int] = (3, 10)) -> list[tuple[dict[str, Any], Image.Image]]:
+    """n sampled scenes with their pictures (for notebooks), drawn in `world` ("clevr" or "sprites")."""
     rng = make_rng(seed, "examples")
-    scenes = [sample_scene(rng, image_size, index=k) for k in range(n)]
-    return [(s, scene_image(s, image_size)) for s in scenes]
+    scenes = [sample_scene(rng, image_size, n_objects=n_objects, index=k) for k in range(n)]
+    return [(s, scene_image(s, image_size, world=world)) for s in scenes]

@@ -153,6 +153,50 @@ def forward_cot(policy: Policy, scene: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def describe_target(objects: Iterable[dict[str, Any]]) -> str:
+    """'colors: red, blue. shapes: cube. sizes: large. materials: metal, rubber.' (each list in ontology order,
+    so the same scene always gives the same words)."""
+    objects = list(objects)
+    parts = []
+    for attr, name in (("color", "colors"), ("shape", "shapes"), ("size", "sizes"), ("material", "materials")):
+        seen = {o[attr] for o in objects}
+        parts.append(f"{name}: {', '.join(v for v in ATTRIBUTES[attr] if v in seen)}.")
+    return " ".join(parts)
+
+
+def compact_cot(policy: Policy, scene: dict[str, Any]) -> str:
+    """The toy presets' evidence-first CoT over the compact policy (`Policy.render_compact`): first what the
+    image shows, attribute by attribute, then one line per section visited, then the leaf's case:
+
+        colors: red, blue. shapes: cube, sphere. sizes: large. materials: metal.
+        #1 metal? yes
+        #1.1 cube? no
+        #1.1.2 Case 2
+
+    Checking a condition is then finding its word among the words just written (the evidence), and every
+    section id cites the policy (`mpi.evaluate.cited_conditions` reads them)."""
+    from .policies import compact_condition
+
+    objects = scene["objects"]
+    lines = [describe_target(objects)]
+    node = policy.root
+    while not node.is_leaf:
+        answer = node.condition.holds(objects)
+        lines.append(f"#{node.id} {compact_condition(node.condition)}? {'yes' if answer else 'no'}")
+        node = node.yes if answer else node.no
+    lines.append(f"#{node.id} {node.outcome}")
+    return "\n".join(lines)
+
+
+def policy_text_and_cot(policy: Policy, scene: dict[str, Any], policy_format: str = "paper") -> tuple[str, str]:
+    """The policy as the prompt shows it and the CoT that follows it, in the paper's format or the toy's compact one."""
+    if policy_format == "compact":
+        return policy.render_compact(), compact_cot(policy, scene)
+    if policy_format != "paper":
+        raise ValueError(f"policy_format must be 'paper' or 'compact', got {policy_format!r}")
+    return policy.render_text(), forward_cot(policy, scene)
+
+
 # ----------------------------------------------------------------------------- scenes per item
 def sample_scene_for(
     rng: random.Random, policy: Policy, target: str | None, image_size: int, index: int, max_tries: int = 100,
@@ -314,6 +358,7 @@ def clevr_records(
     exclude_keys: dict[str, set] | None = None,
     match_natural: bool = True,
     legacy_scenes: bool = False,
+    policy_format: str = "paper",
 ) -> list[dict[str, Any]]:
     """Unrendered items (one dict per policy x scene) in a fixed order.
 
@@ -321,7 +366,8 @@ def clevr_records(
     the test and override splits pass the training split's, so no test scene repeats a training
     scene's objects under the same policy name. `legacy_scenes=True` draws the scenes as before
     natural balancing (`sample_scene_for`): only for the toy tokenizer's corpus, whose text must not
-    change (the toy model and every cached toy base are keyed by its hash).
+    change (the toy model and every cached toy base are keyed by its hash). `policy_format`: "paper" (the
+    paper's prose sections and forward CoT) or "compact" (the toy presets', see `compact_cot`).
     """
     records = []
     for policy in policies:
@@ -344,8 +390,8 @@ def clevr_records(
             # the layout gets its own stream per item, so that the objects above do not depend on it
             scenes = [sample_scene(make_rng(seed, "layout", split, policy.depth, i, tag, k), image_size,
                                    objects=objects, index=k) for k, objects in enumerate(contents)]
-        text = policy.render_text()
         for k, (scene, target) in enumerate(zip(scenes, targets)):
+            text, cot = policy_text_and_cot(policy, scene, policy_format)
             outcome, path, answers = policy.evaluate(scene)
             if target is not None and outcome != target:  # the walk has the last word
                 raise RuntimeError(f"policy {policy.name}: a scene sampled for {target} walks to {outcome}; "
@@ -361,7 +407,7 @@ def clevr_records(
                 "policy": policy,
                 "scene": scene,
                 "query": (OVERRIDE_QUERY if override else QUERY).format(name=name),
-                "cot": forward_cot(policy, scene),
+                "cot": cot,
                 "answer": outcome,
                 "gold_path": path,
                 "override": override,

@@ -477,9 +477,13 @@ def _task_mathocr(c: _Ctx) -> _Item:
 
 
 def _task_count(c: _Ctx) -> _Item:
-    """Four shapes, cycled: one image; two images with none, the first, or both described (Rule 21)."""
-    state, slot = c.slot % 4, c.slot // 4
-    n_images, n_described = (1, 0) if state == 0 else (2, state - 1)
+    """Four shapes, cycled: one image; two images both described; two with none or only the first described
+    (Rule 21). The two shapes that call CountGivenObject come first in the cycle and take its rule branches in
+    turn, so its four branches (Rules 14-17) are reached within six count items (by item 82 of a split: the
+    paper-size test split of 106 items reaches them all; it reached two when the branch advanced once per cycle)."""
+    state, cycle = c.slot % 4, c.slot // 4
+    n_images, n_described = ((1, 0), (2, 2), (2, 0), (2, 1))[state]
+    slot = 2 * cycle + state if state < 2 else cycle  # CountGivenObject: a branch per counting item
     specs = [ImageSpec("scene", scene=sample_scene(c.rng, c.size), path=p) for p in c.paths[:n_images]]
     which = c.rng.randrange(n_images)
     attr = c.rng.choice(("shape", "color"))
@@ -740,3 +744,18 @@ def gta_records(n: int, *, split: str, seed: int, image_size: int, override: boo
                                  "rule_branch": item.branch, **item.notes}, sort_keys=True),
         })
     return records
+
+
+def rule_leaf_coverage(records: list[dict[str, Any]], rules: Rulebook | None = None,
+                       base: Rulebook | None = None) -> tuple[set[tuple[str, str]], set[tuple[str, str]]]:
+    """(leaves reached, all leaves) of Rules 1-20's decision trees by `records`' gold calls: a leaf is a branch
+    label and the call it decides ("5a", "OCR_v4"); 25 in all. With `base` (the override split), only the leaves
+    whose version the override changes count: the override split uses only those (mpi.data.gta._Ctx)."""
+    rules = rules or Rulebook("x")
+    leaves = set()
+    for tool in RULE_GROUPS:
+        original = dict(base.branches(tool)) if base is not None else {}
+        leaves |= {(label, f"{tool}_v{version}") for label, version in rules.branches(tool)
+                   if base is None or original[label] != version}
+    reached = {(json.loads(r["extra"])["rule_branch"], json.loads(r["answer"])["name"]) for r in records}
+    return reached & leaves, leaves

@@ -123,6 +123,22 @@ class Condition:
                          count=int(d.get("count", 1)), attr2=d.get("attr2"), value2=d.get("value2"))
 
 
+COMPACT_INSTRUCTION = ("Start at #1. If the image shows what a section names, go to its id plus .1, else plus .2, "
+                       "until a section gives the case.")
+
+
+def compact_condition(cond: Condition, image_attr: bool = False) -> str:
+    """A condition in the compact policy: 'metal', 'red cube', 'at least 2 red objects' (the words the scene lists);
+    with `image_attr` (-M) the first value is shown by an image: 'color of <image>'."""
+    if cond.kind == "count":
+        return f"at least {cond.count} {noun_phrase(cond.attrs(), plural=True)}"
+    attrs = cond.attrs()
+    words = [attrs[a] for a in ("size", "color", "material", "shape") if a in attrs]
+    if image_attr:
+        words = [w for w in words if w != cond.value] + [f"{cond.attr} of {IMAGE_PLACEHOLDER}"]
+    return " ".join(words)
+
+
 def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
@@ -239,6 +255,17 @@ class Policy:
             lines.append(f"- If no, {_goto(node.no)}")
             lines.append("")
         return "\n".join(lines).rstrip() + "\n"
+
+    def render_compact(self) -> str:
+        """The same tree in the toy presets' compact form: one line per section, the condition as its words
+        and a leaf as its case. A toy learns to read it far faster than the paper's prose: every section id is
+        one token of the toy tokenizer (`mpi.toy.COMPACT_TOKENS`), written once, so finding a section is a
+        single look-up, and a child's id follows from its parent's (yes adds .1, no adds .2)."""
+        lines = [f"Policy: {self.name}. {COMPACT_INSTRUCTION}"]
+        lines += [f"#{node.id} {compact_condition(node.condition, node.image is not None)}"
+                  for node in self.decision_nodes()]
+        lines += [f"#{leaf.id} {leaf.outcome}" for leaf in sorted(self.leaves(), key=lambda n: n.id)]
+        return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict[str, Any]:
         def rec(node: Node) -> dict[str, Any]:

@@ -598,8 +598,9 @@ def _letterbox(img: Image.Image) -> Image.Image:
     return square
 
 
-def scene_image(scene: dict[str, Any], image_size: int) -> Image.Image:
-    """The scene's picture: the real CLEVR file when the scene has one, else a rendering.
+def scene_image(scene: dict[str, Any], image_size: int, world: str = "clevr") -> Image.Image:
+    """The scene's picture: the real CLEVR file when the scene has one, else a rendering (`world="sprites"`:
+    the toy's flat sprite world, `mpi.data.sprites`).
 
     A real image (CLEVR's are 480x320) is letterboxed whole onto a square, then resized, so every
     object in the scene graph stays in the picture; `pixel_coords` from `load_clevr_scenes` are
@@ -610,6 +611,10 @@ def scene_image(scene: dict[str, Any], image_size: int) -> Image.Image:
         if "clevr_source" in scene:  # a real scene graph: its coordinates are not the renderer's
             raise SceneError(f"{scene['clevr_source']}: a real CLEVR scene without its image; load it with "
                              f"image_dir (DataConfig.clevr_image_dir) instead of drawing an empty floor")
+        if world == "sprites":
+            from .sprites import render_sprites
+
+            return render_sprites(scene, image_size)
         return render_scene(scene, image_size)
     try:
         with Image.open(path) as img:

@@ -4,6 +4,7 @@ exact natural sampling per outcome, natural scene statistics, unseen test scenes
 from __future__ import annotations
 
 import itertools
+import dataclasses
 import json
 import random
 from collections import Counter
@@ -92,17 +93,25 @@ def toy_train(toy_cfg):
     return build_clevr_policy(toy_cfg, split="train")
 
 
-def test_gold_matches_brute_force(toy_cfg, toy_train):
+@pytest.mark.parametrize("policy_format", ["compact", "paper"])
+def test_gold_matches_brute_force(toy_cfg, toy_train, policy_format):
     trees = {p.name: p.to_dict() for d in toy_cfg.depths for p in clevr_policies(d, toy_cfg.n_policies, toy_cfg.seed)}
-    assert len(toy_train) == 2 * 2 * 12
-    for item in toy_train:
+    data = toy_train if policy_format == toy_cfg.policy_format else build_clevr_policy(
+        dataclasses.replace(toy_cfg, policy_format=policy_format), split="train")
+    assert len(data) == 2 * 2 * 12
+    for item in data:
         scene = json.loads(item["extra"])["scene"]
         outcome, path = _brute_force_outcome(trees[item["policy_name"]], scene["objects"])
         assert item["answer"] == outcome
         assert item["gold_path"] == path
         # the CoT cites every condition id on the path, in order, and ends on the gold case
-        cited = [line.split(":")[0] for line in item["cot"].splitlines()[1:]]
-        assert cited == [f"# Condition {i}" for i in path]
+        if policy_format == "paper":
+            cited = [line.split(":")[0] for line in item["cot"].splitlines()[1:]]
+            assert cited == [f"# Condition {i}" for i in path]
+        else:  # the evidence line, one '#id word? yes|no' line per condition, then '#leaf Case k'
+            lines = item["cot"].splitlines()
+            assert [line.split(" ")[0] for line in lines[1:-1]] == [f"#{i}" for i in path]
+            assert lines[-1].startswith(f"#{path[-1]}.") and lines[0].startswith("colors: ")
         assert item["cot"].rstrip(".").endswith(item["answer"])
 
 
