@@ -14,7 +14,7 @@ import pytest
 from mpi.cli import main
 from mpi.config import get_config
 from mpi.integrity import damage, file_manifest, stage_damage
-from mpi.pipeline import PipelineError, check_run_dir, make_plan
+from mpi.pipeline import PipelineError, check_run_dir, config_key, make_plan, stage_config
 
 SFT = "stages/clevr-T-N2/seed0/cot-sft"
 ADAPTER = f"{SFT}/model/adapter_model.safetensors"
@@ -60,7 +60,12 @@ def test_done_json_records_every_file_with_its_size_and_sha256(finished):
         assert sorted(files) == on_disk and (on_disk or stage.startswith("cost/")), stage  # cost: all in done.json
         for rel, rec in files.items():  # computed here with hashlib, independently of mpi.integrity
             assert rec == {"size": (run / stage / rel).stat().st_size, "sha256": _sha(run / stage / rel)}, rel
-    assert "model/adapter_model.safetensors" in json.loads((run / SFT / "done.json").read_text())["files"]
+    done = json.loads((run / SFT / "done.json").read_text())
+    assert "model/adapter_model.safetensors" in done["files"]
+    # next to the stage's config and its key (a finished stage trained with another key is an error, never a skip)
+    plan = make_plan(get_config("tiny", out_dir=str(finished)), name="ci")
+    assert done["config_key"] == config_key(stage_config(plan, "cot-sft", 0, "clevr-T-N2"))
+    assert done["config"]["mode"] == "cot-sft"
 
 
 def test_a_truncated_adapter_is_named_and_the_stage_rebuilt(run_copy):
