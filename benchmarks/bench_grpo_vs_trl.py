@@ -66,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default="fast", choices=["fast", "hf"], help="ours: mpi.sampling or HF generate")
     p.add_argument("--no-shared-prompt", action="store_true", help="ours: score prompt + completion per row")
     p.add_argument("--bf16", action="store_true",
-                   help="bfloat16 mixed precision in both: ours GRPOConfig(bf16=True) (the scoring passes), TRL "
+                   help="bfloat16 mixed precision in both: ours GRPOConfig(bf16_scoring=True) (the scoring passes), TRL "
                         "TrainingArguments(bf16=True) (needs a CPU with AVX512-BF16 / AMX, or a GPU)")
     p.add_argument("--beta", type=float, default=0.01)
     p.add_argument("--lora-r", type=int, default=8)
@@ -119,9 +119,9 @@ def run_ours(args) -> dict:
     model, processor, items, device = load(args, lora=True)
     cfg = get_grpo_config("grpo", steps=args.warmup + args.steps, num_generations=args.num_generations,
                           prompts_per_step=args.prompts, max_completion_length=args.max_completion_length,
-                          beta=args.beta, learning_rate=args.lr, seed=args.seed, progress=False, print_every=0,
+                          beta=args.beta, learning_rate=args.lr, seed=args.seed, progress=False, log_every=0,
                           sample_every=0, log_behaviour_ratio=False, sampler=args.sampler,
-                          shared_prompt_scoring=not args.no_shared_prompt, bf16=args.bf16)
+                          shared_prompt_scoring=not args.no_shared_prompt, bf16_scoring=args.bf16)
     waits: list[float] = []
     real_collect = poro.collect_rollout
 

@@ -181,7 +181,7 @@ def child(name: str, model_name: str, stage: str, knobs: dict) -> dict:
             gen()
         dyn = memory.generation_parts(facts, k)
     else:  # rl-score: poro's own scoring forward + backward on the policy-free prompt
-        from mpi import poro
+        from mpi import logprobs
 
         G2 = k.num_generations * 2
         rows = G2 * k.prompts_per_process
@@ -189,17 +189,17 @@ def child(name: str, model_name: str, stage: str, knobs: dict) -> dict:
         prompt, _ = _inputs(processor, model, 1, k.free_prompt_tokens, image_size)
         ids = prompt["input_ids"]
         completion = torch.randint(10, 200, (rows, T))
-        batch = poro.ScoringBatch(
+        batch = logprobs.ScoringBatch(
             input_ids=torch.cat([ids.repeat(rows, 1), completion], 1), attention_mask=torch.ones(rows, ids.shape[1] + T, dtype=torch.long),
             mm_token_type_ids=(torch.cat([prompt["mm_token_type_ids"].repeat(rows, 1), torch.zeros_like(completion)], 1)
                                if "mm_token_type_ids" in prompt else None),
             completion_ids=completion, prompt_index=torch.zeros(rows, dtype=torch.long),
             prompt_grid=[prompt["image_grid_thw"]], prompt_pixels=[prompt["pixel_values"]])
-        poro.encode_images_once(model, batch)
+        logprobs.encode_images_once(model, batch)
         model.train()
 
         def score():
-            logp, _ = poro.forward_log_probs(model, batch, torch.arange(rows), 1.0)
+            logp, _ = logprobs.forward_log_probs(model, batch, torch.arange(rows), 1.0)
             (-logp.mean()).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -208,7 +208,7 @@ def child(name: str, model_name: str, stage: str, knobs: dict) -> dict:
         with PeakMeter(device) as meter:
             score()
         dyn = memory.scoring_parts(facts, k)
-        saved, out = _saved_bytes(lambda: poro.forward_log_probs(model, batch, torch.arange(rows), 1.0)[0])
+        saved, out = _saved_bytes(lambda: logprobs.forward_log_probs(model, batch, torch.arange(rows), 1.0)[0])
         del out
         row["saved_activations_mib"] = saved / 2**20
 

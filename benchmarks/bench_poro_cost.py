@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-completion-length", type=int, default=112)
     p.add_argument("--sampler", default="fast", choices=["fast", "hf"])
     p.add_argument("--no-shared-prompt", action="store_true")
-    p.add_argument("--bf16", action="store_true", help="GRPOConfig(bf16=True): the scoring passes in bfloat16")
+    p.add_argument("--bf16", action="store_true", help="GRPOConfig(bf16_scoring=True): the scoring passes in bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch's default)")
     args = p.parse_args(argv)
@@ -65,8 +65,9 @@ def main(argv=None) -> int:
     from mpi.data import build_clevr_policy, get_data_config
     from mpi.data.messages import build_messages
     from mpi.modeling import LoraSettings, load_model_and_processor
-    from mpi.poro import (PromptSampler, collect_rollout, encode_prompts, get_grpo_config, make_optimizer,
-                          make_reference, prompt_texts, train_on_rollout)
+    from mpi.poro import collect_rollout, get_grpo_config, make_reference, train_on_rollout
+    from mpi.engine import PromptSampler, make_optimizer
+    from mpi.sampling import encode_prompts, prompt_texts
     from mpi.toy import TOY_SPECS
 
     size = TOY_SPECS[args.model].image_size if args.model in TOY_SPECS else 224
@@ -87,8 +88,8 @@ def main(argv=None) -> int:
 
     G = args.num_generations
     common = dict(steps=args.steps + 1, prompts_per_step=args.prompts, max_completion_length=args.max_completion_length,
-                  seed=args.seed, progress=False, print_every=0, sample_every=0, sampler=args.sampler,
-                  shared_prompt_scoring=not args.no_shared_prompt, bf16=args.bf16)
+                  seed=args.seed, progress=False, log_every=0, sample_every=0, sampler=args.sampler,
+                  shared_prompt_scoring=not args.no_shared_prompt, bf16_scoring=args.bf16)
     configs = {
         f"GRPO 2G={2 * G}": get_grpo_config("grpo", num_generations=2 * G, **common),
         f"PoRo G+G={G}+{G}": get_grpo_config("poro-grpo", num_generations=G, log_behaviour_ratio=False, **common),

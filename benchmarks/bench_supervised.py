@@ -31,7 +31,7 @@ def run_one(model_name, dataset, stage, quantization, sparse, steps, batch_size,
     from mpi.supervised import SupervisedConfig, train_supervised
 
     model, processor = load_model_and_processor(model_name, quantization=quantization, lora=LoraSettings(r=8), seed=seed)
-    cfg = SupervisedConfig(mode=stage, max_steps=steps, batch_size=batch_size, learning_rate=1e-3, save_steps=10_000,
+    cfg = SupervisedConfig(mode=stage, max_steps=steps, batch_size=batch_size, learning_rate=1e-3, save_every=10_000,
                            max_length=4096, progress=False, sparse_logits=sparse, seed=seed)
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
@@ -72,7 +72,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--stages", default="cpt,sft_cot")
+    parser.add_argument("--stages", default="cpt,cot-sft")
     parser.add_argument("--quantization", default="none,4bit")
     parser.add_argument("--sparse", default="on,off")
     args = parser.parse_args(argv)

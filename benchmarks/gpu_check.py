@@ -1,9 +1,9 @@
 """First-GPU check: Qwen2.5-VL-3B's real architecture (random weights, no hub) through every stage.
 
 On a CUDA machine without hub access this builds the 3B model of the colab-t4 preset from its config
-(mpi.qwen_offline.QWEN25_VL_3B: hidden 2048, 36 layers, 16/2 heads, vocab 151,936, a 32-block 1280-wide
+(tests.qwen_offline.QWEN25_VL_3B: hidden 2048, 36 layers, 16/2 heads, vocab 151,936, a 32-block 1280-wide
 vision tower) with random weights, saves it as a model directory with Qwen's real tokenizer, chat template
-and image-processor settings (pip-shipped pieces, see mpi.qwen_offline), and loads it by path with the
+and image-processor settings (pip-shipped pieces, see tests.qwen_offline), and loads it by path with the
 project's own loader in two precisions:
 
     nf4-fp16   4-bit NF4 (QLoRA) with fp16 compute and a T4's mixed precision (no bf16): the colab-t4 path
@@ -189,12 +189,12 @@ def run_mode(mode: str, model_dir: Path, work: Path, shape: Shape, device: str, 
         row["estimate_gib"] = estimate(facts, "sft", dtype_name, quant, shape, batch_size=1, max_length=1)  # ~weights
         log_stage(row)
 
-        for stage, mode_name in (("vm-cpt", "cpt"), ("sft", "sft_cot")):
+        for stage, mode_name in (("vm-cpt", "cpt"), ("sft", "cot-sft")):
             row = stage_row(stage)
             try:
                 cfg = SupervisedConfig(mode=mode_name, max_steps=1, batch_size=1, grad_accum_steps=1, learning_rate=1e-4,
-                                       warmup_ratio=0.0, max_length=4096, progress=False, save_steps=100, seed=0,
-                                       lora_r=shape.lora_r, quantization=quant, gradient_checkpointing=True)
+                                       warmup_ratio=0.0, max_length=4096, progress=False, save_every=100, seed=0,
+                                       lora_r=shape.lora_r, quantization=quant)  # the model was loaded with gradient checkpointing
                 with meter.measure(row):
                     result = train_supervised(model, processor, train[:1], cfg, work / f"{mode}-{stage}", resume=False)
                 model = result["model"]
@@ -213,7 +213,7 @@ def run_mode(mode: str, model_dir: Path, work: Path, shape: Shape, device: str, 
             gcfg = get_grpo_config("poro-grpo", num_generations=shape.num_generations, prompts_per_step=1, steps=1,
                                    max_completion_length=shape.max_completion_length,
                                    micro_batch_size=shape.micro_batch_size, learning_rate=1e-6,
-                                   progress=False, print_every=0, sample_every=0, seed=0)
+                                   progress=False, log_every=0, sample_every=0, seed=0)
             with meter.measure(row):
                 result = train_poro(model, processor, train, gcfg, work / f"{mode}-poro", build_messages=build_messages,
                                     save_adapter=False)
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     import torch
 
-    from mpi.qwen_offline import QWEN25_VL_3B, tiny_architecture, write_qwen_vl_dir
+    from tests.qwen_offline import QWEN25_VL_3B, tiny_architecture, write_qwen_vl_dir
 
     device = "cpu" if args.cpu_smoke else "cuda"
     shape = CPU_SHAPE if args.cpu_smoke else GPU_SHAPE

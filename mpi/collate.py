@@ -11,9 +11,9 @@ Modes (labels equal to -100 carry no loss):
                `<|vision_start|>` / `<|vision_end|>` markers around them: they are part of the image's span
                that the processor writes, and "an image starts here" is layout, not policy knowledge.
                Set `mask_vision_markers=False` to train on the markers too.
-- "sft_cot"    (CoT SFT)   prompt (query, images) *without* the policy; loss on "<think>CoT</think>\\n\\boxed{A}"
+- "cot-sft"    (CoT SFT)   prompt (query, images) *without* the policy; loss on "<think>CoT</think>\\n\\boxed{A}"
                plus the closing `<|im_end|>` (so the model learns to stop), nothing else.
-- "sft_direct" (direct SFT) the same prompt; loss on "\\boxed{A}<|im_end|>" only.
+- "direct-sft" (direct SFT) the same prompt; loss on "\\boxed{A}<|im_end|>" only.
 
 `policy_in_context_frac` (SFT modes): that fraction of *batches* keeps the policy in the prompt (loss still on
 the response only). A batch is picked by a hash of (seed, its item ids), so a resumed run, which replays the
@@ -35,7 +35,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 IGNORE_INDEX = -100
-MODES = ("cpt", "sft_cot", "sft_direct")
+MODES = ("cpt", "cot-sft", "direct-sft")
 
 
 def _message_builders():
@@ -75,7 +75,7 @@ class SupervisedCollator:
     """Turns dataset items into a padded training batch with labels.
 
     processor: a Qwen2.5-VL processor (toy or real).
-    mode: "cpt" | "sft_cot" | "sft_direct" (see the module docstring).
+    mode: "cpt" | "cot-sft" | "direct-sft" (see the module docstring).
     max_length: sequences longer than this raise (truncating would cut image tokens or the target);
         `mpi.supervised.check_config` finds such items before training starts.
     """
@@ -117,12 +117,12 @@ class SupervisedCollator:
         return int.from_bytes(digest[:8], "big") / 2.0**64 < self.policy_in_context_frac
 
     def response(self, item: Mapping[str, Any]) -> str:
-        if self.mode == "sft_direct":
+        if self.mode == "direct-sft":
             return self.format_response(None, item["answer"])
         if not item.get("cot"):
             raise ValueError(
                 f"item {item.get('id', '?')}: mode {self.mode!r} needs a chain of thought but the 'cot' field is "
-                "empty; use mode='sft_direct' for answer-only items or filter them out")
+                "empty; use mode='direct-sft' for answer-only items or filter them out")
         return self.format_response(item["cot"], item["answer"])
 
     def encode_text(self, item: Mapping[str, Any], with_policy: bool | None = None) -> Encoded:

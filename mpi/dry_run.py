@@ -177,7 +177,7 @@ def check_data(plan, rep: DryRunReport) -> None:
 
 
 def check_stages(plan, rep: DryRunReport, device_type: str) -> None:
-    from mpi.pipeline import rl_config, supervised_config
+    from mpi.pipeline import stage_config
 
     rep.say("training stages (resolved configs)")
     kinds = []
@@ -190,7 +190,7 @@ def check_stages(plan, rep: DryRunReport, device_type: str) -> None:
             from mpi.supervised import check_config
 
             try:
-                sup = supervised_config(plan, stage, seed)
+                sup = stage_config(plan, stage, seed)
                 # the plain knobs and whether 4-bit can run on the device the run is for
                 check_config(sup, device_type=device_type)
             except (ValueError, TypeError) as err:
@@ -203,7 +203,7 @@ def check_stages(plan, rep: DryRunReport, device_type: str) -> None:
             rep.say(_wrap(f"  {stage:<11} SupervisedConfig ", sup.to_dict()))
         elif stage in RL_STAGES:
             try:  # what train_stage trains with, the preset's and the user's RL overrides included
-                gcfg = rl_config(plan, stage, seed, plan.dataset_keys[0])  # rl_epochs: steps of the first dataset
+                gcfg = stage_config(plan, stage, seed, plan.dataset_keys[0])  # rl_epochs: steps of the first dataset
             except (ValueError, TypeError) as err:
                 rep.problem(f"{stage} (GRPOConfig)", str(err),
                             "fix the RunConfig field it names (rl_steps, num_generations, max_completion_length, "
@@ -213,7 +213,7 @@ def check_stages(plan, rep: DryRunReport, device_type: str) -> None:
             rep.say(_wrap(f"  {stage:<11} GRPOConfig ", gcfg.to_dict()))
     opts = dict(plan.opts)
     rep.configs["eval"] = opts
-    rep.say(_wrap("  evaluation  ", {k: v for k, v in opts.items() if k != "grpo"}))
+    rep.say(_wrap("  evaluation  ", opts))
     for name in ("eval_batch_size", "eval_max_new_tokens", "prefill_items"):
         value = opts.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

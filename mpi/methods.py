@@ -12,16 +12,16 @@ from typing import Sequence
 # method -> its training chain (each element one stage, trained on top of the previous one)
 METHODS: dict[str, tuple[str, ...]] = {
     "in-context": (),
-    "direct-sft": ("sft-direct",),
-    "cot-sft": ("sft-cot",),
-    "vmcpt-cot-sft": ("cpt", "sft-cot"),
-    "cot-sft-grpo": ("sft-cot", "grpo"),
-    "cot-sft-dapo": ("sft-cot", "dapo"),
-    "vmcpt-cot-sft-grpo": ("cpt", "sft-cot", "grpo"),
-    "trimpi-grpo": ("cpt", "sft-cot", "poro-grpo"),
-    "trimpi-grpo-wrong": ("cpt", "sft-cot", "poro-grpo-wrong"),
-    "trimpi-grpo-adaptive": ("cpt", "sft-cot", "poro-grpo-adaptive"),
-    "trimpi-dapo": ("cpt", "sft-cot", "poro-dapo"),
+    "direct-sft": ("direct-sft",),
+    "cot-sft": ("cot-sft",),
+    "vmcpt-cot-sft": ("cpt", "cot-sft"),
+    "cot-sft-grpo": ("cot-sft", "grpo"),
+    "cot-sft-dapo": ("cot-sft", "dapo"),
+    "vmcpt-cot-sft-grpo": ("cpt", "cot-sft", "grpo"),
+    "trimpi-grpo": ("cpt", "cot-sft", "poro-grpo"),
+    "trimpi-grpo-wrong": ("cpt", "cot-sft", "poro-grpo-wrong"),
+    "trimpi-grpo-adaptive": ("cpt", "cot-sft", "poro-grpo-adaptive"),
+    "trimpi-dapo": ("cpt", "cot-sft", "poro-dapo"),
 }
 METHOD_LABELS = {
     "in-context": "in-context policy (zero-shot)",
@@ -40,7 +40,7 @@ DEFAULT_METHODS = ("in-context", "cot-sft", "trimpi-grpo")
 # The RL issue's table: RL above SFT? PoRo above plain GRPO? and the wrong-policy control (`--table`).
 TABLE_METHODS = ("in-context", "cot-sft", "cot-sft-grpo", "vmcpt-cot-sft", "vmcpt-cot-sft-grpo", "trimpi-grpo",
                  "trimpi-grpo-wrong")
-SUPERVISED_STAGES = ("cpt", "sft-cot", "sft-direct")  # trained by mpi.supervised
+SUPERVISED_STAGES = ("cpt", "cot-sft", "direct-sft")  # trained by mpi.supervised
 RL_STAGES = ("grpo", "dapo", "poro-grpo", "poro-dapo", "poro-grpo-wrong", "poro-grpo-adaptive")  # trained by mpi.poro
 
 

@@ -6,7 +6,10 @@ first drops rows past step k so a run resumed from a checkpoint at step k never 
 
 from __future__ import annotations
 
+import base64
 import csv
+import html
+import io
 import json
 import math
 import os
@@ -14,6 +17,16 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from mpi.atomic import atomic_write_text
+
+
+MAX_PROGRESS_LINES = 50  # printed lines per training stage unless log_every says otherwise
+
+
+def progress_every(log_every: int | None, total_steps: int | None) -> int:
+    """Steps between two printed progress lines: log_every, else at most MAX_PROGRESS_LINES lines."""
+    if log_every:
+        return max(1, int(log_every))
+    return max(1, math.ceil((total_steps or 1) / MAX_PROGRESS_LINES))
 
 
 class MetricsLogger:
@@ -129,3 +142,109 @@ def plot_metrics(source: str | os.PathLike | list[dict[str, Any]], keys: Iterabl
         fig.savefig(out_png, dpi=100)
     return fig
 
+
+# =========================================================================== RL: sample tables, validation curve
+
+
+def _thumbnail_b64(image, size: int = 96) -> str:
+    img = image.copy()
+    img.thumbnail((size, size))
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_sample_table(out_dir: str | Path, step: int, ro, max_groups: int = 2) -> Path:
+    """samples/step_XXXXXX.html (image, query, each completion, its origin and reward) and .jsonl."""
+    G2 = ro.completion_ids.shape[0] // ro.num_groups
+    records, rows_html = [], []
+    for g, item in enumerate(ro.items[:max_groups]):
+        images = item.get("images") or []
+        thumb = f'<img src="data:image/png;base64,{_thumbnail_b64(images[0])}"/>' if images else ""
+        for k in range(G2):
+            r = g * G2 + k
+            rec = {"step": step, "id": item.get("id"), "origin": "guided" if bool(ro.guided[r]) else "own",
+                   "answer": item.get("answer"), "completion": ro.texts[r],
+                   **{key: float(v[r]) for key, v in ro.rewards.items()}}
+            records.append(rec)
+            rows_html.append(
+                f"<tr><td>{thumb if k == 0 else ''}</td><td>{html.escape(str(item.get('query', '')))[:200] if k == 0 else ''}"
+                f"</td><td>{rec['origin']}</td><td><pre>{html.escape(rec['completion'])}</pre></td>"
+                f"<td>{html.escape(str(rec['answer']))}</td><td>{rec['reward']:.2f}</td></tr>")
+    table = ("<table><tr><th>image</th><th>query</th><th>origin</th><th>completion</th><th>gold</th><th>reward</th></tr>"
+             + "".join(rows_html) + "</table>")
+    base = Path(out_dir) / "samples" / f"step_{step:06d}"
+    atomic_write_text(base.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in records))
+    return atomic_write_text(base.with_suffix(".html"), table)
+
+
+def plot_validation(run_dir: str | Path, out_png: str | Path | None = None):
+    """The validation curve and the own / guided training rewards of a run (reads its metrics.jsonl)."""
+    rows = read_metrics(run_dir)
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("val/") and "reward" not in k]
+    keys += [k for k in ("own/reward_mean", "guided/reward_mean", "all/zero_std_frac", "guidance/guided_group_frac")
+             if any(k in r for r in rows)]
+    return plot_metrics(rows, keys, out_png=out_png, title=str(run_dir))
+
+
+# =========================================================================== RL: metrics per origin (own / guided)
+
+
+def origin_metrics(ro, adv: torch.Tensor, loss_mask: torch.Tensor, token_stats: dict, group_size: int,
+                   cfg) -> dict[str, float]:
+    """Reward, accuracy, advantage, KL, entropy, clipping, lengths, ratios: for all rows and per origin."""
+    import numpy as np
+    import torch
+
+    from mpi.grpo import masked_mean
+
+    out: dict[str, float] = {}
+    lengths = ro.eos_mask.sum(1).float()
+    origins = [("all", torch.ones_like(ro.guided))] + [("own", ~ro.guided)] + ([("guided", ro.guided)] if ro.guided.any() else [])
+    for name, sel in origins:
+        if not sel.any():
+            continue
+        rows_mask = loss_mask * sel.unsqueeze(1)
+        eos_rows = ro.eos_mask * sel.unsqueeze(1)
+        r = ro.rewards["reward"][sel]
+        out[f"{name}/reward_mean"] = float(r.mean())
+        out[f"{name}/reward_std"] = float(r.std(unbiased=False))
+        out[f"{name}/accuracy"] = float(ro.rewards["accuracy"][sel].mean())
+        if "format" in ro.rewards:
+            out[f"{name}/format"] = float(ro.rewards["format"][sel].mean())
+        out[f"{name}/advantage_mean"] = float(adv[sel].mean())
+        out[f"{name}/completion_length"] = float(lengths[sel].mean())
+        out[f"{name}/truncated_frac"] = float(ro.truncated[sel].float().mean())
+        out[f"{name}/entropy"] = masked_mean(token_stats["entropy"], eos_rows)
+        out[f"{name}/clip_low_frac"] = masked_mean(token_stats["clip_low"], rows_mask)
+        out[f"{name}/clip_high_frac"] = masked_mean(token_stats["clip_high"], rows_mask)
+        out[f"{name}/ratio_mean"] = masked_mean(token_stats["ratio"], rows_mask)
+        out[f"{name}/ratio_max"] = float(token_stats["ratio"][rows_mask.bool()].max()) if rows_mask.any() else math.nan
+        if cfg.beta > 0:
+            out[f"{name}/kl"] = masked_mean(token_stats["kl"], rows_mask)
+        # groups whose rows of this origin all got the same reward (among the groups that have such rows:
+        # with adaptive_guidance the pattern differs from group to group)
+        per_group, sel_groups = ro.rewards["reward"].view(-1, group_size), sel.view(-1, group_size)
+        flat = [float(per_group[g][sel_groups[g]].max() - per_group[g][sel_groups[g]].min()) <= 1e-6
+                for g in range(per_group.shape[0]) if sel_groups[g].any()]
+        out[f"{name}/zero_std_frac"] = float(np.mean(flat))
+    return out
+
+
+def behaviour_ratio_metrics(old_logp: torch.Tensor, behaviour: torch.Tensor, eos_mask: torch.Tensor,
+                            guided: torch.Tensor, cap: float) -> dict[str, float]:
+    """How far pi_old(o|q) / pi_old(o|q,P) is from 1 on the guided responses (1 = no mismatch)."""
+    mask = eos_mask[guided].bool()
+    log_ratio = (old_logp[guided] - behaviour[guided])
+    tok = log_ratio[mask]
+    if tok.numel() == 0:
+        return {}
+    seq = (log_ratio * mask).sum(1)
+    return {
+        "guided/is_ratio_mean": float(tok.exp().mean()),
+        "guided/is_ratio_min": float(tok.exp().min()),
+        "guided/is_ratio_max": float(tok.exp().max()),
+        "guided/is_log_ratio_mean": float(tok.mean()),
+        "guided/is_seq_log_ratio_mean": float(seq.mean()),
+        "guided/is_capped_frac": float((tok.exp() > cap).float().mean()),
+    }

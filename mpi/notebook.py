@@ -2,13 +2,15 @@
 
 The notebooks are one chain in the pipeline's run folder (`mpi.pipeline`, `runs/<name>/...`):
 
-    01 data/<dataset>/...   02 stages/<dataset>/seed<k>/cpt   03 .../sft-cot and .../cpt+sft-cot
-    04 .../cpt+sft-cot+poro-grpo                              05 eval/<dataset>/seed<k>/<method>
+    01 data/<dataset>/...   02 stages/<dataset>/seed<k>/cpt   03 .../cot-sft and .../cpt+cot-sft
+    04 .../cpt+cot-sft+poro-grpo                              05 eval/<dataset>/seed<k>/<method>
 
-Each stage is made by the pipeline's own function (`build_data`, `train_stage`, `evaluate_method`) through
-`run_stage`, so a notebook and `python -m mpi --preset <p>` train with the same settings and write the same
-folders: what one made, the other skips. A notebook opened alone builds a missing earlier stage with the same
-function and says so.
+Notebooks 02-04 train their own stage in view: `pipeline.stage_config` (the config the pipeline trains
+with, shown and editable), then `train_supervised` / `train_poro` between `pipeline.start_stage` and
+`pipeline.finish_stage`, run by `pipeline.train_in_run` into the stage's folder; an edited config trains
+into its own folder (`<chain>@<config key>`). With the run's config, a notebook and `python -m mpi --preset
+<p>` write the same folders: what one made, the other skips. A notebook opened alone builds a missing earlier
+stage with the pipeline's `train_stage` (`ensure_stage`) and says so.
 """
 
 from __future__ import annotations
@@ -135,19 +137,18 @@ def ensure_base(plan) -> str:
     return pipeline.base_model_path(plan)
 
 
-WHO_MAKES = {"cpt": "notebook 02", "sft-cot": "notebook 03", "sft-direct": "notebook 03",
+WHO_MAKES = {"cpt": "notebook 02", "cot-sft": "notebook 03", "direct-sft": "notebook 03",
              "grpo": "notebook 04", "dapo": "notebook 04", "poro-grpo": "notebook 04", "poro-dapo": "notebook 04"}
 
 
-def ensure_stage(plan, chain: Sequence[str], key: str | None = None, seed: int | None = None, *,
-                 here: bool = False) -> dict[str, Any]:
-    """The trained model of `chain` (e.g. ("cpt", "sft-cot")), trained with `pipeline.train_stage` if missing,
-    parents first. here=True: this notebook's own stage (no "missing" note). Returns its done.json."""
+def ensure_stage(plan, chain: Sequence[str], key: str | None = None, seed: int | None = None) -> dict[str, Any]:
+    """The trained model of `chain` (e.g. ("cpt", "cot-sft")) with the run's stage configs, trained with
+    `pipeline.train_stage` if missing, parents first (an earlier notebook's stages). Returns its done.json."""
     from mpi import pipeline
 
     chain = tuple(chain)
     if not chain:
-        raise ValueError("ensure_stage needs a chain of stages, e.g. ('cpt', 'sft-cot'); the base model is ensure_base")
+        raise ValueError("ensure_stage needs a chain of stages, e.g. ('cpt', 'cot-sft'); the base model is ensure_base")
     key = key or plan.dataset_keys[0]
     seed = plan.seeds[0] if seed is None else seed
     ensure_data(plan, key)
@@ -155,35 +156,40 @@ def ensure_stage(plan, chain: Sequence[str], key: str | None = None, seed: int |
     for i in range(1, len(chain) + 1):
         sub = chain[:i]
         path = plan.stage_dir(key, seed, sub)
-        own = here and i == len(chain)
-        if not pipeline.is_done(path) and not own:
+        if not pipeline.is_done(path):
             print(f"{path} is missing ({WHO_MAKES.get(sub[-1], 'an earlier notebook')} makes it): "
                   "training it now with pipeline.train_stage")
-        # run_training_stage: a killed stage resumes from its checkpoints in <chain>.partial/
-        done = pipeline.run_training_stage(plan, _timer(plan), f"train/{key}/seed{seed}/{'+'.join(sub)}", path,
-                      lambda tmp, s=sub: pipeline.train_stage(plan, key, seed, s, tmp), _log)
+        # a killed stage resumes from its checkpoints in <chain>.partial/
+        config = pipeline.stage_config(plan, sub[-1], seed, key)
+        done = pipeline.train_in_run(plan, key, seed, sub, config,
+                                     lambda tmp, s=sub, c=config: pipeline.train_stage(plan, key, seed, s, tmp, c), _log)
     return done
 
 
-def stage_path(plan, chain: Sequence[str], key: str | None = None, seed: int | None = None) -> Path:
-    """Where `chain`'s stage lives: model/ (the adapter) and work/ (metrics.jsonl, samples)."""
-    return plan.stage_dir(key or plan.dataset_keys[0], plan.seeds[0] if seed is None else seed, tuple(chain))
+def stage_path(plan, chain: Sequence[str], key: str | None = None, seed: int | None = None, config=None) -> Path:
+    """Where `chain`'s stage lives: model/ (the adapter) and work/ (metrics.jsonl, samples). `config`: the
+    stage config it was trained with, if not the run's (`pipeline.stage_folder`: `<chain>@<config key>`)."""
+    from mpi import pipeline
+
+    key = key or plan.dataset_keys[0]
+    return pipeline.stage_folder(plan, key, plan.seeds[0] if seed is None else seed, tuple(chain), config)
 
 
 def load_stage_model(plan, chain: Sequence[str] = (), key: str | None = None, seed: int | None = None,
-                     trainable: bool = False):
+                     trainable: bool = False, config=None):
     """(model, processor) of a finished stage, loaded as the pipeline loads it; chain=() is the base model."""
     from mpi import pipeline
 
     seed = plan.seeds[0] if seed is None else seed
-    adapter = stage_path(plan, chain, key, seed) / "model" if chain else None
+    adapter = stage_path(plan, chain, key, seed, config) / "model" if chain else None
     return pipeline.load_for_stage(plan, seed, adapter, trainable=trainable)
 
 
-def stage_metrics(plan, chain: Sequence[str], key: str | None = None, seed: int | None = None) -> list[dict]:
+def stage_metrics(plan, chain: Sequence[str], key: str | None = None, seed: int | None = None,
+                  config=None) -> list[dict]:
     from mpi.metrics import read_metrics
 
-    return read_metrics(stage_path(plan, chain, key, seed) / "work")
+    return read_metrics(stage_path(plan, chain, key, seed, config) / "work")
 
 
 def ensure_eval(plan, method: str, key: str | None = None, seed: int | None = None) -> dict[str, Any]:
@@ -199,4 +205,5 @@ def ensure_eval(plan, method: str, key: str | None = None, seed: int | None = No
         ensure_data(plan, key)
         ensure_base(plan)
     return pipeline.run_stage(plan, _timer(plan), f"eval/{key}/seed{seed}/{method}", plan.eval_dir(key, seed, method),
-                              lambda tmp: pipeline.evaluate_method(plan, key, seed, method, tmp), _log)
+                              lambda tmp: pipeline.evaluate_method(plan, key, seed, method, tmp), _log,
+                              settings=plan.opts)

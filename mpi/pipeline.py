@@ -24,7 +24,7 @@ ones. Layout of `runs/<name>/`:
 
     run.json                     the config (a rerun with a different config needs a new --name)
     data/<dataset>/<split>/      the datasets (clevr-T-N2, gta, ...)
-    stages/<dataset>/seed<k>/<chain>/   one trained adapter per training chain (cpt, cpt+sft-cot, ...)
+    stages/<dataset>/seed<k>/<chain>/   one trained adapter per training chain (cpt, cpt+cot-sft, ...)
     stages/<dataset>/seed<k>/<chain>.partial/   a training stage under way (checkpoints; resumed on rerun)
     eval/<dataset>/seed<k>/<method>/    results.json per method
     cost/<dataset>/              tokens and prefill with and without the policy
@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mpi.atomic import atomic_directory, atomic_write_json
+from mpi.engine import save_model
 from mpi.integrity import MANIFEST_KEY, file_manifest, stage_damage
 from mpi.config import BOOKKEEPING_FIELDS, PRESETS, RunConfig, get_config
 # The methods, their chains and the stage kinds live in mpi.methods (the report and the dry run read them
@@ -57,49 +58,46 @@ from mpi.methods import (DEFAULT_METHODS, METHODS, RL_STAGES, SUPERVISED_STAGES,
                          training_chains)
 
 
-# Evaluation knobs per preset (RunConfig.extra overrides them by the same names). "grpo" holds
-# GRPOConfig overrides for the RL stages: on tiny, DAPO's dynamic sampling would retry 20 times per step
-# (a model that has learned nothing gives only all-equal groups), which proves nothing but costs minutes.
+# Evaluation knobs per preset (RunConfig.extra overrides them by the same names).
+# toy: the headline accuracy on all 200 test items (the first 64 and all 200 differ by 14 points on one model);
+# policy back in context and override on the first 64 (eval_side_limit), to keep the laptop run short.
 EVAL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "tiny": dict(eval_limit=8, eval_batch_size=8, eval_max_new_tokens=24, prefill_items=2, toy_base="tiny",
-                 # validation every step proves the path; keep_best stays off: toy-tiny scores 0 on every val item,
-                 # so the best smoothed step would always be the start and the RL stage would be a copy of SFT
-                 # the IS log off, as on the toy: the sampler's log-probs it now reads differ by ~1e-7 between the
-                 # notebooks' run and the CLI's (cause not found), and the notebook = CLI test compares exactly
-                 grpo={"max_resample_tries": 2, "eval_every": 1, "eval_samples": 1, "log_behaviour_ratio": False}),
+    "tiny": dict(eval_limit=8, eval_batch_size=8, eval_max_new_tokens=24, prefill_items=2, toy_base="tiny"),
     # A compact ClevrPolicy CoT is up to 53 (N=2) / 65 (N=4) toy tokens: answers must fit (RunConfig.max_completion_length).
-    # The importance-ratio log is off on the laptop (see "tiny"); it no longer costs a pass (the sampler's log-probs).
-    # Temperature 0.7: at 1.0 a quarter of the toy's samples lost the answer format (format reward 0.74 vs 0.98).
-    # The headline accuracy on all 200 test items (the first 64 read 56% where all 200 read 70%, same model);
-    # policy back in context and override on the first 64 (eval_side_limit), to keep the laptop run short.
     "toy": dict(eval_limit=200, eval_side_limit=64, eval_batch_size=16, eval_max_new_tokens=96, prefill_items=8,
-                toy_base="toy",
-                grpo={"log_behaviour_ratio": False, "temperature": 0.7,
-                      # the schedule a fresh Adam needs, and the validation split's sampled accuracy every 10 steps
-                      # (2 answers per val item, smoothed): the stage keeps its best checkpoint, the start included
-                      "warmup_steps": 3, "lr_scheduler_type": "cosine", "eval_every": 10, "eval_samples": 2,
-                      "keep_best": True}),
-    # The GPU presets: the same schedule and best-validation checkpoint. colab-t4 is sized to one Colab session
-    # (mpi.wall_time's estimate): validation every 20 of its 60 steps, one answer per val item; the headline on 100
-    # test items, the side views on 32, 8 answers per generate call (decoding on a T4 costs about the same for 4
-    # or 8 rows); 256 new tokens hold an N=2 answer (~95 tokens) with room.
+                toy_base="toy"),
+    # colab-t4 is sized to one Colab session (mpi.wall_time's estimate): the headline on 100 test items, the side
+    # views on 32, 8 answers per generate call (decoding on a T4 costs about the same for 4 or 8 rows); 256 new
+    # tokens hold an N=2 answer (~95 tokens) with room.
     "colab-t4": dict(eval_limit=100, eval_side_limit=32, eval_batch_size=8, eval_max_new_tokens=256, prefill_items=8,
-                     toy_base=None,
-                     grpo={"warmup_steps": 5, "lr_scheduler_type": "cosine", "eval_every": 20, "eval_samples": 1,
-                           "keep_best": True}),
-    "paper": dict(eval_limit=None, eval_batch_size=8, eval_max_new_tokens=1024, prefill_items=16, toy_base=None,
-                  grpo={"warmup_steps": 10, "lr_scheduler_type": "cosine", "eval_every": 50, "eval_samples": 2,
-                        "keep_best": True}),
+                     toy_base=None),
+    "paper": dict(eval_limit=None, eval_batch_size=8, eval_max_new_tokens=1024, prefill_items=16, toy_base=None),
+}
+
+# GRPOConfig fields each preset sets for its RL stages (`stage_config`; RunConfig.extra["grpo"] overrides them).
+RL_PRESETS: dict[str, dict[str, Any]] = {
+    # Proves the path in seconds: DAPO's dynamic sampling retries twice, not 20 times (a model that learned
+    # nothing gives only all-equal groups); validation every step, but keep_best off (toy-tiny scores 0 on every
+    # validation item, so the best step would be the start). The IS log off: the sampler's log-probs it reads
+    # differ by ~1e-7 between two runs of one stage, and the notebook = CLI test compares metrics exactly.
+    "tiny": dict(max_resample_tries=2, eval_every=1, eval_samples=1, log_behaviour_ratio=False),
+    # Temperature 0.7: at 1.0 a quarter of the toy's samples lost the answer format (format reward 0.74 vs 0.98).
+    # A warm-up for the fresh Adam, a cosine, and the validation split's sampled accuracy every 10 steps
+    # (2 answers per item, smoothed): the stage keeps its best checkpoint, the start included. The IS log off
+    # as on tiny.
+    "toy": dict(log_behaviour_ratio=False, temperature=0.7, warmup_steps=3, lr_scheduler_type="cosine",
+                eval_every=10, eval_samples=2, keep_best=True),
+    # The GPU presets: the same schedule and best-validation checkpoint. colab-t4 is sized to one Colab session
+    # (mpi.wall_time's estimate): validation every 20 of its 60 steps, one answer per validation item. paper:
+    # validated every 50 steps (32 validation items x 3 answers on a 3B model cost about 3 RL steps).
+    "colab-t4": dict(warmup_steps=5, lr_scheduler_type="cosine", eval_every=20, eval_samples=1, keep_best=True),
+    "paper": dict(warmup_steps=10, lr_scheduler_type="cosine", eval_every=50, eval_samples=2, keep_best=True),
 }
 
 
 class PipelineError(ValueError):
     """A bad argument or a run directory that does not match the requested config."""
 
-
-# Progress: at most this many printed lines per training stage unless RunConfig.log_every says otherwise.
-MAX_PROGRESS_LINES = 50
-PROGRESS_KEYS = ("loss", "grad_norm", "learning_rate", "tokens_per_s")
 
 # Every RunConfig.extra key the pipeline (and the stages it calls) reads. Anything else is a typo: refused,
 # with the valid names, instead of being filed away silently (`--set rl_setps=60`).
@@ -216,7 +214,6 @@ def dataset_keys(datasets: Sequence[str], depths: Sequence[int], variant: str = 
 def eval_options(cfg: RunConfig) -> dict[str, Any]:
     opts = dict(EVAL_DEFAULTS.get(cfg.preset, EVAL_DEFAULTS["toy"]))
     opts.update({k: v for k, v in cfg.extra.items() if k in opts or k.startswith("eval_") or k.startswith("toy_base")})
-    opts["grpo"] = {**EVAL_DEFAULTS.get(cfg.preset, {}).get("grpo", {}), **cfg.extra.get("grpo", {})}
     return opts
 
 
@@ -287,17 +284,28 @@ class Timer:
 
 
 def run_stage(plan: Plan, timer: Timer, stage: str, path: Path, fn: Callable[[Path], dict[str, Any]],
-              log: Callable[[str], None]) -> dict[str, Any]:
-    """Run `fn(tmp_dir)` into `path` atomically unless `path` is already done (and intact); return its done.json."""
+              log: Callable[[str], None], settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run `fn(tmp_dir)` into `path` atomically unless `path` is already done (and intact); return its done.json.
+    `settings` (e.g. an evaluation's options) go into done.json; a finished stage made with other settings is
+    an error, never a skip."""
+    settings = None if settings is None else json.loads(json.dumps(settings, default=str))
     if finished_intact(path, stage, log):
+        done = read_done(path)
+        if settings is not None and done.get("settings", settings) != settings:
+            diff = sorted(k for k in set(settings) | set(done["settings"]) if settings.get(k) != done["settings"].get(k))
+            raise PipelineError(f"{stage}: {path} was made with other settings ({diff}); use a new run name, or "
+                                "delete that folder to make it again")
         log(f"[skip] {stage} (done)")
         timer.record(stage, 0.0, skipped=True)
-        return read_done(path)
+        return done
     log(f"[run ] {stage}")
     t0 = time.perf_counter()
     with atomic_directory(path) as tmp:
         result = fn(tmp) or {}
-        result = with_manifest({**result, "stage": stage, "seconds": time.perf_counter() - t0}, tmp)
+        result = {**result, "stage": stage, "seconds": time.perf_counter() - t0}
+        if settings is not None:
+            result["settings"] = settings
+        result = with_manifest(result, tmp)
         atomic_write_json(tmp / "done.json", result)
     timer.record(stage, result["seconds"], skipped=False)
     log(f"[done] {stage} in {result['seconds']:.1f}s")
@@ -318,7 +326,7 @@ class Processes:
     def __init__(self):
         import torch
 
-        from mpi.scale import distributed as dist
+        from mpi import distributed as dist
 
         self.world = dist.num_processes()
         self.main = dist.is_main_process()
@@ -364,10 +372,14 @@ def publish(partial: Path, path: Path) -> None:
 
 
 def run_training_stage(plan: Plan, timer: Timer, stage: str, path: Path, fn: Callable[[Path], dict[str, Any]],
-                       log: Callable[[str], None]) -> dict[str, Any]:
+                       log: Callable[[str], None], config=None) -> dict[str, Any]:
     """Like run_stage, but `fn` works in `<path>.partial/`, which survives a killed run: the stage resumes from
     its checkpoints there. Finished, the directory gets done.json and is renamed to `path` (the next stage
-    only ever sees finished stages). Every process calls this and `fn`; the main process writes."""
+    only ever sees finished stages). Every process calls this and `fn`; the main process writes.
+
+    `config` (the stage config `fn` trains with) goes into done.json with its `config_key`; a finished stage
+    whose recorded key differs is an error, never a silent skip (`stage_folder` gives another config its own
+    folder, so this only meets a run folder whose settings were changed under it)."""
     procs = processes()
     procs.barrier()
     partial = partial_dir(path)
@@ -375,15 +387,25 @@ def run_training_stage(plan: Plan, timer: Timer, stage: str, path: Path, fn: Cal
     if procs.main:  # a damaged finished stage (or trained work folder) is set aside and trained again
         state = ("done" if finished_intact(path, stage, log) else
                  "trained" if finished_intact(partial, stage + " (trained, not yet published)", log) else
-                 "resume" if partial.exists() else "new")
+                 "saved" if (partial / "model").exists() else "resume" if partial.exists() else "new")
     state = procs.share(state)
+    record = {} if config is None else {"config_key": config_key(config), "config": dataclasses.asdict(config)}
     if state == "done":
+        done = read_done(path)
+        if record and done.get("config_key", record["config_key"]) != record["config_key"]:
+            old = done.get("config", {})
+            diff = sorted(k for k in set(old) | set(record["config"]) if k not in STAGE_BOOKKEEPING
+                          and json.dumps(old.get(k), default=str) != json.dumps(record["config"].get(k), default=str))
+            raise PipelineError(f"{stage}: {path} was trained with another config (fields {diff}); train this one "
+                                "in its own folder (pipeline.stage_folder), or delete that stage to retrain it")
         log(f"[skip] {stage} (done)")
         if procs.main:
             timer.record(stage, 0.0, skipped=True)
-        return read_done(path)
+        return done
     t0 = time.perf_counter()
-    if state != "trained":
+    if state == "saved":  # trained and saved, killed before done.json: nothing to train again
+        result = json.loads((partial / "summary.json").read_text())
+    if state in ("new", "resume"):
         log(f"[{'run ' if state == 'new' else 'resume'}] {stage}" + (f" from {partial}" if state == "resume" else ""))
         from mpi.supervised import ConfigError
 
@@ -392,9 +414,10 @@ def run_training_stage(plan: Plan, timer: Timer, stage: str, path: Path, fn: Cal
         except ConfigError as err:  # checkpoints in the work directory made with other settings
             raise PipelineError(f"{stage}: {err}\n(pipeline: delete {partial} to train this stage from the start, "
                                 "or rerun with the settings it was started with)") from err
-        if procs.main:
-            atomic_write_json(partial / "done.json",
-                              with_manifest({**result, "stage": stage, "seconds": time.perf_counter() - t0}, partial))
+    if procs.main and state != "trained":
+        atomic_write_json(partial / "done.json",
+                          with_manifest({**result, **record, "stage": stage, "resumed": state == "resume",
+                                         "seconds": time.perf_counter() - t0}, partial))
     if procs.main:
         seconds = read_done(partial)["seconds"]
         publish(partial, path)
@@ -403,6 +426,16 @@ def run_training_stage(plan: Plan, timer: Timer, stage: str, path: Path, fn: Cal
     result = read_done(path)
     log(f"[done] {stage} in {result['seconds']:.1f}s" + (" (this run's part of it)" if state != "new" else ""))
     return result
+
+
+def train_in_run(plan: Plan, key: str, seed: int, chain: Sequence[str], config, fn: Callable[[Path], dict[str, Any]],
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train the last stage of `chain` with `config` by `fn(work_dir)` into its folder in the run
+    (`stage_folder`: a changed config is a new stage), unless it is finished; returns its done.json."""
+    chain = tuple(chain)
+    path = stage_folder(plan, key, seed, chain, config)
+    return run_training_stage(plan, Timer(plan.run_dir), f"train/{key}/seed{seed}/{path.name}", path, fn, log,
+                              config=config)
 
 
 # =========================================================================== data
@@ -537,94 +570,83 @@ def _load_stage_model(plan: Plan, adapter: Path, common: dict[str, Any]):
         raise
 
 
-def save_model(model, processor, out: Path, base_path: str) -> Path:
-    """An adapter directory (LoRA) or, for full fine-tuning, a loadable model directory."""
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    if not hasattr(model, "peft_config"):
-        processor.save_pretrained(out)
-        processor.tokenizer.save_pretrained(out)
-        spec = Path(base_path) / "toy_spec.json"
-        if spec.is_file():  # the toy processor is rebuilt from its spec
-            shutil.copy(spec, out / "toy_spec.json")
-    return out
-
-
 # =========================================================================== training stages
 
 
-def supervised_config(plan: Plan, stage: str, seed: int, **overrides: Any):
-    """The supervised stage's config (mpi.supervised) from the RunConfig fields.
+def stage_config(plan: Plan, stage: str, seed: int, key: str | None = None):
+    """The config a training stage trains with: THE one mapping from the RunConfig to the stage configs.
 
-    The batch is the global one (RunConfig.batch_size x grad_accum_steps over all processes): under
-    `accelerate launch` each process gets its share (per_process_config), so that W processes take the same
-    optimizer steps as one. Checkpoints every RunConfig.save_every steps (the resume point)."""
-    from mpi.supervised import SupervisedConfig
+    "cpt", "cot-sft", "direct-sft" -> a SupervisedConfig: cpt_* or sft_* epochs and learning rate, the shared
+    batch, max_length, LoRA and memory fields, then RunConfig.extra["cpt"] / ["sft"]. The RL stages -> a
+    GRPOConfig: the method's preset (mpi.poro.GRPO_PRESETS) with the rl_* fields (rl_epochs through
+    `rl_steps`, which needs the dataset `key`), then the run preset's RL_PRESETS and RunConfig.extra["grpo"].
+    Both checkpoint every RunConfig.save_every steps and print a line every log_every steps.
 
-    mode = {"cpt": "cpt", "sft-cot": "sft_cot", "sft-direct": "sft_direct"}[stage]
-    cfg = per_process_config(plan.cfg, processes().world)
-    values = dict(seed=seed, save_steps=max(1, int(cfg.save_every)), save_total_limit=2, logging_steps=1)
-    return SupervisedConfig.from_run_config(cfg, mode, **{**values, **overrides})
+    The pipeline trains every stage with this config and the notebooks show it, edit it and train with it;
+    a stage trained with another config lives in another folder (`stage_folder`). The batch is the global
+    one: `split_batch` gives each process of an `accelerate launch` its share."""
+    cfg = plan.cfg
+    if stage in SUPERVISED_STAGES:
+        from mpi.supervised import SupervisedConfig
+
+        cpt = stage == "cpt"
+        values = dict(
+            mode=stage, epochs=cfg.cpt_epochs if cpt else cfg.sft_epochs,
+            learning_rate=cfg.cpt_learning_rate if cpt else cfg.sft_learning_rate,
+            batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps, max_length=cfg.max_length,
+            seed=seed, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            quantization=cfg.quantization,
+            policy_in_context_frac=0.0 if cpt else cfg.sft_policy_in_context_frac,
+            save_every=max(1, int(cfg.save_every)), save_total_limit=2, logging_steps=1, log_every=cfg.log_every)
+        return SupervisedConfig(**{**values, **cfg.extra.get("cpt" if cpt else "sft", {})})
+    if stage not in RL_STAGES:
+        raise PipelineError(f"unknown training stage {stage!r}; the stages are {SUPERVISED_STAGES + RL_STAGES}")
+    from mpi.poro import get_grpo_config
+
+    values = dict(steps=rl_steps(plan, key), learning_rate=cfg.rl_learning_rate, num_generations=cfg.num_generations,
+                  max_completion_length=cfg.max_completion_length, prompts_per_step=cfg.prompts_per_step, seed=seed,
+                  micro_batch_size=cfg.micro_batch_size, save_every=max(1, int(cfg.save_every)), log_every=cfg.log_every)
+    return get_grpo_config(stage, **{**values, **RL_PRESETS.get(cfg.preset, {}), **cfg.extra.get("grpo", {})})
 
 
-def per_process_config(cfg: RunConfig, world: int) -> RunConfig:
-    """`cfg` with batch_size (or, when it does not split, grad_accum_steps) divided over `world` processes:
-    the Trainer's batch is per device, RunConfig's is the global batch of one optimizer step."""
+# Stage-config fields that change no weight (checkpoint and print cadence): left out of the stage's key.
+STAGE_BOOKKEEPING = ("save_every", "save_total_limit", "logging_steps", "progress", "log_every", "keep_checkpoints",
+                     "sample_every")
+
+
+def config_key(config) -> str:
+    """Eight hex digits that name a stage config (its fields that change the weights)."""
+    import hashlib
+
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in STAGE_BOOKKEEPING}
+    text = json.dumps([type(config).__name__, fields], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def stage_folder(plan: Plan, key: str, seed: int, chain: Sequence[str], config=None) -> Path:
+    """Where the last stage of `chain` trained with `config` lives: the run's folder `<chain>` for the config
+    `stage_config` gives (what `python -m mpi` trains), `<chain>@<config key>` for any other (a notebook's
+    edited config), so a changed config is a new stage and never meets a finished one."""
+    path = plan.stage_dir(key, seed, chain)
+    if config is None or config_key(config) == config_key(stage_config(plan, chain[-1], seed, key)):
+        return path
+    return path.with_name(f"{path.name}@{config_key(config)}")
+
+
+def per_process_config(cfg, world: int):
+    """`cfg` (a RunConfig or a SupervisedConfig) with batch_size (or, when it does not split, grad_accum_steps)
+    divided over `world` processes: the Trainer's batch is per device, the config's the global batch of one
+    optimizer step."""
     if world <= 1:
         return cfg
     if cfg.batch_size % world == 0:
-        return cfg.replace(batch_size=cfg.batch_size // world)
+        return dataclasses.replace(cfg, batch_size=cfg.batch_size // world)
     if cfg.grad_accum_steps % world == 0:
-        return cfg.replace(grad_accum_steps=cfg.grad_accum_steps // world)
+        return dataclasses.replace(cfg, grad_accum_steps=cfg.grad_accum_steps // world)
     raise PipelineError(
         f"batch_size={cfg.batch_size} x grad_accum_steps={cfg.grad_accum_steps} is the global batch and does not "
         f"split over {world} processes: make batch_size or grad_accum_steps a multiple of {world} "
         f"(--set batch_size=...), or launch a number of processes that divides one of them")
-
-
-def progress_every(cfg: RunConfig, total_steps: int | None) -> int:
-    """Steps between two printed progress lines: RunConfig.log_every, else at most MAX_PROGRESS_LINES lines."""
-    if cfg.log_every:
-        return max(1, int(cfg.log_every))
-    return max(1, math.ceil((total_steps or 1) / MAX_PROGRESS_LINES))
-
-
-def stage_progress_callback(desc: str, log_every: int | None):
-    """A Trainer callback: one bar for the stage and one line every few steps (every step still goes to
-    metrics.jsonl; mpi.supervised's own progress, a line per logged step, is switched off)."""
-    from tqdm.auto import tqdm
-    from transformers.trainer_callback import TrainerCallback
-
-    from mpi.metrics import format_row
-
-    class StageProgress(TrainerCallback):
-        def __init__(self):
-            self.bar = None
-            self.every = 1
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                total = int(state.max_steps or 0) or None
-                self.every = max(1, int(log_every)) if log_every else max(1, math.ceil((total or 1) / MAX_PROGRESS_LINES))
-                self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.bar is not None:  # global_step jumps to the checkpoint's step on the first step of a resume
-                self.bar.update(state.global_step - self.bar.n)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.bar is None or not logs or "loss" not in logs:
-                return
-            if state.global_step % self.every == 0 or state.global_step == state.max_steps:
-                row = {"step": state.global_step, **{k: logs[k] for k in PROGRESS_KEYS if k in logs}}
-                self.bar.write(format_row(row))
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
-
-    return StageProgress()
 
 
 def rl_steps(plan: Plan, key: str | None) -> int:
@@ -643,110 +665,102 @@ def rl_steps(plan: Plan, key: str | None) -> int:
     return max(1, math.ceil(cfg.rl_epochs * n_train / cfg.prompts_per_step))
 
 
-def rl_config(plan: Plan, stage: str, seed: int, key: str | None = None):
-    """The GRPOConfig an RL stage on dataset `key` trains with: the RunConfig's rl_* fields (rl_epochs through
-    `rl_steps`), the preset's and the user's "grpo" overrides, a checkpoint every save_every steps and a printed
-    line every progress_every steps."""
-    from mpi.poro import grpo_config_from_run
-
-    overrides = dict(plan.opts["grpo"])
-    if plan.cfg.rl_epochs is not None:
-        overrides.setdefault("steps", rl_steps(plan, key))
-    if getattr(plan.cfg, "micro_batch_size", None) is not None:  # RunConfig's OOM knob for the RL step
-        overrides.setdefault("micro_batch_size", plan.cfg.micro_batch_size)
-    overrides.setdefault("save_every", max(1, int(plan.cfg.save_every)))
-    gcfg = grpo_config_from_run(plan.cfg, stage, seed=seed, **overrides)
-    if "print_every" not in plan.opts["grpo"]:
-        gcfg = dataclasses.replace(gcfg, print_every=progress_every(plan.cfg, gcfg.steps))
-    return gcfg
-
-
 def partial_dir(path: Path) -> Path:
     """Where a training stage works until it is finished: kept across runs, so a killed stage resumes."""
     return path.with_name(path.name + ".partial")
 
 
-def train_stage(plan: Plan, key: str, seed: int, chain: tuple[str, ...], tmp: Path) -> dict[str, Any]:
-    """Train the last stage of `chain` on top of the adapter of `chain[:-1]`; save into tmp/model.
+def start_stage(plan: Plan, key: str, seed: int, chain: Sequence[str], config=None):
+    """What the last stage of `chain` starts from: (model, processor, training items, validation items).
 
-    `tmp` is the stage's persistent work directory (`<chain>.partial/`, see run_training_stage): the stage
-    functions checkpoint into tmp/work every RunConfig.save_every steps and are called with resume=True, so a
-    run killed mid-stage continues from its last checkpoint and ends with the weights of an uninterrupted run.
-    Every process of an `accelerate launch` calls this (the stage functions are data parallel); only the
-    main process writes the model."""
+    The model is the parent stage's (`chain[:-1]`, trainable) or the base with a fresh LoRA; CoT SFT trains on
+    the items with a CoT; the validation split (never the test split) is for the RL stages. Prints the
+    expected peak memory first and refuses, with the knobs to turn, a stage that cannot fit. An RL stage's
+    training prompts are measured first: one over max_length (with the policy in context too when `config`,
+    default `stage_config`, rolls out with it) is refused with the item, never truncated through its image
+    tokens."""
     from mpi.device import seed_everything
     from mpi.scale.memory import preflight
 
-    procs = processes()
-    stage = chain[-1]
-    work, model_dir = tmp / "work", tmp / "model"
-    # model/ is written atomically after training: present = trained (killed before done.json was written)
-    if procs.share(model_dir.exists()):
-        return {"chain": list(chain), "dataset": key, "seed": seed, **_result_summary(None, work)}
+    procs, stage = processes(), chain[-1]
     parent = plan.stage_dir(key, seed, chain[:-1]) / "model" if len(chain) > 1 else None
-    run_cfg = per_process_config(plan.cfg, procs.world)
-    # Print the expected peak memory and refuse, with the knobs to turn, a stage that cannot fit.
-    preflight(run_cfg, memory_stage(stage),
-              num_processes=procs.world, quiet=not procs.main)
+    preflight(per_process_config(plan.cfg, procs.world), memory_stage(stage), num_processes=procs.world,
+              quiet=not procs.main)
     seed_everything(seed)
     model, processor = load_for_stage(plan, seed, parent, trainable=True)
     train = load_split(plan, key, "train")
-    desc = f"{key} seed{seed} {'+'.join(chain)}"
-    if stage in SUPERVISED_STAGES:
-        from mpi.supervised import latest_trainer_checkpoint, train_supervised
-
-        data = with_cot_only(train) if stage == "sft-cot" else train
-        last = latest_trainer_checkpoint(work / "checkpoints")
-        resumed_from = int(last.name.split("-")[-1]) if last is not None else None
-        result = train_supervised(model, processor, data, supervised_config(plan, stage, seed, progress=False), work,
-                                  resume=True, callbacks=[stage_progress_callback(desc, plan.cfg.log_every)])
-        model = result.pop("model")
-    elif stage in RL_STAGES:
-        from mpi import poro
-        from mpi.poro import train_poro
-
-        gcfg = rl_config(plan, stage, seed, key)
+    if stage == "cot-sft":
+        train = with_cot_only(train)
+    if stage in RL_STAGES and len(train):
         from mpi.prompt_lengths import PromptTooLong, check_prompt_lengths
 
-        try:  # a prompt over max_length is refused here, never truncated through its image tokens
-            check_prompt_lengths(processor, train, plan.cfg.max_length, where=f"{desc} (RL)",
-                                 with_policy=(False, True) if gcfg.policy_rollout else (False,))
+        policy_rollout = (config or stage_config(plan, stage, seed, key)).policy_rollout
+        where = f"{key} seed{seed} {'+'.join(chain)} (RL)"
+        try:
+            check_prompt_lengths(processor, train, plan.cfg.max_length, where=where,
+                                 with_policy=(False, True) if policy_rollout else (False,))
         except PromptTooLong as err:
             raise PipelineError(str(err)) from err
-        last = poro.latest_checkpoint(work)
-        resumed_from = int(json.loads((last / "state.json").read_text())["step"]) if last is not None else None
-        # the validation split picks the best checkpoint (keep_best) and shows the curve; never the test split
-        val = validation_items(plan, key) if gcfg.eval_every or gcfg.keep_best else None
-        rates = plan.cfg.extra.get("rl_learning_rates")
-        if rates:
-            model, result = learning_rate_sweep(plan, seed, parent, model, processor, train, gcfg, work, val, rates,
-                                                desc)
-        else:
-            result = train_poro(model, processor, train, gcfg, work, resume=True, save_adapter=False, eval_items=val)
-    else:
-        raise PipelineError(f"unknown training stage {stage!r}")
+    return model, processor, train, validation_items(plan, key) if stage in RL_STAGES else None
+
+
+def finish_stage(plan: Plan, tmp: Path, model, processor, result: Any) -> dict[str, Any]:
+    """Save the trained model into tmp/model (the main process) and return the stage's summary for done.json;
+    the training logs stay in tmp/work, the checkpoints (only for resuming) go."""
+    procs = processes()
+    work = tmp / "work"
     summary = _result_summary(result, work)
+    resumed = result.get("resumed_from") if isinstance(result, dict) else getattr(result, "resumed_from", None)
+    summary["resumed_from_step"] = resumed
     if (work / "learning_rate_sweep.json").exists():
         summary["learning_rate_sweep"] = json.loads((work / "learning_rate_sweep.json").read_text())
     if procs.main:
-        with atomic_directory(model_dir) as out:
+        atomic_write_json(tmp / "summary.json", summary)  # before model/: a stage with model/ has its summary
+        with atomic_directory(tmp / "model") as out:
             save_model(model, processor, out, base_model_path(plan))
-        # Keep the training logs next to the model; drop bulky checkpoints the next stage does not need.
         for sub in ("checkpoints", "adapter"):
             shutil.rmtree(work / sub, ignore_errors=True)
     procs.barrier()  # nobody reads model/ (or leaves) before it is written
-    return {"chain": list(chain), "dataset": key, "seed": seed, "resumed_from_step": resumed_from, **summary}
+    return summary
 
 
-def learning_rate_sweep(plan: Plan, seed: int, parent: Path | None, model, processor, train, gcfg, work: Path,
-                        val: list[dict[str, Any]] | None, rates: Sequence[float], desc: str):
+def train_stage(plan: Plan, key: str, seed: int, chain: tuple[str, ...], tmp: Path, config=None) -> dict[str, Any]:
+    """Train the last stage of `chain` with `config` (default: `stage_config`) on top of `chain[:-1]`; save it
+    into tmp/model. Notebooks 02-04 run these same lines in view.
+
+    `tmp` is the stage's persistent work directory (`<chain>.partial/`, see run_training_stage): the stage
+    checkpoints into tmp/work every save_every steps and resumes there, so a run killed mid-stage continues
+    from its last checkpoint and ends with the weights of an uninterrupted run. Every process of an
+    `accelerate launch` calls this (the stage functions are data parallel); only the main process writes."""
+    from mpi.poro import train_poro
+    from mpi.supervised import train_supervised
+
+    config = config or stage_config(plan, chain[-1], seed, key)
+    model, processor, train, val = start_stage(plan, key, seed, chain, config)
+    work = tmp / "work"
+    if chain[-1] in SUPERVISED_STAGES:
+        result = train_supervised(model, processor, train, per_process_config(config, processes().world), work)
+        model = result.pop("model")
+    elif plan.cfg.extra.get("rl_learning_rates"):
+        model, result = learning_rate_sweep(plan, key, seed, chain, model, processor, train, config, work, val)
+    else:
+        result = train_poro(model, processor, train, config, work, resume=True, save_adapter=False, eval_items=val)
+    return finish_stage(plan, tmp, model, processor, result)
+
+
+def learning_rate_sweep(plan: Plan, key: str, seed: int, chain: Sequence[str], model, processor, train, gcfg, work: Path,
+                        val: list[dict[str, Any]] | None):
     """Train the RL stage once per learning rate (same seed, so the same prompts), each into work/lr_<rate>/ and
     resumable, and return (the model with the winner's best-validation weights, a result whose rows are the
-    winner's). `model` is the stage's freshly loaded start; each later rate starts from a fresh load. The winner: the highest best smoothed validation accuracy (GRPOConfig.best_metric); a tie goes
+    winner's). `model` is the stage's freshly loaded start; each later rate starts from a fresh load. The winner: the highest best smoothed validation accuracy (mpi.poro.BEST_METRIC); a tie goes
     to the rate listed first. The test split plays no part."""
     from mpi.device import seed_everything
-    from mpi.poro import TrainResult, load_trainable, train_poro
+    from mpi.poro import TrainResult, train_poro
+    from mpi.engine import load_trainable
 
+    rates = plan.cfg.extra["rl_learning_rates"]
+    parent = plan.stage_dir(key, seed, chain[:-1]) / "model" if len(chain) > 1 else None
+    desc = f"{key} seed{seed} {'+'.join(chain)}"
     if not isinstance(rates, (list, tuple)) or not rates or not all(
             isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in rates):
         raise PipelineError(f"rl_learning_rates must be a non-empty list of positive numbers, got {rates!r}; "
@@ -896,15 +910,16 @@ def run(plan: Plan, *, log: Callable[[str], None] = print) -> dict[str, Any] | N
     for seed in plan.seeds:
         for key in plan.dataset_keys:
             for chain in training_chains(plan.methods):
-                name = f"train/{key}/seed{seed}/{'+'.join(chain)}"
-                run_training_stage(plan, timer, name, plan.stage_dir(key, seed, chain),
-                                   lambda tmp, k=key, s=seed, c=chain: train_stage(plan, k, s, c, tmp), log)
+                config = stage_config(plan, chain[-1], seed, key)
+                train_in_run(plan, key, seed, chain, config,
+                             lambda tmp, k=key, s=seed, c=chain, g=config: train_stage(plan, k, s, c, tmp, g), log)
             if not procs.main:
                 continue
             for method in plan.methods:
                 name = f"eval/{key}/seed{seed}/{method}"
                 run_stage(plan, timer, name, plan.eval_dir(key, seed, method),
-                          lambda tmp, k=key, s=seed, m=method: evaluate_method(plan, k, s, m, tmp), log)
+                          lambda tmp, k=key, s=seed, m=method: evaluate_method(plan, k, s, m, tmp), log,
+                          settings=plan.opts)
     metrics = None
     if procs.main:
         from mpi.report import write_report

@@ -19,56 +19,49 @@ One training step, in the order the code runs it:
 6. update, metrics (split by origin), sample table every K steps, checkpoint every K steps.
 
 Every pass (sampling and all scoring) runs without dropout (`disable_dropout`), so at num_iterations=1 the
-ratio is exactly 1; on fp16 compute the update goes through a `DynamicLossScaler` (fp16/* metrics).
+ratio is exactly 1; on fp16 compute the update goes through `mpi.engine.DynamicLossScaler` (fp16/* metrics).
 Controls of the guided half: `guided_context="wrong_policy"` (another policy's text in context) and
 `adaptive_guidance` (guided samples only for groups whose own half is all wrong). `eval_items=` adds
 validation metrics (val/sampled_accuracy, val/pass@k, val/greedy_accuracy) every `eval_every` steps.
 
-    cfg = get_grpo_config("poro-grpo", steps=30)
+    cfg = get_grpo_config("poro-grpo", steps=30)        # or pipeline.stage_config(plan, "poro-grpo", seed)
     result = train_poro(model, processor, dataset, cfg, "runs/poro")
+
+What is not PolicyRollout lives a floor down: prompts and sampling in `mpi.sampling`, the teacher-forced
+log-probs in `mpi.logprobs`, precision, the schedule, checkpoints and the best checkpoint in `mpi.engine`,
+the per-origin metric rows and sample tables in `mpi.metrics`, data parallel in `mpi.distributed`.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import functools
-import html
-import inspect
-import io
-import json
 import math
-import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from mpi.scale import distributed as dist
-from mpi import sampling
-from mpi.atomic import atomic_directory, atomic_write_text
+from mpi import distributed as dist
+from mpi import engine
 from mpi.device import seed_everything
-from mpi.grpo import (LOSS_TYPES, OFFPOLICY_RULES, STD_KINDS, TRUNCATION_RULES, aggregate_loss,
-                      chunked_log_probs_and_entropy, clipped_surrogate, completion_mask, group_advantages,
-                      k3_kl, mask_truncated, masked_mean, offpolicy_token_weights, overlong_penalty,
-                      shaped_offpolicy_loss, zero_std_groups)
+from mpi.grpo import (LOSS_TYPES, OFFPOLICY_RULES, STD_KINDS, TRUNCATION_RULES, aggregate_loss, clipped_surrogate,
+                      completion_mask, group_advantages, k3_kl, mask_truncated, offpolicy_token_weights,
+                      overlong_penalty, shaped_offpolicy_loss, zero_std_groups)
+from mpi.logprobs import ScoringBatch, build_scoring_batch, encode_images_once, forward_log_probs, row_chunks
+from mpi.metrics import behaviour_ratio_metrics, format_row, origin_metrics, progress_every, write_sample_table
 from mpi.rewards import RewardWeights, combined_rewards
-
-ORIGINS = ("own", "guided")
+from mpi.sampling import SAMPLERS, generate_from_prompts, prompt_texts
 
 
 # =========================================================================== config
 
 KL_REFERENCES = ("start", "no_adapter")
 GUIDED_CONTEXTS = ("own_policy", "wrong_policy")
-LOSS_SCALING = ("auto", "on", "off")
-SAMPLERS = ("fast", "hf")
-LR_SCHEDULERS = ("constant", "cosine")
 
 
 @dataclass
@@ -104,11 +97,9 @@ class GRPOConfig:
     dynamic_sampling: bool = False  # DAPO: drop groups with all-equal rewards and refill
     max_resample_tries: int = 20
     truncated_completions: str = "keep"  # keep | mask (no loss) | penalize (DAPO overlong penalty)
-    overlong_buffer: int = 0  # soft overlong ramp length for "penalize"
     # --- PolicyRollout: how the guided half (sampled WITH the policy, trained WITHOUT it) is weighted
     offpolicy_rule: str = "as_own"  # as_own (paper) | tis (truncated IS weight) | shaping (LUFFY)
     tis_cap: float = 2.0
-    shaping_gamma: float = 0.1
     log_behaviour_ratio: bool = True  # log the IS ratio pi_old(o|q) / pi_old(o|q,P) (the sampler's log-probs)
     # --- controls of the guided half (is a gain internalization, or just extra samples / extra context?)
     # "own_policy" (the paper): the item's own policy in context. "wrong_policy": another policy's text and
@@ -131,7 +122,7 @@ class GRPOConfig:
     learning_rate: float = 1e-4
     # The schedule (TRL's names): a linear warm-up from 0 over warmup_steps (a fresh Adam's first steps are its
     # largest: its second-moment estimate is still near 0), then "constant" or "cosine" down to
-    # min_lr_ratio x learning_rate at the last step. `learning_rate_at` is the whole rule.
+    # min_lr_ratio x learning_rate at the last step. `mpi.engine.learning_rate_at` is the whole rule.
     lr_scheduler_type: str = "constant"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
@@ -149,33 +140,28 @@ class GRPOConfig:
     # cache, which CPU kernels run slower in bfloat16 (measured 3x). Off by default: float32 and bfloat16 runs
     # give different numbers and the README's are float32; benchmarks/bench_grpo_vs_trl.py measures both. A
     # bfloat16 / float16 model (CUDA) computes in its own dtype anyway.
-    bf16: bool = False
+    bf16_scoring: bool = False
     # Dynamic loss scaling for fp16 compute (a T4): "auto" = on iff the model computes in float16
-    # (see `needs_loss_scaling`), "on" / "off" force it. A step whose gradients overflow is skipped and the
-    # scale halved; after `loss_scale_growth_interval` good updates it doubles.
+    # (`mpi.engine.needs_loss_scaling`), "on" / "off" force it. A step whose gradients overflow is skipped.
     loss_scaling: str = "auto"
-    loss_scale_init: float = 2.0 ** 16
-    loss_scale_growth_interval: int = 100
     # --- bookkeeping
     seed: int = 0
     sample_every: int = 10  # write a sample table (with the image) every K steps; 0 = never
     save_every: int = 0  # checkpoint every K steps (and always at the end); 0 = end only
     keep_checkpoints: int = 2
     progress: bool = True
-    print_every: int = 1  # one printed line per K steps; 0 = silent
+    log_every: int | None = None  # one printed line every K steps; None: at most 50 lines; 0: silent
     preset: str = "custom"
     # --- validation on a fixed item list (train_poro's eval_items=): sampled accuracy at the rollout
     # temperature, pass@eval_samples and greedy accuracy, every eval_every steps and at the last step.
     # 0 = only at the last step (and only when eval_items are given).
     eval_every: int = 0
     eval_samples: int = 4
-    eval_seed: int = 1234
-    # Keep the best validation checkpoint: the run ends with the weights whose *smoothed* best_metric was
+    # Keep the best validation checkpoint: the run ends with the weights whose *smoothed* BEST_METRIC was
     # highest (the step-0 weights included, so RL that only hurts gives back the model it started from).
     # Smoothing: an exponential moving average with weight best_smoothing on the newest evaluation, because a
     # single evaluation on a few dozen items is noisy (one item = 1/len(eval_items)); 1.0 = no smoothing.
     keep_best: bool = False
-    best_metric: str = "val/sampled_accuracy"
     best_smoothing: float = 0.5
 
     @property
@@ -199,12 +185,10 @@ class GRPOConfig:
             (self.guided_context in GUIDED_CONTEXTS, f"guided_context must be one of {GUIDED_CONTEXTS}"),
             (not self.adaptive_guidance or self.policy_rollout,
              "adaptive_guidance needs policy_rollout=True (it decides per group whether to add guided samples)"),
-            (self.loss_scaling in LOSS_SCALING, f"loss_scaling must be one of {LOSS_SCALING}"),
+            (self.loss_scaling in engine.LOSS_SCALING, f"loss_scaling must be one of {engine.LOSS_SCALING}"),
             (self.sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}"),
-            (self.loss_scale_init > 0 and self.loss_scale_growth_interval >= 1,
-             "loss_scale_init must be > 0 and loss_scale_growth_interval >= 1"),
             (self.eval_every >= 0 and self.eval_samples >= 1, "eval_every must be >= 0 and eval_samples >= 1"),
-            (self.lr_scheduler_type in LR_SCHEDULERS, f"lr_scheduler_type must be one of {LR_SCHEDULERS}"),
+            (self.lr_scheduler_type in engine.LR_SCHEDULES, f"lr_scheduler_type must be one of {engine.LR_SCHEDULES}"),
             (self.warmup_steps >= 0 and 0 <= self.min_lr_ratio <= 1,
              "warmup_steps must be >= 0 and min_lr_ratio in [0, 1]"),
             (0 < self.best_smoothing <= 1, "best_smoothing must be in (0, 1] (1 = the raw metric)"),
@@ -251,15 +235,6 @@ def get_grpo_config(preset: str = "poro-grpo", **overrides: Any) -> GRPOConfig:
     return GRPOConfig(preset=preset, **{**GRPO_PRESETS[preset], **overrides}).validate()
 
 
-def grpo_config_from_run(run_cfg, preset: str = "poro-grpo", **overrides: Any) -> GRPOConfig:
-    """Map a `mpi.config.RunConfig` (rl_* fields) onto a GRPOConfig preset."""
-    base = dict(steps=run_cfg.rl_steps, learning_rate=run_cfg.rl_learning_rate,
-                num_generations=run_cfg.num_generations, max_completion_length=run_cfg.max_completion_length,
-                prompts_per_step=run_cfg.prompts_per_step, seed=run_cfg.seed,
-                micro_batch_size=getattr(run_cfg, "micro_batch_size", None))
-    return get_grpo_config(preset, **{**base, **overrides})
-
-
 # =========================================================================== prompts
 
 
@@ -269,50 +244,6 @@ def default_build_messages():
     except ImportError as err:  # pragma: no cover - only before the data module exists
         raise ImportError("mpi.data.messages.build_messages is needed to build prompts; pass build_messages=...") from err
     return build_messages
-
-
-def prompt_texts(processor, items: Sequence[dict], with_policy: bool, build_messages) -> tuple[list[str], list[list]]:
-    """Chat-templated prompt strings and their images, one per item."""
-    texts, images = [], []
-    for item in items:
-        messages, imgs = build_messages(item, with_policy=with_policy)
-        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-        images.append(list(imgs))
-    return texts, images
-
-
-def encode_prompts(processor, texts: list[str], images: list[list]) -> dict[str, torch.Tensor]:
-    """Left-padded prompt tensors (the processor expands each image placeholder to its token count)."""
-    flat = [img for imgs in images for img in imgs]
-    tokenizer = processor.tokenizer
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        enc = processor(text=texts, images=flat or None, return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = side
-    enc = dict(enc)
-    enc["num_images"] = torch.tensor([len(imgs) for imgs in images])
-    return enc
-
-
-def vision_token_ids(model) -> list[int]:
-    """Vision placeholder ids a completion must never contain: fed back to the model they would be
-    read as image slots. Generation suppresses them and the log-probs exclude them the same way, so the
-    sampling and the scored distributions stay identical."""
-    config = sampling.base_model(model).config
-    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-    return sorted({getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)})
-
-
-def stop_token_ids(model, processor) -> list[int]:
-    """EOS ids that end a completion: the tokenizer's EOS plus any in the generation config."""
-    ids = {processor.tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif gen_eos:
-        ids.update(gen_eos)
-    return sorted(i for i in ids if i is not None)
 
 
 # =========================================================================== rollout
@@ -342,14 +273,19 @@ class Rollout:
     def num_groups(self) -> int:
         return len(self.items)
 
-    def select_groups(self, keep: Sequence[int], group_size: int) -> "Rollout":
-        rows = torch.tensor([g * group_size + k for g in keep for k in range(group_size)], dtype=torch.long)
-        return Rollout(items=[self.items[g] for g in keep], completion_ids=self.completion_ids[rows],
-                       eos_mask=self.eos_mask[rows], truncated=self.truncated[rows], guided=self.guided[rows],
-                       texts=[self.texts[int(r)] for r in rows],
+    def take(self, rows, items: list[dict], guide_items: list[dict] | None = None) -> "Rollout":
+        """These rows, in this order, as a Rollout of the groups `items`."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return Rollout(items=list(items), completion_ids=self.completion_ids[rows], eos_mask=self.eos_mask[rows],
+                       truncated=self.truncated[rows], guided=self.guided[rows], texts=[self.texts[int(r)] for r in rows],
                        rewards={k: v[rows] for k, v in self.rewards.items()}, gen_seconds=self.gen_seconds,
-                       guide_items=None if self.guide_items is None else [self.guide_items[g] for g in keep],
+                       guide_items=guide_items,
                        sample_log_probs=None if self.sample_log_probs is None else self.sample_log_probs[rows])
+
+    def select_groups(self, keep: Sequence[int], group_size: int) -> "Rollout":
+        rows = [g * group_size + k for g in keep for k in range(group_size)]
+        return self.take(rows, [self.items[g] for g in keep],
+                         None if self.guide_items is None else [self.guide_items[g] for g in keep])
 
 
 def _pad_columns(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
@@ -372,88 +308,6 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
         sample_log_probs=(None if any(p.sample_log_probs is None for p in parts) else
                           torch.cat([_pad_columns(p.sample_log_probs, width, 0) for p in parts])),
     )
-
-
-def sampling_kwargs(model, processor, cfg: GRPOConfig) -> dict[str, Any]:
-    """Every sampling knob set explicitly: a checkpoint's generation_config (Qwen2.5-VL-Instruct ships
-    top_k=1, temperature 0.1, repetition_penalty 1.05) must not leak in, or the sampler would differ from
-    the softmax(z / T) that the loss's log-probs assume."""
-    return dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=None,
-                typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=cfg.max_completion_length,
-                eos_token_id=stop_token_ids(model, processor), pad_token_id=processor.tokenizer.pad_token_id,
-                suppress_tokens=vision_token_ids(model) or None, use_cache=True)
-
-
-@torch.no_grad()
-def generate_from_prompts(model, processor, texts: list[str], images: list[list], cfg: GRPOConfig, *,
-                          num_return_sequences: int | None = None, greedy: bool = False,
-                          return_log_probs: bool = False) -> dict[str, Any]:
-    """`num_return_sequences` (default cfg.num_generations) completions per prompt, prompt after prompt,
-    sampled with `sampling_kwargs` in eval mode (no dropout); greedy=True decodes the argmax instead.
-    cfg.sampler="fast" uses `mpi.sampling.sample` (same distribution, ~2x faster on the toy), "hf" generate.
-    return_log_probs: also "log_probs" (N, T), each drawn token's log-prob at the sampling temperature, from
-    the fast sampler (None from generate)."""
-    enc = encode_prompts(processor, texts, images)
-    enc.pop("num_images")
-    device = next(model.parameters()).device
-    enc = {k: v.to(device) for k, v in enc.items()}
-    stops = stop_token_ids(model, processor)
-    kwargs = sampling_kwargs(model, processor, cfg)
-    if greedy:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    n = num_return_sequences or cfg.num_generations
-    was_training = model.training
-    model.eval()
-    start = time.perf_counter()
-    log_probs = None
-    try:
-        completion_ids, log_probs = _sample(model, enc, cfg, n, stops, kwargs, greedy, return_log_probs)
-    finally:
-        model.train(was_training)
-    seconds = time.perf_counter() - start
-    return {"completion_ids": completion_ids, "seconds": seconds, "stops": stops, "log_probs": log_probs}
-
-
-def _sample(model, enc, cfg: GRPOConfig, n: int, stops, kwargs, greedy: bool, return_log_probs: bool):
-    """(completion_ids on CPU, log_probs or None) from the fast sampler, else from model.generate."""
-    if getattr(cfg, "sampler", "hf") == "fast" and sampling.supports_fast_sampling(model):
-        out = sampling.sample(
-            model, enc, num_return_sequences=n, max_new_tokens=cfg.max_completion_length, stop_ids=stops,
-            pad_id=kwargs["pad_token_id"], suppress_ids=kwargs["suppress_tokens"] or (),
-            temperature=kwargs["temperature"], top_p=kwargs["top_p"], top_k=kwargs["top_k"],
-            greedy=greedy, return_log_probs=return_log_probs and not greedy)
-        return out["completion_ids"], out.get("log_probs")
-    out = model.generate(**enc, **kwargs, num_return_sequences=n)
-    return out[:, enc["input_ids"].shape[1]:].cpu(), None
-
-
-@contextlib.contextmanager
-def autocast(model, cfg: GRPOConfig) -> Iterator[None]:
-    """The scoring passes' precision: with cfg.bf16 a bfloat16 torch.autocast on the model's device, except the
-    output head, which computes in float32 (bfloat16 logits carry ~2-3 significant digits: on the toy's
-    learning test PoRo then reached accuracy 0.32 instead of 0.73 in 20 steps; MiniMax-M1 reports the same
-    head-precision effect on the train / sample mismatch). Without cfg.bf16, nothing changes."""
-    if not getattr(cfg, "bf16", False):
-        yield
-        return
-    device = next(model.parameters()).device
-    head = sampling.base_model(model).get_output_embeddings()
-    own = head.__dict__.get("forward")
-    original = head.forward
-
-    def float32_forward(x, *args, **kwargs):
-        with torch.autocast(device.type, enabled=False):
-            return original(x.float(), *args, **kwargs)
-
-    head.forward = float32_forward  # the instance attribute shadows the class's forward for this block only
-    try:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            yield
-    finally:
-        if own is None:
-            del head.forward
-        else:
-            head.forward = own
 
 
 def needs_behaviour_log_probs(cfg: GRPOConfig) -> bool:
@@ -495,8 +349,7 @@ def score_completions(processor, items: Sequence[dict], gen: dict[str, Any], gui
     reward_fn = reward_fn or (lambda its, txts: combined_rewards(its, txts, RewardWeights(cfg.accuracy_weight, cfg.format_weight)))
     scores = {k: torch.tensor(v, dtype=torch.float32) for k, v in reward_fn(row_items, texts).items()}
     if cfg.truncated_completions == "penalize":
-        scores["reward"] = scores["reward"] + overlong_penalty(eos_mask.sum(1), truncated, cfg.max_completion_length,
-                                                               cfg.overlong_buffer)
+        scores["reward"] = scores["reward"] + overlong_penalty(eos_mask.sum(1), truncated, cfg.max_completion_length)
     log_probs = gen.get("log_probs")
     return Rollout(items=list(items), completion_ids=completion_ids, eos_mask=eos_mask, truncated=truncated,
                    guided=guided, texts=texts, rewards=scores, gen_seconds=gen["seconds"], guide_items=guide_items,
@@ -539,27 +392,9 @@ def adaptive_rollout(model, processor, items: list[dict], cfg: GRPOConfig, build
         images += im
     gen = generate_from_prompts(model, processor, texts, images, own_cfg, return_log_probs=want)
     second = score_completions(processor, items, gen, all_wrong.repeat_interleave(G), cfg, reward_fn)
-    width = max(first.completion_ids.shape[1], second.completion_ids.shape[1])
-    rows = torch.arange(len(items) * G).view(len(items), G)
-    pad = processor.tokenizer.pad_token_id or 0
-
-    def halves(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # group g: a's G rows, then b's G rows
-        return torch.stack([a.view(len(items), G, *a.shape[1:]), b.view(len(items), G, *b.shape[1:])], 1).flatten(0, 2)
-
-    order = torch.stack([rows, rows + len(items) * G], 1).flatten().tolist()
-    texts_all = first.texts + second.texts
-    return Rollout(
-        items=items,
-        completion_ids=halves(_pad_columns(first.completion_ids, width, pad), _pad_columns(second.completion_ids, width, pad)),
-        eos_mask=halves(_pad_columns(first.eos_mask, width, 0), _pad_columns(second.eos_mask, width, 0)),
-        truncated=halves(first.truncated, second.truncated), guided=halves(first.guided, second.guided),
-        texts=[texts_all[i] for i in order],
-        rewards={k: halves(first.rewards[k], second.rewards[k]) for k in first.rewards},
-        gen_seconds=first.gen_seconds + second.gen_seconds, guide_items=guide_items,
-        sample_log_probs=(None if first.sample_log_probs is None or second.sample_log_probs is None else
-                          halves(_pad_columns(first.sample_log_probs, width, 0),
-                                 _pad_columns(second.sample_log_probs, width, 0))),
-    )
+    rows = torch.arange(len(items) * G).view(len(items), G)  # group g: its G first rows, then its G second rows
+    order = torch.stack([rows, rows + len(items) * G], 1).flatten()
+    return concat_rollouts([first, second]).take(order, items, guide_items)
 
 
 def wrong_policy_guide(dataset) -> Callable[[dict], dict]:
@@ -595,210 +430,12 @@ def wrong_policy_guide(dataset) -> Callable[[dict], dict]:
 # =========================================================================== scoring (log-probs)
 
 
-@dataclass
-class ScoringBatch:
-    """Prompt + completion tensors for teacher-forced log-probs, one row per response.
-
-    Each row's prompt is prompt `prompt_index[row]` of the encoded prompts; its images are encoded
-    once per prompt (`image_features`) and shared by all rows of that prompt.
-    """
-
-    input_ids: torch.Tensor  # (N, P + T)
-    attention_mask: torch.Tensor
-    mm_token_type_ids: torch.Tensor | None
-    completion_ids: torch.Tensor  # (N, T)
-    prompt_index: torch.Tensor  # (N,)
-    prompt_grid: list[torch.Tensor | None]  # per prompt: (num_images, 3) image_grid_thw
-    prompt_pixels: list[torch.Tensor | None]  # per prompt: its pixel patches
-    image_features: list[list[torch.Tensor]] | None = None  # per prompt: one tensor per image
-    # the encoded prompts themselves (one row per prompt, left-padded): the shared-prompt forward runs these
-    # once and reuses their KV cache for every row (None: only the per-row forward is possible)
-    prompt_ids: torch.Tensor | None = None  # (num_prompts, P)
-    prompt_attention: torch.Tensor | None = None
-    prompt_mm_token_type_ids: torch.Tensor | None = None
-
-    @property
-    def num_rows(self) -> int:
-        return self.input_ids.shape[0]
-
-
-def build_scoring_batch(processor, texts: list[str], images: list[list], completion_ids: torch.Tensor,
-                        completion_attention: torch.Tensor, prompt_index: torch.Tensor) -> ScoringBatch:
-    enc = encode_prompts(processor, texts, images)
-    counts = enc["num_images"].tolist()
-    grid = enc.get("image_grid_thw")
-    pixels = enc.get("pixel_values")
-    prompt_grid, prompt_pixels, img, patch = [], [], 0, 0
-    for n in counts:
-        if n == 0 or grid is None:
-            prompt_grid.append(None)
-            prompt_pixels.append(None)
-            continue
-        g = grid[img:img + n]
-        size = int(g.prod(-1).sum())
-        prompt_grid.append(g)
-        prompt_pixels.append(pixels[patch:patch + size])
-        img, patch = img + n, patch + size
-    ids = enc["input_ids"][prompt_index]
-    mask = enc["attention_mask"][prompt_index]
-    mm = enc.get("mm_token_type_ids")
-    mm = None if mm is None else torch.cat([mm[prompt_index], torch.zeros_like(completion_ids)], dim=1)
-    return ScoringBatch(
-        input_ids=torch.cat([ids, completion_ids], dim=1),
-        attention_mask=torch.cat([mask, completion_attention.to(mask.dtype)], dim=1),
-        mm_token_type_ids=mm, completion_ids=completion_ids, prompt_index=prompt_index,
-        prompt_grid=prompt_grid, prompt_pixels=prompt_pixels,
-        prompt_ids=enc["input_ids"], prompt_attention=enc["attention_mask"],
-        prompt_mm_token_type_ids=enc.get("mm_token_type_ids"),
-    )
-
-
-def supports_shared_image_features(model) -> bool:
-    base = sampling.base_model(model)
-    return "mm_encoder_outputs" in inspect.signature(base.forward).parameters and hasattr(base, "get_image_features")
-
-
-def vision_is_trainable(model) -> bool:
-    visual = getattr(getattr(sampling.base_model(model), "model", None), "visual", None)
-    return visual is not None and any(p.requires_grad for p in visual.parameters())
-
-
-def encode_images_once(model, batch: ScoringBatch) -> None:
-    """Run the vision tower once per prompt (not once per response) and keep the features.
-
-    With a frozen vision tower (LoRA / QLoRA on the language model) the features are constants of
-    the step, reused by the new, old, reference and behaviour passes alike.
-    """
-    if not supports_shared_image_features(model):
-        return
-    base = sampling.base_model(model)
-    device = next(model.parameters()).device
-    feats = []
-    ctx = torch.enable_grad() if vision_is_trainable(model) else torch.no_grad()
-    with ctx:
-        for grid, pixels in zip(batch.prompt_grid, batch.prompt_pixels):
-            if grid is None:
-                feats.append([])
-                continue
-            out = base.get_image_features(pixels.to(device), grid.to(device), return_dict=True)
-            feats.append(list(out.pooler_output))
-    batch.image_features = feats
-
-
-def _shared_prompt_forward(model, batch: ScoringBatch, rows: torch.Tensor) -> torch.Tensor:
-    """Logits (rows, T, V) from `mpi.sampling.shared_prompt_logits`: each distinct prompt of `rows` once."""
-    device = next(model.parameters()).device
-    prompt_of_row = batch.prompt_index[rows]
-    unique, prompt_rows = torch.unique(prompt_of_row, sorted=True, return_inverse=True)
-    ps = unique.tolist()
-    prompt: dict[str, Any] = {"input_ids": batch.prompt_ids[unique].to(device),
-                              "attention_mask": batch.prompt_attention[unique].to(device)}
-    if batch.prompt_mm_token_type_ids is not None:
-        prompt["mm_token_type_ids"] = batch.prompt_mm_token_type_ids[unique].to(device)
-    grids = [batch.prompt_grid[p] for p in ps if batch.prompt_grid[p] is not None]
-    if grids:
-        prompt["image_grid_thw"] = torch.cat(grids).to(device)
-        if batch.image_features is not None:
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-            shared = [f for p in ps for f in batch.image_features[p]]
-            prompt["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=shared)}
-        else:
-            prompt["pixel_values"] = torch.cat([batch.prompt_pixels[p] for p in ps
-                                                if batch.prompt_pixels[p] is not None]).to(device)
-    P = batch.prompt_ids.shape[1]
-    completion_attention = batch.attention_mask[rows][:, P:].to(device)
-    return sampling.shared_prompt_logits(model, prompt, prompt_rows.to(device), batch.completion_ids[rows].to(device),
-                                         completion_attention)
-
-
-def forward_log_probs(model, batch: ScoringBatch, rows: torch.Tensor, temperature: float,
-                      chunk_size: int | None = None, with_entropy: bool = False, *, shared_prompt: bool = True):
-    """Per-token log pi(o_t | prompt, o_<t) at `temperature` (and entropy) for `rows` of a batch.
-
-    shared_prompt=True (when the batch carries its prompts and the model supports it): each distinct prompt
-    of `rows` runs once and its KV cache serves all its rows; else prompt + completion run per row. The two
-    agree up to float rounding."""
-    if shared_prompt and batch.prompt_ids is not None and sampling.shared_prompt_supported(model):
-        logits = _shared_prompt_forward(model, batch, rows)
-        blocked = vision_token_ids(model)
-        if blocked:  # the sampler never saw these tokens (suppress_tokens): score on the same support
-            logits = logits.index_fill(-1, torch.tensor(blocked, device=logits.device), float("-inf"))
-        ids = batch.completion_ids[rows].to(logits.device)
-        return chunked_log_probs_and_entropy(logits, ids, temperature, chunk_size, with_entropy)
-    device = next(model.parameters()).device
-    T = batch.completion_ids.shape[1]
-    prompts = batch.prompt_index[rows].tolist()
-    grids = [batch.prompt_grid[p] for p in prompts if batch.prompt_grid[p] is not None]
-    kwargs: dict[str, Any] = dict(
-        input_ids=batch.input_ids[rows].to(device), attention_mask=batch.attention_mask[rows].to(device),
-        use_cache=False, logits_to_keep=T + 1,
-    )
-    if batch.mm_token_type_ids is not None:
-        kwargs["mm_token_type_ids"] = batch.mm_token_type_ids[rows].to(device)
-    if grids:
-        kwargs["image_grid_thw"] = torch.cat(grids).to(device)
-        if batch.image_features is not None:
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-            shared = [f for p in prompts for f in batch.image_features[p]]
-            kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=shared)}
-        else:  # a model without precomputed-feature support: pixels per row
-            kwargs["pixel_values"] = torch.cat([batch.prompt_pixels[p] for p in prompts
-                                                if batch.prompt_pixels[p] is not None]).to(device)
-    logits = model(**kwargs).logits[:, :-1, :]
-    blocked = vision_token_ids(model)
-    if blocked:  # the sampler never saw these tokens (suppress_tokens): score on the same support
-        logits = logits.index_fill(-1, torch.tensor(blocked, device=logits.device), float("-inf"))
-    ids = batch.completion_ids[rows].to(device)
-    return chunked_log_probs_and_entropy(logits, ids, temperature, chunk_size, with_entropy)
-
-
-def _row_chunks(n: int, size: int | None) -> list[torch.Tensor]:
-    size = size or n
-    return [torch.arange(s, min(s + size, n)) for s in range(0, n, size)]
-
-
-class StartReference:
-    """The KL reference "the policy when RL started": a copy of the trainable weights, swapped in for the
-    reference pass and swapped back after. A LoRA copy is small; with lora_r=None it is a whole model."""
-
-    def __init__(self, model):
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if not self.params:
-            raise ValueError("kl_reference='start' needs trainable weights; load the model with trainable=True")
-        self.weights = {n: p.detach().clone() for n, p in self.params.items()}
-
-    @contextlib.contextmanager
-    def __call__(self, model) -> Iterator[torch.nn.Module]:
-        self._swap()
-        try:
-            yield model
-        finally:
-            self._swap()
-
-    def _swap(self) -> None:
-        # Exchange the storages rather than copy: no third set of weights during the pass. The Parameter
-        # objects stay the same, so the optimizer's state and gradient hooks are untouched.
-        for n, p in self.params.items():
-            p.data, self.weights[n] = self.weights[n], p.data
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: w.detach().cpu() for n, w in self.weights.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if set(state) != set(self.weights):
-            raise ValueError("the checkpoint's KL reference does not match this model's trainable weights")
-        for n, w in state.items():
-            self.weights[n] = w.to(self.weights[n].device, self.weights[n].dtype)
-
-
 def make_reference(model, cfg: GRPOConfig) -> Callable | None:
     """A context manager factory `reference(model)` for the KL reference pass, or None when beta is 0."""
     if cfg.beta <= 0:
         return None
     if cfg.kl_reference == "start":
-        return StartReference(model)
+        return engine.StartReference(model)
     from mpi.modeling import reference_model
 
     return reference_model
@@ -811,7 +448,7 @@ def score_no_grad(model, batch: ScoringBatch, cfg: GRPOConfig, reference: Callab
         from mpi.modeling import reference_model as reference
     outs = []
     with reference(model) if reference else contextlib.nullcontext():
-        for rows in _row_chunks(batch.num_rows, cfg.micro_batch_size):
+        for rows in row_chunks(batch.num_rows, cfg.micro_batch_size):
             lp, _ = forward_log_probs(model, batch, rows, cfg.temperature, cfg.logprob_chunk_size,
                                       shared_prompt=getattr(cfg, "shared_prompt_scoring", True))
             outs.append(lp.float().cpu())
@@ -840,128 +477,23 @@ def behaviour_batch(processor, ro: Rollout, build_messages) -> ScoringBatch:
     return build_scoring_batch(processor, texts, images, ro.completion_ids[rows], ro.eos_mask[rows], index)
 
 
-@contextlib.contextmanager
-def dropout_disabled(model, enabled: bool = True) -> Iterator[torch.nn.Module]:
-    """Dropout off inside the block, every other train/eval flag as it was.
-
-    Only the dropout modules (peft's lora_dropout among them) and attention modules with a functional
-    `attention_dropout` > 0 are switched, not the whole model: `model.eval()` would also turn off gradient
-    checkpointing, which transformers runs only in training mode. Restored on exit."""
-    if not enabled:
-        yield model
-        return
-    switched = [m for m in model.modules() if m.training and (
-        isinstance(m, torch.nn.modules.dropout._DropoutNd)
-        or (isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout > 0))]
-    for m in switched:
-        m.training = False  # this module only (not .eval(), which would recurse into its children)
-    try:
-        yield model
-    finally:
-        for m in switched:
-            m.training = True
-
-
-def model_compute_dtype(model) -> torch.dtype:
-    """The dtype the forward pass computes in: a 4-bit layer's compute dtype, else the most common dtype of
-    the frozen floating-point weights (LoRA weights are float32 even on a float16 base), else of all."""
-    for m in model.modules():
-        dtype = getattr(m, "compute_dtype", None)
-        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
-            return dtype
-    for frozen_only in (True, False):
-        counts: dict[torch.dtype, int] = {}
-        for p in model.parameters():
-            if p.dtype.is_floating_point and (not frozen_only or not p.requires_grad):
-                counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
-        if counts:
-            return max(counts, key=counts.get)
-    return torch.float32
-
-
-def needs_loss_scaling(compute_dtype: torch.dtype, setting: str = "auto") -> bool:
-    """Dynamic loss scaling is for float16 compute only: its 5 exponent bits underflow small gradients
-    (below ~6e-8) and overflow large ones (above 65504). bfloat16 has float32's exponent range; float32
-    needs none. setting "on" / "off" overrides the decision."""
-    if setting not in LOSS_SCALING:
-        raise ValueError(f"loss_scaling must be one of {LOSS_SCALING}, got {setting!r}")
-    if setting != "auto":
-        return setting == "on"
-    return compute_dtype == torch.float16
-
-
-class DynamicLossScaler:
-    """Dynamic loss scaling written out (what torch.amp.GradScaler does, on any device and dtype):
-
-    scale_loss(loss) before backward; unscale_(params) after it (and after the cross-process gradient sum),
-    before clipping: True when every gradient is finite. update(found_inf): an overflowed update is
-    skipped by the caller, counted here, and the scale multiplied by backoff_factor; after growth_interval
-    good updates in a row the scale is multiplied by growth_factor."""
-
-    def __init__(self, init_scale: float = 2.0 ** 16, growth_interval: int = 100, growth_factor: float = 2.0,
-                 backoff_factor: float = 0.5, min_scale: float = 2.0 ** -24):
-        self.scale, self.growth_interval = float(init_scale), int(growth_interval)
-        self.growth_factor, self.backoff_factor, self.min_scale = growth_factor, backoff_factor, min_scale
-        self.good_steps, self.skipped_steps = 0, 0
-
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.scale
-
-    @torch.no_grad()
-    def unscale_(self, params: Sequence[torch.Tensor]) -> bool:
-        grads = [p.grad for p in params if p.grad is not None]
-        finite = all(bool(torch.isfinite(g).all()) for g in grads)
-        if finite:
-            for g in grads:  # in the gradient's own dtype; float32 LoRA grads lose nothing (a power of 2)
-                g.mul_(1.0 / self.scale)
-        return finite
-
-    def update(self, found_inf: bool) -> None:
-        if found_inf:
-            self.scale = max(self.scale * self.backoff_factor, self.min_scale)
-            self.good_steps = 0
-            self.skipped_steps += 1
-            return
-        self.good_steps += 1
-        if self.good_steps >= self.growth_interval:
-            self.scale *= self.growth_factor
-            self.good_steps = 0
-
-    def metrics(self) -> dict[str, float]:
-        return {"fp16/loss_scale": self.scale, "fp16/skipped_steps": self.skipped_steps}
-
-    def state_dict(self) -> dict[str, float]:
-        return {"scale": self.scale, "good_steps": self.good_steps, "skipped_steps": self.skipped_steps}
-
-    def load_state_dict(self, state: dict[str, float]) -> None:
-        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
-        self.skipped_steps = int(state["skipped_steps"])
-
-
-def make_loss_scaler(model, cfg: GRPOConfig) -> DynamicLossScaler | None:
-    """A DynamicLossScaler when the model computes in float16 (cfg.loss_scaling="auto"), else None."""
-    if not needs_loss_scaling(model_compute_dtype(model), cfg.loss_scaling):
-        return None
-    return DynamicLossScaler(cfg.loss_scale_init, cfg.loss_scale_growth_interval)
-
-
 def train_on_rollout(model, optimizer, processor, ro: Rollout, cfg: GRPOConfig, build_messages,
                      reference: Callable | None = None, *,
-                     loss_scaler: DynamicLossScaler | None = None) -> dict[str, float]:
+                     loss_scaler: engine.DynamicLossScaler | None = None) -> dict[str, float]:
     """Advantages, log-probs, loss and `num_iterations` optimizer updates for one rollout.
 
     `reference(model)`: the KL reference's context (train_poro passes `make_reference`'s); None with beta > 0
-    means the model with its adapters off. `loss_scaler`: a DynamicLossScaler kept across steps (train_poro
+    means the model with its adapters off. `loss_scaler`: a engine.DynamicLossScaler kept across steps (train_poro
     passes `make_loss_scaler`'s; pass one yourself on fp16). With cfg.disable_dropout every pass runs
     without dropout, so at num_iterations=1 the ratio is exactly 1 and the KL to an unchanged reference 0.
     Leaves the model in train mode."""
     model.train()
-    with dropout_disabled(model, cfg.disable_dropout), autocast(model, cfg):
+    with engine.dropout_disabled(model, cfg.disable_dropout), engine.autocast(model, cfg.bf16_scoring):
         return _train_on_rollout(model, optimizer, processor, ro, cfg, build_messages, reference, loss_scaler)
 
 
 def _train_on_rollout(model, optimizer, processor, ro: Rollout, cfg: GRPOConfig, build_messages,
-                      reference: Callable | None, loss_scaler: DynamicLossScaler | None) -> dict[str, float]:
+                      reference: Callable | None, loss_scaler: engine.DynamicLossScaler | None) -> dict[str, float]:
     N = ro.completion_ids.shape[0]
     G2 = N // ro.num_groups
     adv = group_advantages(ro.rewards["reward"], G2, scale_rewards=cfg.scale_rewards, std=cfg.advantage_std,
@@ -1007,7 +539,7 @@ def _train_on_rollout(model, optimizer, processor, ro: Rollout, cfg: GRPOConfig,
     for iteration in range(cfg.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for rows in _row_chunks(N, cfg.micro_batch_size):
+        for rows in row_chunks(N, cfg.micro_batch_size):
             logp, ent = forward_log_probs(model, batch, rows, cfg.temperature, cfg.logprob_chunk_size,
                                           with_entropy=iteration == 0, shared_prompt=cfg.shared_prompt_scoring)
             dev = logp.device
@@ -1017,7 +549,7 @@ def _train_on_rollout(model, optimizer, processor, ro: Rollout, cfg: GRPOConfig,
             per_tok = per_tok * weights[rows].to(dev)
             g = guided[rows].to(dev)
             if cfg.offpolicy_rule == "shaping" and g.any():
-                shaped = shaped_offpolicy_loss(logp, a, cfg.shaping_gamma)
+                shaped = shaped_offpolicy_loss(logp, a)
                 per_tok = torch.where(g.unsqueeze(1), shaped, per_tok)
             if ref_logp is not None:
                 kl = k3_kl(logp, ref_logp[rows].to(dev))
@@ -1063,178 +595,6 @@ def _train_on_rollout(model, optimizer, processor, ro: Rollout, cfg: GRPOConfig,
     return metrics
 
 
-def origin_metrics(ro: Rollout, adv: torch.Tensor, loss_mask: torch.Tensor, token_stats: dict, group_size: int,
-                   cfg: GRPOConfig) -> dict[str, float]:
-    """Reward, accuracy, advantage, KL, entropy, clipping, lengths, ratios: for all rows and per origin."""
-    out: dict[str, float] = {}
-    lengths = ro.eos_mask.sum(1).float()
-    origins = [("all", torch.ones_like(ro.guided))] + [("own", ~ro.guided)] + ([("guided", ro.guided)] if ro.guided.any() else [])
-    for name, sel in origins:
-        if not sel.any():
-            continue
-        rows_mask = loss_mask * sel.unsqueeze(1)
-        eos_rows = ro.eos_mask * sel.unsqueeze(1)
-        r = ro.rewards["reward"][sel]
-        out[f"{name}/reward_mean"] = float(r.mean())
-        out[f"{name}/reward_std"] = float(r.std(unbiased=False))
-        out[f"{name}/accuracy"] = float(ro.rewards["accuracy"][sel].mean())
-        if "format" in ro.rewards:
-            out[f"{name}/format"] = float(ro.rewards["format"][sel].mean())
-        out[f"{name}/advantage_mean"] = float(adv[sel].mean())
-        out[f"{name}/completion_length"] = float(lengths[sel].mean())
-        out[f"{name}/truncated_frac"] = float(ro.truncated[sel].float().mean())
-        out[f"{name}/entropy"] = masked_mean(token_stats["entropy"], eos_rows)
-        out[f"{name}/clip_low_frac"] = masked_mean(token_stats["clip_low"], rows_mask)
-        out[f"{name}/clip_high_frac"] = masked_mean(token_stats["clip_high"], rows_mask)
-        out[f"{name}/ratio_mean"] = masked_mean(token_stats["ratio"], rows_mask)
-        out[f"{name}/ratio_max"] = float(token_stats["ratio"][rows_mask.bool()].max()) if rows_mask.any() else math.nan
-        if cfg.beta > 0:
-            out[f"{name}/kl"] = masked_mean(token_stats["kl"], rows_mask)
-        # groups whose rows of this origin all got the same reward (among the groups that have such rows:
-        # with adaptive_guidance the pattern differs from group to group)
-        per_group, sel_groups = ro.rewards["reward"].view(-1, group_size), sel.view(-1, group_size)
-        flat = [float(per_group[g][sel_groups[g]].max() - per_group[g][sel_groups[g]].min()) <= 1e-6
-                for g in range(per_group.shape[0]) if sel_groups[g].any()]
-        out[f"{name}/zero_std_frac"] = float(np.mean(flat))
-    return out
-
-
-def behaviour_ratio_metrics(old_logp: torch.Tensor, behaviour: torch.Tensor, eos_mask: torch.Tensor,
-                            guided: torch.Tensor, cap: float) -> dict[str, float]:
-    """How far pi_old(o|q) / pi_old(o|q,P) is from 1 on the guided responses (1 = no mismatch)."""
-    mask = eos_mask[guided].bool()
-    log_ratio = (old_logp[guided] - behaviour[guided])
-    tok = log_ratio[mask]
-    if tok.numel() == 0:
-        return {}
-    seq = (log_ratio * mask).sum(1)
-    return {
-        "guided/is_ratio_mean": float(tok.exp().mean()),
-        "guided/is_ratio_min": float(tok.exp().min()),
-        "guided/is_ratio_max": float(tok.exp().max()),
-        "guided/is_log_ratio_mean": float(tok.mean()),
-        "guided/is_seq_log_ratio_mean": float(seq.mean()),
-        "guided/is_capped_frac": float((tok.exp() > cap).float().mean()),
-    }
-
-
-# =========================================================================== prompt order, checkpoints
-
-
-class PromptSampler:
-    """Dataset indices in a fresh seeded permutation per epoch; the whole state is one cursor."""
-
-    def __init__(self, size: int, seed: int, cursor: int = 0):
-        if size < 1:
-            raise ValueError("the RL dataset is empty: build it with mpi.data and pass at least one item")
-        self.size, self.seed, self.cursor = size, seed, cursor
-        self._epoch, self._perm = -1, None
-
-    def next(self, n: int) -> list[int]:
-        out = []
-        for _ in range(n):
-            epoch, pos = divmod(self.cursor, self.size)
-            if epoch != self._epoch:
-                g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-                self._perm, self._epoch = torch.randperm(self.size, generator=g).tolist(), epoch
-            out.append(self._perm[pos])
-            self.cursor += 1
-        return out
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, sampler: PromptSampler, cfg: GRPOConfig,
-                    reference: Callable | None = None, *, loss_scaler: DynamicLossScaler | None = None,
-                    best: "BestCheckpoint | None" = None) -> Path:
-    """trainable weights + optimizer + RNG + step + prompt cursor (+ the KL reference's weights, which a resumed
-    run cannot rebuild from the model), written to a temp dir then renamed."""
-    path = Path(out_dir) / "checkpoints" / f"step_{step:06d}"
-    with atomic_directory(path) as tmp:
-        trainable = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-        torch.save(trainable, tmp / "trainable.pt")
-        if isinstance(reference, StartReference):
-            torch.save(reference.state_dict(), tmp / "reference.pt")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
-        state = {"step": step, "cursor": sampler.cursor, "config": cfg.to_dict()}
-        if loss_scaler is not None:
-            state["loss_scaler"] = loss_scaler.state_dict()
-        if best is not None:
-            state["best"] = best.state()
-        (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
-    checkpoints = sorted((Path(out_dir) / "checkpoints").glob("step_*"))
-    for old in checkpoints[:-max(cfg.keep_checkpoints, 1)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    found = sorted(p for p in (Path(out_dir) / "checkpoints").glob("step_*") if (p / "state.json").exists())
-    return found[-1] if found else None
-
-
-def load_checkpoint(path: Path, model, optimizer, reference: Callable | None = None) -> dict[str, Any]:
-    state = json.loads((path / "state.json").read_text())
-    if isinstance(reference, StartReference):  # before the weights change: it was built from the current model
-        if not (path / "reference.pt").exists():
-            raise ValueError(f"checkpoint {path} has no KL reference weights (saved with another kl_reference); "
-                             "resume with the same GRPOConfig")
-        reference.load_state_dict(torch.load(path / "reference.pt", map_location="cpu"))
-    load_trainable(model, path / "trainable.pt")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu"))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return state
-
-
-# =========================================================================== sample table
-
-
-def _thumbnail_b64(image, size: int = 96) -> str:
-    img = image.copy()
-    img.thumbnail((size, size))
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def write_sample_table(out_dir: str | Path, step: int, ro: Rollout, max_groups: int = 2) -> Path:
-    """samples/step_XXXXXX.html (image, query, each completion, its origin and reward) and .jsonl."""
-    G2 = ro.completion_ids.shape[0] // ro.num_groups
-    records, rows_html = [], []
-    for g, item in enumerate(ro.items[:max_groups]):
-        images = item.get("images") or []
-        thumb = f'<img src="data:image/png;base64,{_thumbnail_b64(images[0])}"/>' if images else ""
-        for k in range(G2):
-            r = g * G2 + k
-            rec = {"step": step, "id": item.get("id"), "origin": "guided" if bool(ro.guided[r]) else "own",
-                   "answer": item.get("answer"), "completion": ro.texts[r],
-                   **{key: float(v[r]) for key, v in ro.rewards.items()}}
-            records.append(rec)
-            rows_html.append(
-                f"<tr><td>{thumb if k == 0 else ''}</td><td>{html.escape(str(item.get('query', '')))[:200] if k == 0 else ''}"
-                f"</td><td>{rec['origin']}</td><td><pre>{html.escape(rec['completion'])}</pre></td>"
-                f"<td>{html.escape(str(rec['answer']))}</td><td>{rec['reward']:.2f}</td></tr>")
-    table = ("<table><tr><th>image</th><th>query</th><th>origin</th><th>completion</th><th>gold</th><th>reward</th></tr>"
-             + "".join(rows_html) + "</table>")
-    base = Path(out_dir) / "samples" / f"step_{step:06d}"
-    atomic_write_text(base.with_suffix(".jsonl"), "".join(json.dumps(r) + "\n" for r in records))
-    return atomic_write_text(base.with_suffix(".html"), table)
-
-
 # =========================================================================== the loop
 
 
@@ -1246,9 +606,10 @@ class TrainResult:
     final_step: int = 0
     best_step: int | None = None  # keep_best: the step whose weights the model ends with (0 = the start)
     best_value: float | None = None  # keep_best: its smoothed validation metric
+    resumed_from: int | None = None  # the checkpoint's step when resume=True found one
 
 
-def collect_rollout(model, processor, dataset, sampler: PromptSampler, cfg: GRPOConfig, build_messages,
+def collect_rollout(model, processor, dataset, sampler, cfg: GRPOConfig, build_messages,
                     reward_fn, *, guide_for: Callable[[dict], dict] | None = None) -> tuple[Rollout | None, int]:
     """A step's groups; with dynamic sampling, only groups with a reward spread, refilled up to N tries.
     guide_for(item): the item whose policy the guided half sees (e.g. `wrong_policy_guide`); None = its own."""
@@ -1272,106 +633,10 @@ def collect_rollout(model, processor, dataset, sampler: PromptSampler, cfg: GRPO
     return (concat_rollouts(kept) if kept else None), tries
 
 
-def learning_rate_at(cfg: GRPOConfig, step: int) -> float:
-    """The learning rate of optimizer step `step` (1-based): linear warm-up to cfg.learning_rate over
-    cfg.warmup_steps, then constant, or a cosine from the peak to min_lr_ratio x peak at step cfg.steps.
-    A pure function of the step, so a resumed run follows the schedule of an uninterrupted one."""
-    peak = cfg.learning_rate
-    if step <= cfg.warmup_steps:
-        return peak * step / max(cfg.warmup_steps, 1)
-    if cfg.lr_scheduler_type == "constant":
-        return peak
-    progress = (step - cfg.warmup_steps) / max(cfg.steps - cfg.warmup_steps, 1)
-    floor = cfg.min_lr_ratio * peak
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-class BestCheckpoint:
-    """The best validation weights so far, by an exponential moving average of one metric.
-
-    `update(step, metrics, model)` folds the new value into the average and, when it is the best yet, writes
-    the trainable weights to out_dir/best/ (atomically, with best.json). `state()` goes into every regular
-    checkpoint, so a resumed run continues the same average. `restore(model)` loads the best weights."""
-
-    def __init__(self, out_dir: str | Path, metric: str, smoothing: float):
-        self.dir, self.metric, self.smoothing = Path(out_dir) / "best", metric, smoothing
-        self.average: float | None = None
-        self.best: float | None = None
-        self.best_step: int | None = None
-
-    def update(self, step: int, metrics: dict[str, Any], model) -> dict[str, float]:
-        if self.metric not in metrics:
-            raise ValueError(f"keep_best: metric {self.metric!r} is not among the validation metrics "
-                             f"{sorted(metrics)}; set GRPOConfig.best_metric to one of them")
-        value = float(metrics[self.metric])
-        self.average = value if self.average is None else self.smoothing * value + (1 - self.smoothing) * self.average
-        if self.best is None or self.average > self.best:
-            self.best, self.best_step = self.average, step
-            if dist.is_main_process():
-                with atomic_directory(self.dir) as tmp:
-                    torch.save({n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad},
-                               tmp / "trainable.pt")
-                    (tmp / "best.json").write_text(json.dumps(
-                        {"step": step, "metric": self.metric, "smoothed": self.average, "raw": value}, indent=2))
-        return {"val/smoothed": self.average, "val/best_step": float(self.best_step)}
-
-    def state(self) -> dict[str, Any]:
-        return {"average": self.average, "best": self.best, "best_step": self.best_step}
-
-    def load_state(self, state: dict[str, Any] | None) -> None:
-        if state:
-            self.average, self.best, self.best_step = state["average"], state["best"], state["best_step"]
-
-    def restore(self, model) -> int | None:
-        """Copy the best weights into the model (every process reads the main process's file)."""
-        dist.wait_for_everyone()
-        path = self.dir / "trainable.pt"
-        if self.best_step is None or not path.exists():
-            return None
-        load_trainable(model, path)
-        return self.best_step
-
-
-def load_trainable(model, path: str | Path) -> None:
-    """Copy saved trainable weights ({name: tensor}, as BestCheckpoint and save_checkpoint write them) into
-    the model; a name the model lacks is an error naming the file."""
-    weights = torch.load(path, map_location="cpu")
-    params = dict(model.named_parameters())
-    missing = sorted(set(weights) - set(params))
-    if missing:
-        raise ValueError(f"{path} has weights the model lacks ({missing[:3]}...): load the same model and LoRA settings")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value.to(params[name].device))
-
-
-def make_optimizer(model, cfg: GRPOConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters: load it with lora=LoraSettings(...) or trainable weights")
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, betas=cfg.adam_betas)
-
-
-def idle_update_scaled(model, optimizer, cfg: GRPOConfig, loss_scaler: DynamicLossScaler) -> None:
-    """`mpi.scale.distributed.idle_update` with the loss scaler's overflow check: the summed gradients hold the
-    other processes' infs too, so this process must skip exactly the updates they skip."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    dist.global_sums(0.0, 0.0)
-    for _ in range(cfg.num_iterations):
-        optimizer.zero_grad(set_to_none=True)
-        for p in params:  # a zero contribution, so the optimizer steps every parameter as the others do
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce_gradients(params)
-        if not loss_scaler.unscale_(params):
-            optimizer.zero_grad(set_to_none=True)
-            loss_scaler.update(found_inf=True)
-            continue
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_scaler.update(found_inf=False)
-
-
+# The validation metric keep_best follows: the policy-free accuracy of answers sampled at the rollout temperature,
+# the policy RL trains. Every evaluation samples from this seed in a forked RNG, so training is untouched.
+BEST_METRIC = "val/sampled_accuracy"
+VALIDATION_SEED = 1234
 PRINT_KEYS = ("loss", "own/reward_mean", "guided/reward_mean", "own/accuracy", "guided/accuracy", "all/kl",
               "all/completion_length", "step_time", "gen_tokens_per_s")
 
@@ -1384,124 +649,82 @@ def train_poro(model, processor, dataset, cfg: GRPOConfig, out_dir: str | Path, 
     out_dir gets metrics.csv / metrics.jsonl, samples/, checkpoints/ and adapter/ (the final LoRA).
     resume=True continues from the latest checkpoint in out_dir and ends with exactly the weights an
     uninterrupted run would have. reward_fn(items, texts) -> {"reward": [...], "accuracy": [...], ...}
-    replaces the default accuracy + format reward. eval_items: a small fixed validation list; with it,
-    `validation_metrics` (val/...) are logged before training (step 0), every cfg.eval_every steps and at
-    the last step (off when None: each evaluation samples eval_samples + 1 answers per item).
-    """
+    replaces the default accuracy + format reward. eval_items: a small fixed validation list, evaluated
+    (`validation_metrics`, val/...) before training, every cfg.eval_every steps and at the last step."""
     from tqdm.auto import tqdm
 
-    from mpi.metrics import MetricsLogger, format_row
-
     cfg.validate()
-    out_dir = Path(out_dir)
-    build_messages = build_messages or default_build_messages()
+    out_dir, build_messages = Path(out_dir), build_messages or default_build_messages()
     seed_everything(cfg.seed + dist.process_index())  # each process samples differently
     dist.sync_initial_weights(model)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = engine.make_optimizer(model, cfg)
     reference = make_reference(model, cfg)  # before a checkpoint loads: "start" copies the weights RL starts from
-    loss_scaler = make_loss_scaler(model, cfg)  # fp16 compute only (see needs_loss_scaling)
+    scaler = engine.make_loss_scaler(model, cfg)  # float16 compute only
     guide_for = wrong_policy_guide(dataset) if cfg.guided_context == "wrong_policy" and cfg.policy_rollout else None
-    eval_items = list(eval_items) if eval_items else None
-    if cfg.keep_best and not eval_items:
-        raise ValueError("GRPOConfig.keep_best needs eval_items (a validation list) to choose the best step; "
-                         "pass eval_items= or set keep_best=False")
-    best = BestCheckpoint(out_dir, cfg.best_metric, cfg.best_smoothing) if cfg.keep_best else None
-    sampler = dist.ShardedSampler(PromptSampler(len(dataset), cfg.seed))  # process p: positions p, p+W, ...
+    best = engine.BestCheckpoint(out_dir, BEST_METRIC, cfg.best_smoothing) if cfg.keep_best else None
+    validate = validator(model, processor, eval_items, cfg, best, build_messages, reward_fn)
+    sampler = dist.ShardedSampler(engine.PromptSampler(len(dataset), cfg.seed))  # process p: positions p, p+W, ...
     local_cfg = dataclasses.replace(cfg, prompts_per_step=dist.local_count(cfg.prompts_per_step))
-    start = 0
-    ckpt = latest_checkpoint(out_dir) if resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, reference)
-        start, sampler.cursor = state["step"], state["cursor"]
-        if loss_scaler is not None and "loss_scaler" in state:
-            loss_scaler.load_state_dict(state["loss_scaler"])
-        if best is not None:
-            best.load_state(state.get("best"))
-    logger = (MetricsLogger(out_dir, resume_step=start if ckpt is not None else None, echo=False)
-              if dist.is_main_process() else dist.NullLogger())
-    if dist.is_main_process():
-        atomic_write_text(out_dir / "grpo_config.json", json.dumps(cfg.to_dict(), indent=2, default=str))
-
-
-    def evaluate() -> dict[str, float]:
-        return validation_metrics(model, processor, eval_items, cfg, build_messages=build_messages,
-                                  reward_fn=reward_fn)
-
-    if eval_items and start == 0:  # the baseline the validation curve starts from
-        baseline = dist.reduce_metrics(evaluate())
-        if best is not None:
-            baseline.update(best.update(0, baseline, model))
-        logger.log(0, **baseline)
-    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=f"{cfg.preset}",
-               disable=not cfg.progress or not dist.is_main_process())
+    start = engine.resume(out_dir, model, optimizer, sampler, reference, scaler, best) if resume else 0
+    logger = engine.metrics_logger(out_dir, start, cfg.to_dict(), "grpo_config.json")
+    if validate and start == 0:
+        logger.log(0, **validate(0))  # the baseline the validation curve starts from
+    main = dist.is_main_process()
+    bar = tqdm(range(start + 1, cfg.steps + 1), initial=start, total=cfg.steps, desc=cfg.preset,
+               disable=not cfg.progress or not main)
     for step in bar:
         t0, c0 = time.perf_counter(), time.process_time()
-        for group in optimizer.param_groups:  # the schedule is a function of the step (resume-exact)
-            group["lr"] = learning_rate_at(cfg, step)
+        engine.set_learning_rate(optimizer, engine.learning_rate_at(step, cfg.learning_rate, cfg.steps, cfg.warmup_steps,
+                                                                    cfg.lr_scheduler_type, cfg.min_lr_ratio))
         ro, tries = collect_rollout(model, processor, dataset, sampler, local_cfg, build_messages, reward_fn,
                                     guide_for=guide_for)
         metrics: dict[str, Any] = {"resample_tries": tries}
         if dist.all_processes(ro is None):
             metrics["skipped"] = 1  # every try gave flat groups: nothing to learn from this step
         elif ro is None:  # this process found only flat groups, others did not: join their update
-            if loss_scaler is None:
-                dist.idle_update(model, optimizer, num_iterations=cfg.num_iterations, max_grad_norm=cfg.max_grad_norm)
-            else:
-                idle_update_scaled(model, optimizer, cfg, loss_scaler)
-            metrics.update(num_groups=0)
+            engine.idle_update(model, optimizer, cfg.num_iterations, cfg.max_grad_norm, scaler)
+            metrics["num_groups"] = 0
         else:
             metrics.update(train_on_rollout(model, optimizer, processor, ro, cfg, build_messages, reference,
-                                            loss_scaler=loss_scaler))
-            gen_tokens = int(ro.eos_mask.sum())
-            metrics.update(num_groups=ro.num_groups, gen_tokens=gen_tokens,
-                           gen_tokens_per_s=gen_tokens / max(ro.gen_seconds, 1e-9), gen_seconds=ro.gen_seconds)
-            if cfg.sample_every and step % cfg.sample_every == 0 and dist.is_main_process():
+                                            loss_scaler=scaler))
+            metrics.update(num_groups=ro.num_groups, gen_tokens=int(ro.eos_mask.sum()), gen_seconds=ro.gen_seconds,
+                           gen_tokens_per_s=int(ro.eos_mask.sum()) / max(ro.gen_seconds, 1e-9))
+            if cfg.sample_every and step % cfg.sample_every == 0 and main:
                 write_sample_table(out_dir, step, ro)
-        metrics["step_time"] = time.perf_counter() - t0
-        metrics["step_cpu_s"] = time.process_time() - c0  # CPU seconds of this process (robust to a busy machine)
-        metrics["lr"] = optimizer.param_groups[0]["lr"]
-        if eval_items and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-            val = dist.reduce_metrics(evaluate())  # after step_time: not part of the step's cost
-            metrics.update(val)
-            if best is not None:
-                metrics.update(best.update(step, val, model))
+        metrics.update(step_time=time.perf_counter() - t0, lr=optimizer.param_groups[0]["lr"],
+                       step_cpu_s=time.process_time() - c0)  # CPU seconds of this process: robust to a busy machine
+        if validate and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+            metrics.update(validate(step))  # after step_time: not part of the step's cost
         row = logger.log(step, **dist.reduce_metrics(metrics))  # one row for all processes
-        if cfg.print_every and step % cfg.print_every == 0 and dist.is_main_process():
+        if cfg.log_every != 0 and step % progress_every(cfg.log_every, cfg.steps) == 0 and main:
             tqdm.write(format_row(row, [k for k in PRINT_KEYS if k in row]))
         bar.set_postfix(reward=f"{row.get('all/reward_mean', float('nan')):.3f}")
-        if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps) and dist.is_main_process():
-            save_checkpoint(out_dir, step, model, optimizer, sampler, cfg, reference, loss_scaler=loss_scaler,
-                            best=best)
+        if ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps) and main:
+            engine.save_checkpoint(out_dir, step, model, optimizer, sampler, cfg.to_dict(), cfg.keep_checkpoints,
+                                   reference, loss_scaler=scaler, best=best)
     bar.close()
     best_step = best.restore(model) if best is not None else None
-
-    adapter_dir = None
-    if save_adapter and hasattr(model, "save_pretrained") and hasattr(model, "peft_config") and dist.is_main_process():
-        adapter_dir = out_dir / "adapter"
-        with atomic_directory(adapter_dir) as tmp:
-            model.save_pretrained(tmp)
-    dist.wait_for_everyone()  # nobody returns before process 0 has written the adapter
-    if save_adapter and adapter_dir is None and (out_dir / "adapter").exists():
-        adapter_dir = out_dir / "adapter"
-    return TrainResult(out_dir=out_dir, adapter_dir=adapter_dir, rows=logger.rows, final_step=cfg.steps,
-                       best_step=best_step, best_value=best.best if best is not None else None)
+    return TrainResult(out_dir=out_dir, adapter_dir=engine.save_adapter(model, out_dir) if save_adapter else None,
+                       rows=logger.rows, final_step=cfg.steps, best_step=best_step,
+                       best_value=best.best if best is not None else None, resumed_from=start or None)
 
 
-# =========================================================================== the starting point
+def validator(model, processor, items: Sequence[dict] | None, cfg: GRPOConfig, best, build_messages, reward_fn):
+    """step -> the validation metrics on `items` (`validation_metrics`, reduced over processes), folded into the
+    best checkpoint when keep_best; None without items."""
+    if cfg.keep_best and not items:
+        raise ValueError("GRPOConfig.keep_best needs eval_items (a validation list) to choose the best step; "
+                         "pass eval_items= or set keep_best=False")
+    if not items:
+        return None
+    items = list(items)
 
+    def validate(step: int) -> dict[str, float]:
+        val = dist.reduce_metrics(validation_metrics(model, processor, items, cfg, build_messages=build_messages,
+                                                     reward_fn=reward_fn))
+        return {**val, **best.update(step, val, model)} if best is not None else val
 
-def start_rl_from(model, lora):
-    """Fold the previous stage's adapter into the weights and add a fresh LoRA for RL.
-
-    The KL reference is "the same model with adapters disabled". Continuing to train the SFT adapter
-    would make that reference the pre-SFT base; folding it in first makes the reference the SFT policy
-    (the paper's pi_ref = the initial policy). On a 4-bit model peft re-quantizes the merged weights
-    (small rounding error; it warns). `lora`: a mpi.modeling.LoraSettings.
-    """
-    from peft import get_peft_model
-
-    base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-    return get_peft_model(base, lora.to_peft())
+    return validate
 
 
 # =========================================================================== evaluation on a fixed prompt set
@@ -1549,7 +772,7 @@ def validation_metrics(model, processor, items: Sequence[dict], cfg: GRPOConfig,
     ecfg = dataclasses.replace(cfg, num_generations=k, policy_rollout=False, adaptive_guidance=False)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(cfg.eval_seed if seed is None else seed)
+        torch.manual_seed(VALIDATION_SEED if seed is None else seed)
         sampled = rollout(model, processor, items, ecfg, build, reward_fn)
         texts, images = prompt_texts(processor, items, False, build)
         gen = generate_from_prompts(model, processor, texts, images, ecfg, num_return_sequences=1, greedy=True)
@@ -1561,12 +784,3 @@ def validation_metrics(model, processor, items: Sequence[dict], cfg: GRPOConfig,
             "val/greedy_reward": float(greedy.rewards["reward"].mean())}
 
 
-def plot_validation(run_dir: str | Path, out_png: str | Path | None = None):
-    """The validation curve and the own / guided training rewards of a run (reads its metrics.jsonl)."""
-    from mpi.metrics import plot_metrics, read_metrics
-
-    rows = read_metrics(run_dir)
-    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("val/") and "reward" not in k]
-    keys += [k for k in ("own/reward_mean", "guided/reward_mean", "all/zero_std_frac", "guidance/guided_group_frac")
-             if any(k in r for r in rows)]
-    return plot_metrics(rows, keys, out_png=out_png, title=str(run_dir))

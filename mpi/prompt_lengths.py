@@ -22,7 +22,8 @@ def prompt_lengths(processor, items: Sequence[dict], *, with_policy: bool, build
                    chunk: int = 16) -> list[tuple[str, int, int]]:
     """(item id, prompt tokens, image tokens) of each item's chat-templated generation prompt, as mpi.poro
     encodes it (the processor expands each image to its <|image_pad|> tokens; no truncation)."""
-    from mpi.poro import default_build_messages, encode_prompts, prompt_texts
+    from mpi.poro import default_build_messages
+    from mpi.sampling import encode_prompts, prompt_texts
 
     build_messages = build_messages or default_build_messages()
     image_id = getattr(processor, "image_token_id", None)

@@ -398,3 +398,108 @@ def shared_prompt_logits(model, prompt: dict[str, torch.Tensor], prompt_rows: to
                   position_ids=pos[:, :-1].unsqueeze(0).expand(3, N, T - 1), cache=cache, use_cache=True)
         hidden = torch.cat([hidden, rest.last_hidden_state], dim=1)
     return base.lm_head(hidden)
+
+
+# =========================================================================== prompts in, completions out
+# What the RL loop (mpi.poro) and its validation call: chat-templated prompts, left-padded tensors, and G
+# samples per prompt with every sampling knob explicit. `cfg` is a GRPOConfig (temperature, top_p, top_k,
+# max_completion_length, num_generations, sampler).
+
+SAMPLERS = ("fast", "hf")  # `sample` here, or transformers' `model.generate` (the same distribution)
+
+
+def prompt_texts(processor, items: Sequence[dict], with_policy: bool, build_messages) -> tuple[list[str], list[list]]:
+    """Chat-templated prompt strings and their images, one per item."""
+    texts, images = [], []
+    for item in items:
+        messages, imgs = build_messages(item, with_policy=with_policy)
+        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        images.append(list(imgs))
+    return texts, images
+
+
+def encode_prompts(processor, texts: list[str], images: list[list]) -> dict[str, torch.Tensor]:
+    """Left-padded prompt tensors (the processor expands each image placeholder to its token count)."""
+    flat = [img for imgs in images for img in imgs]
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        enc = processor(text=texts, images=flat or None, return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    enc = dict(enc)
+    enc["num_images"] = torch.tensor([len(imgs) for imgs in images])
+    return enc
+
+
+def vision_token_ids(model) -> list[int]:
+    """Vision placeholder ids a completion must never contain: fed back to the model they would be
+    read as image slots. Generation suppresses them and the log-probs exclude them the same way, so the
+    sampling and the scored distributions stay identical."""
+    config = base_model(model).config
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return sorted({getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)})
+
+
+def stop_token_ids(model, processor) -> list[int]:
+    """EOS ids that end a completion: the tokenizer's EOS plus any in the generation config."""
+    ids = {processor.tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif gen_eos:
+        ids.update(gen_eos)
+    return sorted(i for i in ids if i is not None)
+
+
+def sampling_kwargs(model, processor, cfg) -> dict[str, Any]:
+    """Every sampling knob set explicitly: a checkpoint's generation_config (Qwen2.5-VL-Instruct ships
+    top_k=1, temperature 0.1, repetition_penalty 1.05) must not leak in, or the sampler would differ from
+    the softmax(z / T) that the loss's log-probs assume."""
+    return dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=None,
+                typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=cfg.max_completion_length,
+                eos_token_id=stop_token_ids(model, processor), pad_token_id=processor.tokenizer.pad_token_id,
+                suppress_tokens=vision_token_ids(model) or None, use_cache=True)
+
+
+@torch.no_grad()
+def generate_from_prompts(model, processor, texts: list[str], images: list[list], cfg, *,
+                          num_return_sequences: int | None = None, greedy: bool = False,
+                          return_log_probs: bool = False) -> dict[str, Any]:
+    """`num_return_sequences` (default cfg.num_generations) completions per prompt, prompt after prompt,
+    sampled with `sampling_kwargs` in eval mode (no dropout); greedy=True decodes the argmax instead.
+    cfg.sampler="fast" uses `mpi.sampling.sample` (same distribution, ~2x faster on the toy), "hf" generate.
+    return_log_probs: also "log_probs" (N, T), each drawn token's log-prob at the sampling temperature, from
+    the fast sampler (None from generate)."""
+    enc = encode_prompts(processor, texts, images)
+    enc.pop("num_images")
+    device = next(model.parameters()).device
+    enc = {k: v.to(device) for k, v in enc.items()}
+    stops = stop_token_ids(model, processor)
+    kwargs = sampling_kwargs(model, processor, cfg)
+    if greedy:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    n = num_return_sequences or cfg.num_generations
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    log_probs = None
+    try:
+        completion_ids, log_probs = _sample(model, enc, cfg, n, stops, kwargs, greedy, return_log_probs)
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    return {"completion_ids": completion_ids, "seconds": seconds, "stops": stops, "log_probs": log_probs}
+
+
+def _sample(model, enc, cfg, n: int, stops, kwargs, greedy: bool, return_log_probs: bool):
+    """(completion_ids on CPU, log_probs or None) from the fast sampler, else from model.generate."""
+    if getattr(cfg, "sampler", "hf") == "fast" and supports_fast_sampling(model):
+        out = sample(
+            model, enc, num_return_sequences=n, max_new_tokens=cfg.max_completion_length, stop_ids=stops,
+            pad_id=kwargs["pad_token_id"], suppress_ids=kwargs["suppress_tokens"] or (),
+            temperature=kwargs["temperature"], top_p=kwargs["top_p"], top_k=kwargs["top_k"],
+            greedy=greedy, return_log_probs=return_log_probs and not greedy)
+        return out["completion_ids"], out.get("log_probs")
+    out = model.generate(**enc, **kwargs, num_return_sequences=n)
+    return out[:, enc["input_ids"].shape[1]:].cpu(), None

@@ -1,26 +1,20 @@
 """Stages 1 and 2: visually-masked continual pretraining (VM-CPT) and CoT / direct SFT.
 
 Both are next-token training on the batches of `mpi.collate.SupervisedCollator`; the mode decides which
-tokens carry loss ("cpt": everything but visual tokens, policy in context; "sft_cot" / "sft_direct": the
+tokens carry loss ("cpt": everything but visual tokens, policy in context; "cot-sft" / "direct-sft": the
 target only, no policy). One entry point trains both:
 
-    cfg = SupervisedConfig.from_run_config(run_cfg, "cpt")          # or "sft_cot", "sft_direct"
+    cfg = pipeline.stage_config(plan, "cpt", seed)                   # or "cot-sft", "direct-sft"
     result = train_supervised(model, processor, train_dataset, cfg, "runs/vm_cpt")
     result["adapter"]    # runs/vm_cpt/adapter, a standard peft adapter directory
 
 The loop is transformers' `Trainer` with our collator and a loss that runs the LM head only at
 supervised positions (`logits_to_keep`). It brings gradient accumulation, the warm-up + cosine/constant
-schedule, gradient clipping, the progress bar and checkpoints every `save_steps`; we add the metrics log
+schedule, gradient clipping, the progress bar and checkpoints every `save_every` steps; we add the metrics log
 (CSV + JSONL), a completeness marker per checkpoint (a checkpoint half-written when Colab disconnects is
 never resumed from), the final adapter written atomically, and `result.json`, whose presence marks a
-finished run that is not trained again.
-
-The notebooks and the pipeline use the stage helpers, which also load the model:
-
-    model, processor, result = run_vm_cpt(run_cfg, clevr_train)                         # stage 1
-    model, processor, result = run_sft(run_cfg, clevr_train, init_adapter=result["adapter"])  # TriMPI stage 2
-    model, processor, result = run_sft(run_cfg, clevr_train)                             # "CoT SFT" baseline
-    model, processor, result = run_sft(run_cfg, clevr_train, direct=True)                # "direct SFT" baseline
+finished run that is not trained again. Notebooks 02 and 03 and the pipeline (`pipeline.train_stage`) call
+`train_supervised` on the model `pipeline.start_stage` loads.
 
 Why not TRL's SFTTrainer: its vision-language collator builds the prompt from a "messages"/"images"
 column with its own chat-template call and masks the prompt or nothing; our VM-CPT mask (policy text
@@ -42,16 +36,13 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from mpi.scale import distributed as dist
+from mpi import distributed as dist
 from mpi.atomic import atomic_directory, atomic_write_json
 from mpi.collate import IGNORE_INDEX, MODES, SupervisedCollator
+from mpi.engine import LR_SCHEDULES, lr_lambda, save_model
 
-# the stage names from_run_config accepts -> the collator mode (mpi.collate.MODES) it trains with
-STAGE_MODES = {"cpt": "cpt", "vm_cpt": "cpt", "sft": "sft_cot", "sft_cot": "sft_cot", "sft_direct": "sft_direct"}
-SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup"}
 # Fields that do not change what is trained: a finished run with other values here is still "the same run".
-TRAINER_BOOKKEEPING_FIELDS = ("save_steps", "save_total_limit", "logging_steps", "dataloader_num_workers",
-                              "check_max_items", "progress")
+TRAINER_BOOKKEEPING_FIELDS = ("save_every", "save_total_limit", "logging_steps", "progress", "log_every")
 CHECKPOINT_MARKER = "mpi_checkpoint_complete.json"
 
 
@@ -63,7 +54,7 @@ class ConfigError(ValueError):
 class SupervisedConfig:
     """Every knob of one supervised stage. Defaults are the paper's SFT (LoRA r=8, lr 1e-4)."""
 
-    mode: str = "sft_cot"  # "cpt" (VM-CPT) | "sft_cot" | "sft_direct"
+    mode: str = "cot-sft"  # "cpt" (VM-CPT) | "cot-sft" | "direct-sft"
     epochs: float = 1.0
     max_steps: int = -1  # > 0 overrides epochs
     learning_rate: float = 1e-4
@@ -72,7 +63,7 @@ class SupervisedConfig:
     embedding_learning_rate: float | None = None
     batch_size: int = 4  # reduce if out of memory
     grad_accum_steps: int = 1  # raise to keep the effective batch when batch_size shrinks
-    lr_scheduler: str = "cosine"  # "cosine" | "constant" (both after a linear warm-up)
+    lr_scheduler_type: str = "cosine"  # "cosine" (to 0) | "constant", after a linear warm-up (mpi.engine.learning_rate_at)
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
@@ -83,42 +74,18 @@ class SupervisedConfig:
     # keeps a small model able to read the policy, which PolicyRollout's guided half relies on.
     policy_in_context_frac: float = 0.0
     seed: int = 0
-    save_steps: int = 50  # checkpoint every K optimizer steps (resume point after a disconnect)
+    save_every: int = 50  # checkpoint every K optimizer steps (resume point after a disconnect)
     save_total_limit: int = 2
     logging_steps: int = 1
-    dataloader_num_workers: int = 0
-    check_max_items: int | None = None  # check_config measures every item's length (None) or the first k
-    progress: bool = True  # tqdm bar and one printed line per logged step
-    # --- used when train_supervised gets a model without adapters, and by run_vm_cpt / run_sft
+    progress: bool = True  # tqdm bar and one printed line every log_every steps
+    log_every: int | None = None  # None: at most 50 printed lines
+    # --- LoRA, when train_supervised gets a model without adapters
     lora_r: int | None = 8  # None: train all parameters (the paper's VM-CPT)
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: str | list[str] | None = None  # None: the language model's attention + MLP
     lora_embeddings: bool = False  # also LoRA on embed_tokens / lm_head (continual-pretraining recipe)
-    quantization: str | None = None  # "auto" | "4bit" | None (run_* helpers load the model with it)
-    gradient_checkpointing: bool = False  # run_* helpers: trade compute for memory on long policies
-
-    @classmethod
-    def from_run_config(cls, run_cfg, stage: str, **overrides: Any) -> "SupervisedConfig":
-        """The stage's settings from a RunConfig: stage "cpt" uses cpt_epochs / cpt_learning_rate, "sft_cot" and
-        "sft_direct" the sft_* fields; batch size, accumulation, max_length, LoRA and seed are shared."""
-        if stage not in STAGE_MODES:
-            raise ValueError(f"stage must be one of {sorted(STAGE_MODES)}, got {stage!r}")
-        mode = STAGE_MODES[stage]
-        cpt = mode == "cpt"
-        values = dict(
-            mode=mode, epochs=run_cfg.cpt_epochs if cpt else run_cfg.sft_epochs,
-            learning_rate=run_cfg.cpt_learning_rate if cpt else run_cfg.sft_learning_rate,
-            batch_size=run_cfg.batch_size, grad_accum_steps=run_cfg.grad_accum_steps, max_length=run_cfg.max_length,
-            seed=run_cfg.seed, lora_r=run_cfg.lora_r, lora_alpha=run_cfg.lora_alpha, lora_dropout=run_cfg.lora_dropout,
-            quantization=run_cfg.quantization,
-            gradient_checkpointing=getattr(run_cfg, "gradient_checkpointing", False),
-            policy_in_context_frac=0.0 if cpt else getattr(run_cfg, "sft_policy_in_context_frac", 0.0),
-        )
-        # RunConfig.extra may carry per-stage overrides: extra={"cpt": {...}, "sft": {...}}
-        values.update((run_cfg.extra or {}).get("cpt" if cpt else "sft", {}))
-        values.update(overrides)
-        return cls(**values)
+    quantization: str | None = None  # how the model was loaded (RunConfig.quantization): check_config checks it
 
     def lora_settings(self):
         """The LoraSettings for a fresh adapter, or None for full-parameter training."""
@@ -159,7 +126,7 @@ def _model_dtype(model) -> torch.dtype:
 
 def sequence_lengths(processor, dataset, cfg: SupervisedConfig, chunk: int = 16) -> list[tuple[str, int, int]]:
     """(id, sequence tokens, prompt tokens) of the items check_config measures (images included)."""
-    n = len(dataset) if cfg.check_max_items is None else min(len(dataset), cfg.check_max_items)
+    n = len(dataset)
     # Any item may land in a batch that shows the policy: measure every item at its longest.
     collate = SupervisedCollator(processor, cfg.mode, max_length=None, mask_vision_markers=cfg.mask_vision_markers,
                                  policy_in_context_frac=1.0 if cfg.policy_in_context_frac > 0 else 0.0)
@@ -192,9 +159,9 @@ def check_config(cfg: SupervisedConfig, *, model=None, processor=None, dataset=N
     summary: dict[str, Any] = {}
     if cfg.mode not in MODES:
         problems.append(f"mode={cfg.mode!r}: choose one of {MODES}")
-    if cfg.lr_scheduler not in SCHEDULES:
-        problems.append(f"lr_scheduler={cfg.lr_scheduler!r}: choose one of {sorted(SCHEDULES)}")
-    for name in ("batch_size", "grad_accum_steps", "save_steps", "max_length"):
+    if cfg.lr_scheduler_type not in LR_SCHEDULES:
+        problems.append(f"lr_scheduler_type={cfg.lr_scheduler_type!r}: choose one of {list(LR_SCHEDULES)}")
+    for name in ("batch_size", "grad_accum_steps", "save_every", "max_length"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
             problems.append(f"{name}={getattr(cfg, name)!r}: must be an integer >= 1")
     if not cfg.learning_rate > 0:
@@ -249,12 +216,12 @@ def check_config(cfg: SupervisedConfig, *, model=None, processor=None, dataset=N
         if len(dataset) == 0:
             problems.append("the training dataset is empty: build it with mpi.data (e.g. build_clevr_policy(cfg, 'train'))")
         elif processor is not None and cfg.mode in MODES:
-            if cfg.mode != "sft_direct":
+            if cfg.mode != "direct-sft":
                 cots = dataset["cot"] if hasattr(dataset, "column_names") else [row.get("cot") for row in dataset]
                 empty = [str(dataset[i].get("id", i)) for i, c in enumerate(cots) if not c]
                 if empty:
                     problems.append(f"{len(empty)} item(s) have an empty 'cot' (first: {empty[0]}) but mode={cfg.mode!r} "
-                                    "trains on the chain of thought: filter them out or use mode='sft_direct'")
+                                    "trains on the chain of thought: filter them out or use mode='direct-sft'")
             if not problems:
                 lengths = sequence_lengths(processor, dataset, cfg)
                 item_id, longest, prompt = max(lengths, key=lambda t: t[1])
@@ -303,8 +270,10 @@ def _trainer_classes():
 
         loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole accumulated batch
 
-        def __init__(self, *args, sparse_logits: bool = True, embedding_learning_rate: float | None = None, **kwargs):
+        def __init__(self, *args, sparse_logits: bool = True, embedding_learning_rate: float | None = None,
+                     lr_scheduler_type: str = "cosine", **kwargs):
             super().__init__(*args, **kwargs)
+            self.lr_scheduler_type = lr_scheduler_type
             # Trainer then passes num_items_in_batch: the supervised tokens (shifted labels) of the whole
             # accumulated batch, summed over processes. Qwen2.5-VL's accepts_loss_kwargs=False would switch
             # that off, and each micro-batch would be averaged on its own (short targets weighing more).
@@ -344,6 +313,15 @@ def _trainer_classes():
                 return self.optimizer
             return super().create_optimizer(model) if model is not None else super().create_optimizer()
 
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            """The loops' one schedule (mpi.engine.learning_rate_at), warm-up steps from warmup_ratio."""
+            if self.lr_scheduler is None:
+                warmup = self.args.get_warmup_steps(num_training_steps)
+                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                    optimizer or self.optimizer, lr_lambda(num_training_steps, warmup, self.lr_scheduler_type))
+                self._created_lr_scheduler = True
+            return self.lr_scheduler
+
         def log(self, logs, start_time=None):
             if "loss" in logs:
                 now = time.perf_counter()
@@ -353,12 +331,18 @@ def _trainer_classes():
             return super().log(logs, start_time)
 
     class LineProgress(ProgressCallback):
-        """The tqdm bar, printing each logged step as one short line instead of a dict."""
+        """The tqdm bar, printing a logged step as one short line (not a dict) every `log_every` steps."""
+
+        def __init__(self, log_every: int | None):
+            super().__init__()
+            self.log_every = log_every
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            from mpi.metrics import format_row
+            from mpi.metrics import format_row, progress_every
 
-            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+            every = progress_every(self.log_every, state.max_steps)
+            if (state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs
+                    and (state.global_step % every == 0 or state.global_step == state.max_steps)):
                 row = {"step": state.global_step, **{k: v for k, v in logs.items() if k in _LOGGED}}
                 self.training_bar.write(format_row(row))
 
@@ -425,12 +409,6 @@ def _run_identity(model, dataset, cfg: SupervisedConfig) -> dict[str, Any]:
     return {**cfg.to_dict(), "data": dataset_signature(dataset), "base_model": Path(str(base)).name if base else None}
 
 
-def finished_result(out_dir: str | Path) -> dict[str, Any] | None:
-    """The result.json of a finished run in out_dir, or None (e.g. to reuse notebook 02's VM-CPT adapter)."""
-    path = Path(out_dir) / "result.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def _load_finished_weights(model, result: dict[str, Any]) -> None:
     """Put a finished run's trained weights into `model` (so a skipped run still returns the trained model)."""
     if result.get("adapter"):
@@ -448,20 +426,11 @@ def _load_finished_weights(model, result: dict[str, Any]) -> None:
 
 def save_trained(model, processor, out_dir: Path) -> dict[str, str | None]:
     """The adapter in peft format (out_dir/adapter), or the whole model (out_dir/model) when there is none."""
-    if is_peft_model(model):
-        with atomic_directory(out_dir / "adapter") as tmp:
-            model.save_pretrained(str(tmp))
-        return {"adapter": str(out_dir / "adapter"), "model_dir": None}
-    with atomic_directory(out_dir / "model") as tmp:
-        model.save_pretrained(str(tmp))
-        source = Path(str(getattr(model.config, "_name_or_path", "")))
-        if (source / "toy_spec.json").exists():  # the toy processor is rebuilt from its spec
-            for name in source.iterdir():
-                if name.is_file() and not name.name.startswith(("model", "config")):
-                    shutil.copy2(name, tmp / name.name)
-        else:
-            processor.save_pretrained(str(tmp))
-    return {"adapter": None, "model_dir": str(out_dir / "model")}
+    kind = "adapter" if is_peft_model(model) else "model"
+    with atomic_directory(out_dir / kind) as tmp:
+        save_model(model, processor, tmp)
+    return {"adapter": str(out_dir / kind) if kind == "adapter" else None,
+            "model_dir": str(out_dir / kind) if kind == "model" else None}
 
 
 # =========================================================================== training
@@ -490,12 +459,11 @@ def _training_arguments(cfg: SupervisedConfig, out_dir: Path, model):
         max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
-        lr_scheduler_type=SCHEDULES[cfg.lr_scheduler],
         warmup_steps=cfg.warmup_ratio,  # < 1: a fraction of the total steps
         max_grad_norm=cfg.max_grad_norm,
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
-        save_steps=cfg.save_steps,
+        save_steps=cfg.save_every,
         save_total_limit=cfg.save_total_limit,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -504,7 +472,7 @@ def _training_arguments(cfg: SupervisedConfig, out_dir: Path, model):
         use_cpu=device.type == "cpu",
         report_to="none",
         remove_unused_columns=False,  # the collator needs the raw items (images, policy, cot)
-        dataloader_num_workers=cfg.dataloader_num_workers,
+        dataloader_num_workers=0,  # the collator renders chat text and images: cheap next to a step, no copies
         dataloader_pin_memory=device.type == "cuda",
         disable_tqdm=not cfg.progress,
         save_only_model=False,  # optimizer, scheduler and RNG states too: resume must be exact
@@ -527,7 +495,7 @@ def train_supervised(model, processor, train_dataset, cfg: SupervisedConfig, out
     callbacks: extra transformers TrainerCallbacks.
 
     Returns {"final_loss", "mean_loss", "steps", "adapter", "model_dir", "out_dir", "metrics",
-    "tokens_per_s", "seconds", "resumed_from", "skipped", "check", "model"} ("model": the trained model,
+    "tokens_per_s", "seconds", "resumed_from" (the checkpoint's step), "skipped", "check", "model"} ("model": the trained model,
     a peft model when LoRA was added here; not written to result.json).
     """
     from mpi.device import seed_everything
@@ -576,7 +544,7 @@ def train_supervised(model, processor, train_dataset, cfg: SupervisedConfig, out
     trainer = SupervisedTrainer(
         model=model, args=_training_arguments(cfg, out_dir, model), train_dataset=train_dataset,
         data_collator=collator, sparse_logits=cfg.sparse_logits,
-        embedding_learning_rate=cfg.embedding_learning_rate,
+        embedding_learning_rate=cfg.embedding_learning_rate, lr_scheduler_type=cfg.lr_scheduler_type,
         callbacks=[MetricsCallback(logger), CheckpointMarker(), *callbacks],
     )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -584,7 +552,7 @@ def train_supervised(model, processor, train_dataset, cfg: SupervisedConfig, out
     trainer.remove_callback(PrinterCallback)
     if cfg.progress:
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(LineProgress())
+        trainer.add_callback(LineProgress(cfg.log_every))
     if resume_step is not None and cfg.progress:
         print(f"resuming from {last} (step {resume_step})")
     start = time.perf_counter()
@@ -601,81 +569,9 @@ def train_supervised(model, processor, train_dataset, cfg: SupervisedConfig, out
         "mean_loss": float(output.training_loss), "steps": int(trainer.state.global_step),
         **saved, "out_dir": str(out_dir), "metrics": str(out_dir / "metrics.jsonl"),
         "tokens_per_s": sum(speeds) / len(speeds) if speeds else None, "seconds": seconds,
-        "resumed_from": str(last) if last is not None else None, "check": check, "config": identity,
+        "resumed_from": resume_step, "check": check, "config": identity,
     }
     if dist.is_main_process():
         atomic_write_json(result_path, result)
     dist.wait_for_everyone()
     return {**result, "skipped": False, "model": model}
-
-
-# =========================================================================== stage helpers
-
-SFT_ROWS = {
-    # the paper's ablation rows that end after stage 2: (start from VM-CPT?, mode)
-    "direct_sft": (False, "sft_direct"),
-    "cot_sft": (False, "sft_cot"),
-    "vm_cpt+cot_sft": (True, "sft_cot"),
-    "vm_cpt+direct_sft": (True, "sft_direct"),
-}
-
-
-def sft_row_name(init_adapter: str | Path | None, direct: bool = False) -> str:
-    """The ablation row a run_sft call produces: 'cot_sft', 'direct_sft', 'vm_cpt+cot_sft', ..."""
-    return ("vm_cpt+" if init_adapter is not None else "") + ("direct_sft" if direct else "cot_sft")
-
-
-def load_model_for_supervised(run_cfg, sup: SupervisedConfig, init_from: str | Path | None = None):
-    """Model and processor ready for `train_supervised`.
-
-    init_from None: the base model (run_cfg.model) with a fresh LoRA (sup.lora_r; None = all weights).
-    init_from a peft adapter directory: the base with that adapter, trainable (VM-CPT adapter -> SFT).
-    init_from a full model directory (full-parameter VM-CPT): that model with a fresh LoRA.
-    The LoRA target check runs before adapters are added, so a target that matches nothing is named.
-    """
-    from mpi.modeling import load_model_and_processor
-
-    common = dict(quantization=sup.quantization, device=run_cfg.device, seed=run_cfg.seed,
-                  gradient_checkpointing=sup.gradient_checkpointing, trainable=True)
-    check_config(sup)  # 4-bit availability and plain knobs before minutes of loading
-    if init_from is not None and (Path(init_from) / "adapter_config.json").exists():
-        return load_model_and_processor(run_cfg.model, adapter=str(init_from), **common)
-    if init_from is not None and not (Path(init_from) / "config.json").exists():
-        raise FileNotFoundError(f"init_from={init_from}: neither a peft adapter (adapter_config.json) nor a model "
-                                "directory (config.json); pass result['adapter'] or result['model_dir'] of a finished stage")
-    model, processor = load_model_and_processor(str(init_from or run_cfg.model), lora=None, **common)
-    if sup.lora_r is not None:
-        check_config(sup, model=model)  # names a LoRA target that matches nothing
-        model = _wrap_lora(model, sup)
-    return model, processor
-
-
-def run_vm_cpt(run_cfg, train_dataset, out_dir: str | Path | None = None, *, resume: bool = True,
-               callbacks: Sequence[Any] = (), **overrides: Any):
-    """Stage 1: VM-CPT (policy in context, loss on all non-visual tokens). Returns (model, processor, result).
-
-    overrides: SupervisedConfig fields (e.g. lora_r=None for the paper's full-parameter CPT,
-    lora_embeddings=True, embedding_learning_rate=1e-5, max_steps=20).
-    """
-    sup = SupervisedConfig.from_run_config(run_cfg, "cpt", **overrides)
-    out_dir = Path(out_dir or Path(run_cfg.out_dir) / "vm_cpt")
-    model, processor = load_model_for_supervised(run_cfg, sup)
-    result = train_supervised(model, processor, train_dataset, sup, out_dir, resume=resume, callbacks=callbacks)
-    return result.pop("model"), processor, result
-
-
-def run_sft(run_cfg, train_dataset, out_dir: str | Path | None = None, *, init_adapter: str | Path | None = None,
-            direct: bool = False, resume: bool = True, callbacks: Sequence[Any] = (), **overrides: Any):
-    """Stage 2: SFT without the policy. Returns (model, processor, result).
-
-    init_adapter: None = from the base model (baselines "cot_sft" / "direct_sft"); the VM-CPT result's
-    "adapter" (or "model_dir" for full-parameter CPT) = TriMPI's stage 2 ("vm_cpt+cot_sft").
-    direct: answer-only target (direct SFT) instead of CoT + answer.
-    The default out_dir is run_cfg.out_dir / <row name>, e.g. runs/vm_cpt+cot_sft.
-    """
-    sup = SupervisedConfig.from_run_config(run_cfg, "sft_direct" if direct else "sft_cot", **overrides)
-    out_dir = Path(out_dir or Path(run_cfg.out_dir) / sft_row_name(init_adapter, direct))
-    model, processor = load_model_for_supervised(run_cfg, sup, init_from=init_adapter)
-    result = train_supervised(model, processor, train_dataset, sup, out_dir, resume=resume, callbacks=callbacks)
-    result["row"] = sft_row_name(init_adapter, direct)
-    return result.pop("model"), processor, result

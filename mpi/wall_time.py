@@ -240,7 +240,7 @@ def estimate_plan(plan, facts, device_info, stages: list[str], processes: int = 
     mpi.dry_run.stage_names; finished ones included, the estimate is for the whole run), on `device_info`'s
     throughput entry."""
     from mpi.methods import RL_STAGES
-    from mpi.pipeline import data_config, rl_config, rl_steps
+    from mpi.pipeline import data_config, rl_steps, stage_config
 
     key, rates = pick_rates(plan, device_info, processes)
     device = f"{device_info.name or device_info.type}"
@@ -286,7 +286,7 @@ def estimate_plan(plan, facts, device_info, stages: list[str], processes: int = 
             k, chain = parts[1], parts[3].split("+")
             stage, s, n_train = chain[-1], stats[k], sizes[k]["train"]
             if stage in RL_STAGES:
-                gcfg = rl_config(plan, stage, plan.seeds[0], k)
+                gcfg = stage_config(plan, stage, plan.seeds[0], k)
                 steps = rl_steps(plan, k) if cfg.rl_epochs is not None else gcfg.steps
                 prompts, G = gcfg.prompts_per_step, gcfg.num_generations
                 rows = prompts * G * (2 if gcfg.policy_rollout else 1)
@@ -307,7 +307,7 @@ def estimate_plan(plan, facts, device_info, stages: list[str], processes: int = 
                 cpt = stage == "cpt"
                 epochs = cfg.cpt_epochs if cpt else cfg.sft_epochs
                 frac = 1.0 if cpt else cfg.sft_policy_in_context_frac
-                response = s["direct_response"] if stage == "sft-direct" else s["response"]
+                response = s["direct_response"] if stage == "direct-sft" else s["response"]
                 per_item = s["free_prompt"] + frac * (s["policy_prompt"] - s["free_prompt"]) + response
                 tokens = int(n_train * epochs * per_item)
                 stages.append(StageTime(name, tokens / train_rate, tokens, f"{n_train:,} items x {epochs:g} epoch(s) x "

@@ -52,8 +52,9 @@ cfg = notebook_setup(preset=PRESET, seed=0)
 #
 # Every notebook of the course works in one run folder, the one `python -m mpi` uses (`runs/<preset>/`):
 # notebook 01 wrote `data/`, this notebook writes `stages/<dataset>/seed0/cpt/`, and notebooks 03–05 start
-# from it. Each stage is trained by the pipeline's own `train_stage`, so these cells and the command line
-# use the same settings. Opened alone (a fresh Colab), the notebook builds what is missing and says so.
+# from it. The stage is trained here, in view, with the config and the functions the pipeline uses, so these
+# cells and the command line make the same stage. Opened alone (a fresh Colab), the notebook builds what is
+# missing and says so.
 #
 # The paper starts from an instruction-tuned VLM that can already see colours and shapes. A random-init toy
 # cannot, so for the toy presets every method starts from the **toy base** (`mpi.toy_base`: general visual
@@ -89,16 +90,17 @@ print("every method starts from:", ensure_base(plan))
 # 4-bit base where bitsandbytes can; the toy runs in fp32 on a CPU), with `lora_r=None` for the paper's
 # full-parameter variant. Every knob is a field of `SupervisedConfig`.
 
-# %% id="code-07"
-# The stage's settings are RunConfig fields (the pipeline turns them into a SupervisedConfig). To change one,
-# pass it to notebook_setup, e.g. notebook_setup(PRESET, batch_size=2, grad_accum_steps=4) if out of memory,
-# or extra={"cpt": {"max_steps": 60}} for a per-stage field; a changed config needs its own run folder
-# (MPI_RUN_NAME=mine, or course_plan(cfg, name="mine")), because a run folder holds one config.
-sup = pipeline.supervised_config(plan, "cpt", SEED)
+# %% id="stage-config"
+# The stage's config: pipeline.stage_config is the one mapping from the RunConfig to each stage's config, the
+# same SupervisedConfig `python -m mpi` trains VM-CPT with. Edit it here, e.g.
+#   sup = dataclasses.replace(sup, learning_rate=3e-4, max_steps=20)
+# and section 5 trains your config into its own folder, stages/<dataset>/seed0/cpt@<config key> (the run's
+# config keeps cpt/, which notebooks 03-05 continue). Out of memory: batch_size=2, grad_accum_steps=4.
+import dataclasses
+sup = pipeline.stage_config(plan, "cpt", SEED)
 print(f"mode {sup.mode} | epochs {sup.epochs} (max steps {sup.max_steps}) | lr {sup.learning_rate} | "
       f"batch {sup.batch_size} x {sup.grad_accum_steps} | max_length {sup.max_length} | LoRA r={sup.lora_r} | "
-      f"quantization {sup.quantization} | gradient checkpointing {sup.gradient_checkpointing} | "
-      f"mask vision markers {sup.mask_vision_markers}")
+      f"quantization {sup.quantization} | mask vision markers {sup.mask_vision_markers}")
 
 # %% [markdown] id="md-2-data-the-policy-is-part-of-every-train"
 # ## 2. Data: the policy is part of every training sequence
@@ -107,7 +109,6 @@ print(f"mode {sup.mode} | epochs {sup.epochs} (max steps {sup.max_steps}) | lr {
 # Beside it, one item of each kind, to see the mask on policy images and on several input images.
 
 # %% id="code-09"
-import dataclasses
 from mpi.data import build_clevr_policy, build_gta_policy
 
 train = pipeline.load_split(plan, KEY, "train")
@@ -189,21 +190,32 @@ del base
 # %% [markdown] id="md-5-train"
 # ## 5. Train
 #
-# `pipeline.train_stage` loads the base with a fresh (Q)LoRA adapter, trains it with
-# `mpi.supervised.train_supervised` (transformers' `Trainer` with our collator and a loss that evaluates the
-# output layer only where a label is supervised) and saves the adapter in `stages/<dataset>/seed0/cpt/model`,
-# the logs in `.../cpt/work` (`metrics.jsonl`). `run_stage` writes the folder atomically with a `done.json`:
-# a finished stage is not trained again, by this notebook or by `python -m mpi`.
+# The stage, as the pipeline's `train_stage` runs it: `start_stage` loads the base with a fresh (Q)LoRA
+# adapter (and the training split), `train_supervised` trains it on `sup` (transformers' `Trainer` with our
+# collator and a loss that evaluates the output layer only where a label is supervised), `finish_stage` saves
+# the adapter into `model/`. `train_in_run` runs it in the stage's folder, `stages/<dataset>/seed0/cpt`
+# (logs in `work/metrics.jsonl`), and writes it atomically with a `done.json` that records `sup`: a
+# finished stage is not trained again, by this notebook or by `python -m mpi`, and an edited `sup` is another
+# stage, in another folder.
 
-# %% id="code-16"
-from mpi.notebook import ensure_stage, stage_metrics, stage_path
+# %% id="train"
+from mpi.notebook import stage_metrics, stage_path
+from mpi.pipeline import finish_stage, start_stage, train_in_run
+from mpi.supervised import train_supervised
 
-done = ensure_stage(plan, ("cpt",), here=True)
-print({k: done.get(k) for k in ("steps", "seconds")}, "->", stage_path(plan, ("cpt",)) / "model")
+CHAIN = ("cpt",)
+
+def train_cpt(folder):
+    model, processor, train_items, _ = start_stage(plan, KEY, SEED, CHAIN)
+    result = train_supervised(model, processor, train_items, sup, folder / "work")
+    return finish_stage(plan, folder, result.pop("model"), processor, result)
+
+done = train_in_run(plan, KEY, SEED, CHAIN, sup, train_cpt)
+print({k: done.get(k) for k in ("steps", "seconds", "config_key")}, "->", stage_path(plan, CHAIN, config=sup) / "model")
 
 # %% id="code-17"
 from mpi.metrics import plot_metrics
-fig = plot_metrics(stage_metrics(plan, ("cpt",)), keys=["loss", "learning_rate", "tokens_per_s"], smooth=5, title="VM-CPT")
+fig = plot_metrics(stage_metrics(plan, CHAIN, config=sup), keys=["loss", "learning_rate", "tokens_per_s"], smooth=5, title="VM-CPT")
 
 # %% [markdown] id="md-6-after-training-the-same-image"
 # ## 6. After training: the same image
@@ -213,13 +225,13 @@ fig = plot_metrics(stage_metrics(plan, ("cpt",)), keys=["loss", "learning_rate",
 # stage 3's (PolicyRollout) job.
 
 # %% id="code-19"
-model, _ = load_stage_model(plan, ("cpt",))
+model, _ = load_stage_model(plan, CHAIN, config=sup)
 show_generations(model, "after VM-CPT")
 
 # %% [markdown] id="md-7-interrupt-safe-by-construction-and-the"
 # ## 7. Interrupt-safe by construction, and the config check
 #
-# Calling the stage again does not retrain: `run_stage` finds `done.json` and returns it. Had the run been cut
+# Calling the stage again does not retrain: `train_in_run` finds `done.json` (with this config) and returns it. Had the run been cut
 # off, the half-written folder would not count (it is renamed into place only when complete). The adapter is
 # standard peft (`PeftModel.from_pretrained(base, ".../cpt/model")`).
 #
@@ -228,9 +240,9 @@ show_generations(model, "after VM-CPT")
 # %% id="code-21"
 from mpi.supervised import ConfigError, check_config
 
-again = ensure_stage(plan, ("cpt",), here=True)
+again = train_in_run(plan, KEY, SEED, CHAIN, sup, train_cpt)
 print("second call trained again:", again["seconds"] != done["seconds"], "| adapter files:",
-      sorted(p.name for p in (stage_path(plan, ("cpt",)) / "model").iterdir()))
+      sorted(p.name for p in (stage_path(plan, CHAIN, config=sup) / "model").iterdir()))
 for bad in [dataclasses.replace(sup, max_length=64), dataclasses.replace(sup, quantization="4bit")]:
     try:
         check_config(bad, processor=processor, dataset=[train[0]], device_type="mps")  # pretend: an Apple GPU
@@ -242,7 +254,8 @@ for bad in [dataclasses.replace(sup, max_length=64), dataclasses.replace(sup, qu
 #
 # - **Full-parameter VM-CPT** (as in the paper): `notebook_setup(PRESET, lora_r=None)` (and a new run name);
 #   the stage then saves a whole model directory that the next stage loads.
-# - **Embeddings too**: `extra={"cpt": {"lora_embeddings": True, "embedding_learning_rate": 1e-4}}`.
+# - **Embeddings too**: `sup = dataclasses.replace(sup, lora_embeddings=True, embedding_learning_rate=1e-4)`;
+#   for the whole run (notebooks 03-05 continuing it): `notebook_setup(PRESET, extra={"cpt": {...}})`.
 # - **GTAPolicy**: `notebook_setup(PRESET, datasets=("gta",))`; its ~2K-token policies need `max_length=3072`.
 #
 # Next: `03_sft.ipynb` continues this adapter with SFT *without* the policy.

@@ -51,7 +51,7 @@ cfg = notebook_setup(preset=PRESET, seed=0)
 # ## 0. The run folder and what notebook 02 left in it
 #
 # The same run folder as notebooks 01–02 and `python -m mpi` (`runs/<preset>/`). This notebook trains two
-# stage-2 chains with the pipeline's `train_stage`: CoT SFT from the base model (the baseline) and CoT SFT
+# stage-2 chains in view, with the pipeline's config and functions: CoT SFT from the base model (the baseline) and CoT SFT
 # from notebook 02's VM-CPT adapter (TriMPI's stage 2). Anything missing is built first, and said so.
 
 # %% id="code-05"
@@ -79,16 +79,19 @@ print("every method starts from:", ensure_base(plan))
 #
 # | method | chain (`stages/<dataset>/seed0/...`) | starts from | target |
 # |---|---|---|---|
-# | `direct-sft` | `sft-direct` | base | answer |
-# | `cot-sft` | `sft-cot` | base | CoT + answer |
-# | `vmcpt-cot-sft` (TriMPI stage 2) | `cpt+sft-cot` | VM-CPT adapter | CoT + answer |
+# | `direct-sft` | `direct-sft` | base | answer |
+# | `cot-sft` | `cot-sft` | base | CoT + answer |
+# | `vmcpt-cot-sft` (TriMPI stage 2) | `cpt+cot-sft` | VM-CPT adapter | CoT + answer |
 
-# %% id="code-07"
-CHAINS = [("sft-cot",), ("cpt", "sft-cot")]   # add ("sft-direct",) for the direct-SFT baseline
-# The settings are RunConfig fields, as in notebook 02 (change them in notebook_setup, with a new run name).
-# sft_policy_in_context_frac: 0 = the paper's policy-free SFT. The toy preset keeps the policy in the prompt of
+# %% id="stage-config"
+CHAINS = [("cot-sft",), ("cpt", "cot-sft")]   # add ("direct-sft",) for the direct-SFT baseline
+# The stage's config, as `python -m mpi` trains SFT with it (pipeline.stage_config, the one mapping from the
+# RunConfig). Edit it here, e.g. sup = dataclasses.replace(sup, epochs=2): section 5 trains the edited config
+# into its own folders (<chain>@<config key>); the run's config keeps the folders notebooks 04-05 continue.
+# policy_in_context_frac: 0 = the paper's policy-free SFT. The toy preset keeps the policy in the prompt of
 # half the batches: a small model otherwise forgets how to read it, and stage 3's guided half needs that skill.
-sup = pipeline.supervised_config(plan, "sft-cot", SEED)
+import dataclasses
+sup = pipeline.stage_config(plan, "cot-sft", SEED)
 print(f"mode {sup.mode} | epochs {sup.epochs} (max steps {sup.max_steps}) | lr {sup.learning_rate} | "
       f"batch {sup.batch_size} x {sup.grad_accum_steps} | LoRA r={sup.lora_r} | policy in context for "
       f"{sup.policy_in_context_frac:.0%} of the batches")
@@ -143,16 +146,16 @@ from mpi.modeling import load_processor
 
 processor = load_processor(pipeline.base_model_path(plan))
 items = [train[0], train[1]]   # two rows of different lengths: the shorter one is padded
-for mode in ("sft_cot", "sft_direct", "cpt"):
+for mode in ("cot-sft", "direct-sft", "cpt"):
     collate = SupervisedCollator(processor, mode)
     batch = collate(items)
     text = processor.tokenizer.decode(batch["input_ids"][0])
     s = mask_summary(processor, batch)
     same = "" if mode == "cpt" else (" | same labels as the collator: " + str(torch.equal(
-        sft_batch_labels(processor, batch, items, direct=mode == "sft_direct"), batch["labels"])))
+        sft_batch_labels(processor, batch, items, direct=mode == "direct-sft"), batch["labels"])))
     print(f"{mode:10s}: {s['tokens']:4d} tokens, {s['supervised']:4d} carry loss | policy text in the sequence: "
           f"{items[0]['policy_text'][-60:] in text}{same}")
-for mode in ("sft_cot", "sft_direct"):
+for mode in ("cot-sft", "direct-sft"):
     batch = SupervisedCollator(processor, mode)([items[0]])
     display(HTML(f"<b>{mode}</b>" + render_loss_mask(describe_labels(processor, batch), collapse_images=True)))
 
@@ -185,13 +188,24 @@ del base
 # %% [markdown] id="md-5-train-each-row"
 # ## 5. Train each chain
 #
-# `train_stage` loads the chain's parent (the base, or the VM-CPT adapter, which it keeps training), runs
-# `train_supervised` on the CoT items and saves `stages/<dataset>/seed0/<chain>/model`. A finished chain is
-# not trained again.
+# As the pipeline's `train_stage` does: `start_stage` loads the chain's parent (the base with a fresh LoRA, or
+# the VM-CPT adapter, which SFT keeps training) and the CoT items, `train_supervised` trains on `sup`,
+# `finish_stage` saves `model/`; `train_in_run` runs it in `stages/<dataset>/seed0/<chain>` and records `sup`
+# in its `done.json`. A finished chain is not trained again; an edited `sup` is a new stage.
 
-# %% id="code-16"
+# %% id="train"
+from mpi.pipeline import finish_stage, start_stage, train_in_run
+from mpi.supervised import train_supervised
+
+def train_sft(chain):
+    def train(folder):
+        model, processor, train_items, _ = start_stage(plan, KEY, SEED, chain)
+        result = train_supervised(model, processor, train_items, sup, folder / "work")
+        return finish_stage(plan, folder, result.pop("model"), processor, result)
+    return train
+
 for chain in CHAINS:
-    done = ensure_stage(plan, chain, here=True)
+    done = train_in_run(plan, KEY, SEED, chain, sup, train_sft(chain))
     print(f"{'+'.join(chain)}: {done.get('steps')} steps, last {done.get('last', {}).get('loss', float('nan')):.3f} loss, "
           f"{done['seconds']:.0f}s")
 
@@ -200,7 +214,7 @@ import matplotlib.pyplot as plt
 
 fig, ax = plt.subplots(figsize=(6, 3.5))
 for chain in CHAINS:
-    rows = [r for r in stage_metrics(plan, chain) if "loss" in r]
+    rows = [r for r in stage_metrics(plan, chain, config=sup) if "loss" in r]
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="+".join(chain))
 ax.set_xlabel("step"); ax.set_ylabel("training loss (target tokens)"); ax.set_title("SFT without the policy"); ax.legend(); ax.grid(alpha=0.3)
 
@@ -208,7 +222,7 @@ ax.set_xlabel("step"); ax.set_ylabel("training loss (target tokens)"); ax.set_ti
 # ## 6. After: the same image, no policy in context
 
 # %% id="code-19"
-models = {"+".join(chain): load_stage_model(plan, chain)[0] for chain in CHAINS}
+models = {"+".join(chain): load_stage_model(plan, chain, config=sup)[0] for chain in CHAINS}
 for name, model in models.items():
     print(f"[{name}]", repr(generate_texts(model, processor, probe, max_new_tokens=NEW_TOKENS)[0][:300]))
 

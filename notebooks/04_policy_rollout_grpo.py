@@ -216,10 +216,12 @@ for text in ["<think>Condition 1 holds.</think>\n\\boxed{Case 3}", "\\boxed{Case
 # ## 7. The data and the starting model
 #
 # RL runs on the run's policy-free training prompts (notebook 01) and starts from TriMPI's stage-2 model,
-# `stages/<dataset>/seed0/cpt+sft-cot` (notebook 03; trained here with the same `train_stage` if missing). As
+# `stages/<dataset>/seed0/cpt+cot-sft` (notebook 03; trained here with the same `train_stage` if missing). As
 # in the pipeline, RL **continues the SFT adapter** (loaded trainable), and the KL reference is that adapter
-# as RL found it. The RL settings are the pipeline's for this preset (`pipeline.rl_config` = what `train_stage`
-# passes to `train_poro`: e.g. the toy preset samples at temperature 0.7 and skips the importance-ratio log).
+# as RL found it. `gcfg` is the stage's config, the one `python -m mpi` trains with (`pipeline.stage_config`:
+# e.g. the toy preset samples at temperature 0.7 and skips the importance-ratio log). Edit it here, e.g.
+# `gcfg = dataclasses.replace(gcfg, beta=0.04)`: section 9 trains your config into its own folder
+# (`cpt+cot-sft+poro-grpo@<config key>`), and the one-step cells below use it too.
 
 # %% id="code-19"
 from mpi import pipeline
@@ -228,17 +230,18 @@ from mpi.notebook import course_plan, ensure_stage, load_stage_model, stage_metr
 
 plan = course_plan(cfg)
 KEY, SEED = plan.dataset_keys[0], plan.seeds[0]
-SFT_CHAIN, RL_CHAIN = ("cpt", "sft-cot"), ("cpt", "sft-cot", "poro-grpo")
+SFT_CHAIN, RL_CHAIN = ("cpt", "cot-sft"), ("cpt", "cot-sft", "poro-grpo")
 ensure_stage(plan, SFT_CHAIN)
 train = pipeline.load_split(plan, KEY, "train")
 test = pipeline.load_split(plan, KEY, "test")
-gcfg = pipeline.rl_config(plan, "poro-grpo", SEED, KEY)
+import dataclasses
+gcfg = pipeline.stage_config(plan, "poro-grpo", SEED, KEY)
 print({k: getattr(gcfg, k) for k in ("num_generations", "prompts_per_step", "steps", "temperature", "max_completion_length",
                                       "beta", "kl_reference", "epsilon", "epsilon_high", "loss_type", "learning_rate",
                                       "log_behaviour_ratio")})
 
 # %% id="code-20"
-from mpi.poro import encode_prompts, prompt_texts
+from mpi.sampling import encode_prompts, prompt_texts
 model, processor = load_stage_model(plan, SFT_CHAIN, trainable=True)   # base + the SFT adapter, trainable
 for with_policy in (False, True):
     enc = encode_prompts(processor, *prompt_texts(processor, list(train.select(range(4))), with_policy, build_messages))
@@ -249,14 +252,15 @@ for with_policy in (False, True):
 #
 # **The 2G group.** For each training prompt: the policy-free prompt and the prompt with the policy, laid out
 # side by side, each expanded to G samples in one batched `generate` (the images of a prompt are encoded once).
-# Every response is rewarded against the item's gold answer, whatever prompt produced it. `mpi.poro`'s
-# plumbing does the tokenising (`prompt_texts`, `encode_prompts`) and the sampling (`generate_from_prompts`,
-# every sampling knob explicit so the sampler is the softmax(z/T) the loss assumes).
+# Every response is rewarded against the item's gold answer, whatever prompt produced it. `mpi.sampling`
+# does the tokenising (`prompt_texts`, `encode_prompts`) and the sampling (`generate_from_prompts`, every
+# sampling knob explicit so the sampler is the softmax(z/T) the loss assumes).
 
 # %% id="sample-group" tags=["mirror"]
 import torch
 from mpi.grpo import completion_mask
-from mpi.poro import Rollout, generate_from_prompts, prompt_texts
+from mpi.poro import Rollout
+from mpi.sampling import generate_from_prompts, prompt_texts
 from mpi.rewards import RewardWeights, combined_rewards
 
 def sample_group(model, processor, items, cfg, build_messages):
@@ -294,8 +298,8 @@ for origin, sel in (("own", ~ro.guided), ("guided", ro.guided)):
 # **One update.** All 2G responses are scored behind the *policy-free* prompt: the guided ones are trained as
 # if the model had found them alone (the paper's rule, `offpolicy_rule="as_own"`). With one update per batch
 # (`num_iterations=1`) π_old is the network itself, so the old log-probs are the new ones detached: the ratio
-# is 1 and its gradient is A·∇log π. The KL term pulls towards the reference (the start policy). `mpi.poro`
-# builds the scoring tensors (`build_scoring_batch`), runs the vision tower once per prompt
+# is 1 and its gradient is A·∇log π. The KL term pulls towards the reference (the start policy).
+# `mpi.logprobs` builds the scoring tensors (`build_scoring_batch`), runs the vision tower once per prompt
 # (`encode_images_once`) and the teacher-forced forward (`forward_log_probs`). The test checks this step
 # gives the same loss and the same updated weights as `mpi.poro.train_on_rollout`.
 
@@ -303,7 +307,9 @@ for origin, sel in (("own", ~ro.guided), ("guided", ro.guided)):
 import contextlib
 import torch
 from mpi.grpo import mask_truncated
-from mpi.poro import build_scoring_batch, dropout_disabled, encode_images_once, forward_log_probs, prompt_texts
+from mpi.logprobs import build_scoring_batch, encode_images_once, forward_log_probs
+from mpi.engine import dropout_disabled
+from mpi.sampling import prompt_texts
 
 def poro_step(model, optimizer, processor, ro, cfg, build_messages, reference=None):
     """One PoRo-GRPO update on a rollout; returns the loss. reference(model): the KL reference's context."""
@@ -340,7 +346,8 @@ def poro_step(model, optimizer, processor, ro, cfg, build_messages, reference=No
     return float(loss.detach())
 
 # %% id="one-step"
-from mpi.poro import make_optimizer, make_reference, policy_free_batch, score_no_grad
+from mpi.poro import make_reference, policy_free_batch, score_no_grad
+from mpi.engine import make_optimizer
 
 def mean_logp_by_sign(model):
     """Mean per-token log-prob, behind the policy-free prompt, of the responses with A > 0 and with A < 0."""
@@ -372,21 +379,31 @@ del model, optimizer, reference
 # Every `eval_every` steps it samples the **validation split** (object sets unseen in training, never the test
 # split) and logs sampled accuracy, pass@k and greedy accuracy; with `keep_best` the stage ends with the weights
 # of the best *smoothed* validation accuracy, the starting weights included, so RL that only hurts gives the
-# SFT model back. `pipeline.train_stage` calls it with the settings above and saves
-# `stages/<dataset>/seed0/cpt+sft-cot+poro-grpo/model`, the RL model notebook 05 evaluates.
+# SFT model back. Below, the stage as the pipeline's `train_stage` runs it: `start_stage` loads the SFT model
+# (trainable), the training split and the validation split, `train_poro` trains on `gcfg`, `finish_stage`
+# saves `model/`; `train_in_run` runs it in `stages/<dataset>/seed0/cpt+cot-sft+poro-grpo` (with `gcfg` in its
+# `done.json`), the RL model notebook 05 evaluates.
 # (`--set 'rl_learning_rates=[3e-5,1e-4,3e-4]'` trains one run per rate and keeps the rate best on validation.)
 
-# %% id="code-24"
+# %% id="train"
 import json
-from mpi.poro import mean_reward
+from mpi.pipeline import finish_stage, start_stage, train_in_run
+from mpi.poro import mean_reward, train_poro
+
+def train_rl(folder):
+    model, processor, train_items, val_items = start_stage(plan, KEY, SEED, RL_CHAIN)
+    result = train_poro(model, processor, train_items, gcfg, folder / "work", resume=True, save_adapter=False,
+                        eval_items=val_items)
+    return finish_stage(plan, folder, model, processor, result)
+
 fixed = pipeline.validation_items(plan, KEY)[:8]   # a fixed validation prompt set, policy-free (not the test split)
 sft_model, _ = load_stage_model(plan, SFT_CHAIN)
 before = mean_reward(sft_model, processor, fixed, gcfg, samples=4, build_messages=build_messages)
 del sft_model
-done = ensure_stage(plan, RL_CHAIN, here=True)
-rl_model, _ = load_stage_model(plan, RL_CHAIN)
+done = train_in_run(plan, KEY, SEED, RL_CHAIN, gcfg, train_rl)
+rl_model, _ = load_stage_model(plan, RL_CHAIN, config=gcfg)
 after = mean_reward(rl_model, processor, fixed, gcfg, samples=4, build_messages=build_messages)
-best_json = stage_path(plan, RL_CHAIN) / "work" / "best" / "best.json"   # written when keep_best is on
+best_json = stage_path(plan, RL_CHAIN, config=gcfg) / "work" / "best" / "best.json"   # written when keep_best is on
 kept = (f", kept step {json.loads(best_json.read_text())['step']} (best smoothed validation accuracy)"
         if best_json.exists() else "")
 print(f"{done.get('steps')} RL steps in {done['seconds']:.0f}s{kept} | validation mean reward (policy-free) "
@@ -394,24 +411,24 @@ print(f"{done.get('steps')} RL steps in {done['seconds']:.0f}s{kept} | validatio
 
 # %% id="code-25"
 from mpi.metrics import plot_metrics
-plot_metrics(stage_metrics(plan, RL_CHAIN), keys=["own/reward_mean", "guided/reward_mean", "own/accuracy", "guided/accuracy",
+plot_metrics(stage_metrics(plan, RL_CHAIN, config=gcfg), keys=["own/reward_mean", "guided/reward_mean", "own/accuracy", "guided/accuracy",
                                                   "all/kl", "own/completion_length", "guided/completion_length",
                                                   "all/entropy"], title="PoRo-GRPO");
-from mpi.poro import plot_validation
-plot_validation(stage_path(plan, RL_CHAIN) / "work");   # the validation curve the best checkpoint was chosen on
+from mpi.metrics import plot_validation
+plot_validation(stage_path(plan, RL_CHAIN, config=gcfg) / "work");   # the validation curve the best checkpoint was chosen on
 
 # %% id="code-26"
 from IPython.display import HTML, display
-tables = sorted((stage_path(plan, RL_CHAIN) / "work" / "samples").glob("*.html"))
+tables = sorted((stage_path(plan, RL_CHAIN, config=gcfg) / "work" / "samples").glob("*.html"))
 if tables:
     display(HTML(tables[-1].read_text()))
 
 # %% [markdown] id="md-27"
 # ## 10. Plain GRPO, DAPO, and a real model (Colab)
 #
-# - **Plain GRPO** (no guided half, the paper's "CoT SFT + GRPO" row): `ensure_stage(plan, ("sft-cot", "grpo"))`,
+# - **Plain GRPO** (no guided half, the paper's "CoT SFT + GRPO" row): `ensure_stage(plan, ("cot-sft", "grpo"))`,
 #   evaluated in notebook 05 if you add `"cot-sft-grpo"` to the plan's methods. **PoRo-DAPO**: chain
-#   `("cpt", "sft-cot", "poro-dapo")` (method `trimpi-dapo`).
+#   `("cpt", "cot-sft", "poro-dapo")` (method `trimpi-dapo`).
 # - On a CUDA GPU the config cell picks `colab-t4`: the same cells on Qwen2.5-VL-3B in 4-bit (QLoRA),
 #   `rl_learning_rate` 1e-6 as in the paper, G=4 per origin and 256-token completions. If memory runs out:
 #   lower `num_generations`, `max_completion_length`, or `micro_batch_size` (RunConfig fields).

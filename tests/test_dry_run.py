@@ -50,15 +50,15 @@ def test_dry_run_every_preset(preset, tmp_path, capsys, nothing_heavy):
 
 
 def test_dry_run_shows_the_rl_config_train_stage_would_use(nothing_heavy):
-    """The dry run's GRPOConfig is the pipeline's rl_config: the preset's "grpo" overrides and the printed-line
-    cadence included (the dry run once rebuilt it and missed print_every)."""
+    """The dry run's GRPOConfig is the pipeline's stage_config: the preset's "grpo" overrides and the printed-line
+    cadence included."""
     cfg = get_config("toy", model="toy-tiny", rl_steps=200)
     shown = dry.plan_report(make_plan(cfg)).configs["poro-grpo"]
-    assert shown["temperature"] == 0.7 and shown["keep_best"] is True  # EVAL_DEFAULTS["toy"]["grpo"]
+    assert shown["temperature"] == 0.7 and shown["keep_best"] is True  # RL_PRESETS["toy"]
     assert shown["max_completion_length"] == cfg.max_completion_length == 96  # the RunConfig's, an N=4 CoT fits
     assert shown["log_behaviour_ratio"] is False
     assert shown["save_every"] == cfg.save_every == 10
-    assert shown["print_every"] == 4  # 200 steps, at most 50 printed lines: one every ceil(200 / 50) steps
+    assert shown["log_every"] is None and cfg.log_every is None  # at most 50 printed lines: every ceil(200 / 50)
 
 
 def test_dry_run_report_resolves_what_the_stages_would_train(nothing_heavy):
@@ -66,7 +66,7 @@ def test_dry_run_report_resolves_what_the_stages_would_train(nothing_heavy):
     rep = dry.plan_report(make_plan(cfg))
     assert rep.problems == []
     # default methods (in-context, cot-sft, trimpi-grpo) on N = 2 (sized to one Colab session, tests/test_wall_time.py):
-    # one data and one cost stage, 4 training chains (sft-cot, cpt, cpt+sft-cot, cpt+sft-cot+poro-grpo), 3 evaluations
+    # one data and one cost stage, 4 training chains (cot-sft, cpt, cpt+cot-sft, cpt+cot-sft+poro-grpo), 3 evaluations
     assert len(rep.stages) == 1 + 1 + 4 + 3 == 9
     assert rep.stages[:2] == ["data/clevr-T-N2", "cost/clevr-T-N2"]
     # the "colab" data preset: 4 policies x 125 train scenes, 32 validation and 200 test items, at 224 px
@@ -74,7 +74,7 @@ def test_dry_run_report_resolves_what_the_stages_would_train(nothing_heavy):
     assert rep.data["clevr-T-N2"]["config"]["image_size"] == 224 and rep.data["clevr-T-N2"]["config"]["depths"] == (2,)
     # each stage's config carries the RunConfig fields it is made from
     assert rep.configs["cpt"]["mode"] == "cpt" and rep.configs["cpt"]["learning_rate"] == cfg.cpt_learning_rate
-    assert rep.configs["sft-cot"]["quantization"] == "4bit" and rep.configs["sft-cot"]["grad_accum_steps"] == 8
+    assert rep.configs["cot-sft"]["quantization"] == "4bit" and rep.configs["cot-sft"]["grad_accum_steps"] == 8
     rl = rep.configs["poro-grpo"]
     assert (rl["num_generations"], rl["max_completion_length"], rl["steps"], rl["micro_batch_size"]) == (4, 160, 60, 4)
     assert rep.configs["eval"]["eval_max_new_tokens"] == 256

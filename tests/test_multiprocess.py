@@ -62,7 +62,7 @@ def update_config():
     # two iterations per batch and micro-batches that cut across groups.
     return get_grpo_config("poro-dapo", dynamic_sampling=False, beta=0.04, offpolicy_rule="tis",
                            num_iterations=2, micro_batch_size=5, num_generations=2, max_completion_length=8,
-                           learning_rate=0.5, prompts_per_step=NUM_PROMPTS, progress=False, print_every=0,
+                           learning_rate=0.5, prompts_per_step=NUM_PROMPTS, progress=False, log_every=0,
                            sample_every=0)
 
 
@@ -93,7 +93,7 @@ def set_trainable(model, state: dict[str, torch.Tensor]) -> None:
 
 
 def worker_poro_update(work: Path) -> None:
-    from mpi.scale import distributed as dist
+    from mpi import distributed as dist
     from mpi.data.messages import build_messages
     from mpi.poro import train_on_rollout
 
@@ -112,7 +112,7 @@ def worker_poro_update(work: Path) -> None:
 
 
 def worker_poro_loop(work: Path) -> None:
-    from mpi.scale import distributed as dist
+    from mpi import distributed as dist
     from mpi.data.messages import build_messages
     from mpi.poro import train_poro
 
@@ -140,8 +140,8 @@ def run_sft(work: Path, out_name: str, world: int):
 
     model, processor = load_toy()
     set_trainable(model, torch.load(work / "init.pt"))
-    cfg = SupervisedConfig(mode="sft_cot", max_steps=2, batch_size=SFT_GLOBAL_BATCH // world, learning_rate=1e-2,
-                           lr_scheduler="constant", warmup_ratio=0.0, save_steps=1000, progress=False, seed=0,
+    cfg = SupervisedConfig(mode="cot-sft", max_steps=2, batch_size=SFT_GLOBAL_BATCH // world, learning_rate=1e-2,
+                           lr_scheduler_type="constant", warmup_ratio=0.0, save_every=1000, progress=False, seed=0,
                            lora_r=4)
     result = train_supervised(model, processor, make_items(8), cfg, work / out_name, resume=False)
     rows = read_metrics(work / out_name) if (work / out_name / "metrics.jsonl").exists() else []
@@ -149,7 +149,7 @@ def run_sft(work: Path, out_name: str, world: int):
 
 
 def worker_sft(work: Path) -> None:
-    from mpi.scale import distributed as dist
+    from mpi import distributed as dist
 
     model, rows = run_sft(work, "sft_2proc", world=dist.num_processes())
     torch.save({"weights": trainable(model), "rows": rows}, work / f"sft_rank{dist.process_index()}.pt")
@@ -227,7 +227,7 @@ def test_policy_rollout_update_matches_single_process(launched):
 
 def test_policy_rollout_loop_shards_prompts_and_logs_once(launched):
     from mpi.metrics import read_metrics
-    from mpi.poro import PromptSampler
+    from mpi.engine import PromptSampler
 
     work, _ = launched
     ranks = _load(work, "loop")

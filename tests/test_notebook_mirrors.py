@@ -132,7 +132,7 @@ def test_vm_cpt_labels_match_the_collator(processor, items):
         assert torch.equal(nb02["vm_cpt_labels"](input_ids, attention, ids), collate.labels(input_ids, attention, []))
 
 
-@pytest.mark.parametrize("mode", ["sft_cot", "sft_direct"])
+@pytest.mark.parametrize("mode", ["cot-sft", "direct-sft"])
 def test_sft_labels_match_the_collator(processor, items, mode):
     from mpi.collate import SupervisedCollator
 
@@ -143,7 +143,7 @@ def test_sft_labels_match_the_collator(processor, items, mode):
         for _ in range(3):
             batch_items = rng.sample(items, rng.randint(1, 4))
             batch = collate(batch_items)
-            mine = nb03["sft_batch_labels"](processor, batch, batch_items, direct=mode == "sft_direct",
+            mine = nb03["sft_batch_labels"](processor, batch, batch_items, direct=mode == "direct-sft",
                                             with_policy=collate.shows_policy(batch_items))
             assert torch.equal(mine, batch["labels"])
             assert (mine != -100).sum() < batch["attention_mask"].sum()  # not everything carries loss
@@ -165,7 +165,7 @@ def lora_model(processor):
 def grpo_cfg(**overrides):
     from mpi.poro import get_grpo_config
 
-    base = dict(num_generations=3, prompts_per_step=2, max_completion_length=12, progress=False, print_every=0,
+    base = dict(num_generations=3, prompts_per_step=2, max_completion_length=12, progress=False, log_every=0,
                 sample_every=0, learning_rate=5e-3, log_behaviour_ratio=False)
     return get_grpo_config(overrides.pop("preset", "poro-grpo"), **{**base, **overrides})
 
@@ -208,7 +208,8 @@ def fixed_rollout(lora_model, processor, items):
                          ids=["poro-grpo", "poro-dapo", "mask-dr_grpo"])
 def test_poro_step_matches_train_on_rollout(nb04, lora_model, processor, fixed_rollout, overrides):
     from mpi.data.messages import build_messages
-    from mpi.poro import make_optimizer, make_reference, train_on_rollout
+    from mpi.poro import make_reference, train_on_rollout
+    from mpi.engine import make_optimizer
 
     cfg = grpo_cfg(**overrides)
     start = {n: p.detach().clone() for n, p in lora_model.named_parameters() if p.requires_grad}
@@ -250,12 +251,12 @@ def test_poro_step_refuses_what_it_does_not_do(nb04, lora_model, processor, fixe
 # =========================================================================== the notebooks' RL settings
 
 
-def test_rl_config_is_what_train_stage_trains_with(tmp_path, monkeypatch):
-    """notebook 04 shows and uses `pipeline.rl_config`: it must be the GRPOConfig train_stage passes."""
+def test_stage_config_is_what_train_stage_trains_with(tmp_path, monkeypatch):
+    """notebook 04 shows and uses `pipeline.stage_config`: it must be the GRPOConfig train_stage passes."""
     import mpi.poro
     from mpi import pipeline
     from mpi.config import get_config
-    from mpi.pipeline import rl_config
+    from mpi.pipeline import stage_config
 
     class Captured(Exception):
         pass
@@ -276,7 +277,7 @@ def test_rl_config_is_what_train_stage_trains_with(tmp_path, monkeypatch):
         monkeypatch.setattr("mpi.scale.memory.preflight", lambda *a, **k: None)
         monkeypatch.setattr(mpi.poro, "train_poro", capture)
         with pytest.raises(Captured):
-            pipeline.train_stage(plan, plan.dataset_keys[0], 0, ("sft-cot", "poro-grpo"), tmp_path / preset)
+            pipeline.train_stage(plan, plan.dataset_keys[0], 0, ("cot-sft", "poro-grpo"), tmp_path / preset)
         monkeypatch.undo()
-        assert seen.pop("cfg") == rl_config(plan, "poro-grpo", 0), preset
-    assert rl_config(plan, "poro-grpo", 0).temperature == 0.7   # the toy preset's, not GRPOConfig's 1.0
+        assert seen.pop("cfg") == stage_config(plan, "poro-grpo", 0), preset
+    assert stage_config(plan, "poro-grpo", 0).temperature == 0.7   # the toy preset's, not GRPOConfig's 1.0

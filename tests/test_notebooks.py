@@ -139,7 +139,7 @@ def test_the_notebooks_give_the_pipelines_numbers(fresh_run_folder):
             assert mine[view]["examples"] == theirs[view]["examples"], (rel, view)  # the answers themselves
     timing = ("per_s", "seconds", "time", "cpu_s")  # wall-clock fields differ run to run; nothing else may
     stages = list(fresh_run_folder.glob("stages/*/*/*/done.json"))
-    assert len(stages) == 4, stages   # cpt, sft-cot, cpt+sft-cot, cpt+sft-cot+poro-grpo
+    assert len(stages) == 4, stages   # cpt, cot-sft, cpt+cot-sft, cpt+cot-sft+poro-grpo
     for done in stages:
         rel = done.parent.relative_to(fresh_run_folder)
         mine, theirs = read_done(done.parent).get("last", {}), read_done(cli / rel).get("last", {})

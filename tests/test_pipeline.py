@@ -30,22 +30,20 @@ def test_progress_lines_every_log_every_steps_and_the_table_at_the_end(tiny_run)
     run_dir, _ = tiny_run
     out = (run_dir / "stdout.txt").read_text()
     steps = [int(line.split("|")[0].split()[1]) for line in out.splitlines() if line.startswith("step ")]
-    # cpt, sft-cot and cpt+sft-cot take 8 steps each (32 items, batch 4): lines at 4 and 8; RL's 2 steps: none
+    # cpt, cot-sft and cpt+cot-sft take 8 steps each (32 items, batch 4): lines at 4 and 8; RL's 2 steps: none
     assert steps == [4, 8] * 3
     assert "## Accuracy (the paper's table)" in out and "| CoT SFT |" in out
     assert out.rindex("| CoT SFT |") > out.rindex("[done] eval/")  # the table comes last
 
 
 def test_default_progress_cadence_prints_at_most_50_lines_per_stage():
-    from mpi.config import get_config
-    from mpi.pipeline import MAX_PROGRESS_LINES, progress_every
+    from mpi.metrics import MAX_PROGRESS_LINES, progress_every
 
-    cfg = get_config("toy")
     assert MAX_PROGRESS_LINES == 50
-    assert progress_every(cfg, 500) == 10  # the toy run's SFT: 4 epochs x 125 steps -> 50 lines
-    assert progress_every(cfg, 30) == 1  # its RL stage: every step
-    assert progress_every(cfg, 501) == 11 and 501 // 11 <= 50
-    assert progress_every(cfg.replace(log_every=7), 500) == 7
+    assert progress_every(None, 500) == 10  # the toy run's SFT: 4 epochs x 125 steps -> 50 lines
+    assert progress_every(None, 30) == 1  # its RL stage: every step
+    assert progress_every(None, 501) == 11 and 501 // 11 <= 50
+    assert progress_every(7, 500) == 7  # RunConfig.log_every
 
 
 def test_unknown_extra_knob_is_refused_with_the_valid_names():
@@ -102,7 +100,7 @@ def test_every_artifact(tiny_run):
         assert done["forgetting"]["n"] > 0
         # the report's cell is the stage's own number (one seed: mean = value, std 0)
         assert summary[method]["policy_free"]["mean"] == pytest.approx(done["policy_free"]["accuracy"])
-    for chain in ("cpt", "cpt+sft-cot", "cpt+sft-cot+poro-grpo", "sft-cot"):
+    for chain in ("cpt", "cpt+cot-sft", "cpt+cot-sft+poro-grpo", "cot-sft"):
         assert (run_dir / "stages" / "clevr-T-N2" / "seed0" / chain / "model" / "adapter_config.json").is_file(), chain
     cost = metrics["cost"]["clevr-T-N2"]["tokens"]["clevr-T-N2"]
     assert cost["with_policy"] > cost["without_policy"] > 0
@@ -136,10 +134,10 @@ def test_a_run_directory_refuses_another_config(tiny_run, capsys):
 def test_training_chains_share_prefixes():
     chains = training_chains(list(METHODS))
     assert len(chains) == len(set(chains))
-    # cpt, sft-cot and sft-direct once each; cpt+sft-cot feeds both TriMPI runs and VM-CPT + CoT SFT
-    assert ("cpt",) in chains and ("cpt", "sft-cot") in chains and ("sft-cot",) in chains
-    # by hand: sft-direct, sft-cot, cpt, cpt+sft-cot, sft-cot+grpo, sft-cot+dapo, cpt+sft-cot+grpo,
-    # cpt+sft-cot+poro-grpo / -dapo / -grpo-wrong / -grpo-adaptive
+    # cpt, cot-sft and direct-sft once each; cpt+cot-sft feeds both TriMPI runs and VM-CPT + CoT SFT
+    assert ("cpt",) in chains and ("cpt", "cot-sft") in chains and ("cot-sft",) in chains
+    # by hand: direct-sft, cot-sft, cpt, cpt+cot-sft, cot-sft+grpo, cot-sft+dapo, cpt+cot-sft+grpo,
+    # cpt+cot-sft+poro-grpo / -dapo / -grpo-wrong / -grpo-adaptive
     assert len(chains) == 11
     for chain in chains:  # parents come first
         assert chains.index(chain[:-1]) < chains.index(chain) if len(chain) > 1 else True
@@ -200,7 +198,7 @@ def test_a_failed_training_stage_keeps_its_work_and_the_rerun_continues_there(tm
     from mpi.pipeline import Timer, is_done, partial_dir, run_training_stage
 
     plan = make_plan(get_config("tiny", out_dir=str(tmp_path)), name="p")
-    path = plan.stage_dir("clevr-T-N2", 0, ("sft-cot",))
+    path = plan.stage_dir("clevr-T-N2", 0, ("cot-sft",))
     seen = []
 
     def crash(work):
@@ -230,7 +228,7 @@ def test_a_stage_killed_after_its_done_marker_is_published_without_training(tmp_
     from mpi.pipeline import Timer, is_done, partial_dir, run_training_stage
 
     plan = make_plan(get_config("tiny", out_dir=str(tmp_path)), name="p")
-    path = plan.stage_dir("clevr-T-N2", 0, ("sft-cot",))
+    path = plan.stage_dir("clevr-T-N2", 0, ("cot-sft",))
     atomic_write_json(partial_dir(path) / "done.json", {"seconds": 3.0, "steps": 8})
 
     def retrain(work):
@@ -260,7 +258,7 @@ def test_rl_stage_validates_on_the_val_split(tiny_run):
     run_dir, _ = tiny_run
     val = run_dir / "data" / "clevr-T-N2" / "val"
     assert val.is_dir() and json.loads((run_dir / "data" / "clevr-T-N2" / "done.json").read_text())["sizes"]["val"] == 8
-    stage = run_dir / "stages" / "clevr-T-N2" / "seed0" / "cpt+sft-cot+poro-grpo"
+    stage = run_dir / "stages" / "clevr-T-N2" / "seed0" / "cpt+cot-sft+poro-grpo"
     rows = [json.loads(line) for line in (stage / "work" / "metrics.jsonl").read_text().splitlines()]
     val_rows = [r for r in rows if "val/sampled_accuracy" in r]
     assert [r["step"] for r in val_rows] == [0, 1, 2]  # tiny: eval_every=1 over 2 steps, the start included
@@ -290,7 +288,7 @@ def test_learning_rate_sweep_keeps_the_rate_best_on_validation(tmp_path, monkeyp
             "--set", "eval_side_limit=2", "--set", "rl_learning_rates=[1e-05, 0.01]"]
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(argv) == 0
-    stage = tmp_path / "sweep" / "stages" / "clevr-T-N2" / "seed0" / "sft-cot+grpo"
+    stage = tmp_path / "sweep" / "stages" / "clevr-T-N2" / "seed0" / "cot-sft+grpo"
     sweep = json.loads((stage / "work" / "learning_rate_sweep.json").read_text())
     assert [r["learning_rate"] for r in sweep["sweep"]] == [1e-5, 1e-2]
     # smoothed (weight 0.5) over steps 0, 1, 2: 1e-5 reads 0.1 throughout; 1e-2 reads 0.2, 0.3, 0.45
@@ -314,19 +312,19 @@ def test_table_flag_plans_the_rl_comparison(tmp_path, capsys):
     for key in ("clevr-T-N2", "clevr-T-N4"):
         for method in TABLE_METHODS:
             assert f"eval/{key}/seed2/{method}  <-" in out, (key, method)
-    assert "cpt+sft-cot+poro-grpo-wrong" in out
+    assert "cpt+cot-sft+poro-grpo-wrong" in out
 
 
 def test_rl_epochs_is_the_budget_rule():
     """rl_epochs passes over the training prompts: steps = ceil(epochs x train prompts / prompts_per_step)."""
     from mpi.config import get_config
-    from mpi.pipeline import rl_config
+    from mpi.pipeline import stage_config
 
     plan = make_plan(get_config("toy", rl_epochs=1.2))  # 4 policies x 250 train prompts, 4 prompts per step
-    assert rl_config(plan, "poro-grpo", 0, "clevr-T-N2").steps == 300  # = 10 x rl_steps=30
+    assert stage_config(plan, "poro-grpo", 0, "clevr-T-N2").steps == 300  # = 10 x rl_steps=30
     plan = make_plan(get_config("toy", rl_epochs=0.01, prompts_per_step=3))
-    assert rl_config(plan, "grpo", 0, "clevr-T-N2").steps == 4  # ceil(10 / 3)
-    assert rl_config(make_plan(get_config("toy")), "grpo", 0, "clevr-T-N2").steps == 30  # None: rl_steps
+    assert stage_config(plan, "grpo", 0, "clevr-T-N2").steps == 4  # ceil(10 / 3)
+    assert stage_config(make_plan(get_config("toy")), "grpo", 0, "clevr-T-N2").steps == 30  # None: rl_steps
     from mpi.config import ConfigValueError
 
     with pytest.raises(ConfigValueError, match=r"RunConfig.rl_epochs = -1.0 \(float\): expected a number > 0, or null"):

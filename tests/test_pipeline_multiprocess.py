@@ -98,7 +98,7 @@ def test_data_built_once_on_the_main_process_and_identical(runs):
 
 def test_training_is_data_parallel_with_the_global_batch(runs):
     one, two, _, _ = runs
-    for chain in ("sft-cot", "sft-cot+grpo"):
+    for chain in ("cot-sft", "cot-sft+grpo"):
         a = load_file(str(one / "stages" / KEY / "seed0" / chain / "model" / "adapter_model.safetensors"))
         b = load_file(str(two / "stages" / KEY / "seed0" / chain / "model" / "adapter_model.safetensors"))
         assert a.keys() == b.keys() and a
@@ -107,9 +107,9 @@ def test_training_is_data_parallel_with_the_global_batch(runs):
         # the same optimizer steps: one logged row per step (written by the main process only), same count
         rows = lambda r: [row for row in map(json.loads, (r / "stages" / KEY / "seed0" / chain / "work" / "metrics.jsonl").read_text().splitlines()) if row["step"] > 0]  # noqa: E731 (step 0: RL's validation baseline)
         assert [r["step"] for r in rows(two)] == [r["step"] for r in rows(one)] == list(range(1, len(rows(one)) + 1))
-    sft = lambda r: [json.loads(x) for x in (r / "stages" / KEY / "seed0" / "sft-cot" / "work" / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    sft = lambda r: [json.loads(x) for x in (r / "stages" / KEY / "seed0" / "cot-sft" / "work" / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert len(sft(one)) == 8  # 32 items / global batch 4: had each process taken 4, there would be 4 steps
     for a, b in zip(sft(one), sft(two)):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
-    rl = [json.loads(x) for x in (two / "stages" / KEY / "seed0" / "sft-cot+grpo" / "work" / "metrics.jsonl").read_text().splitlines()]
+    rl = [json.loads(x) for x in (two / "stages" / KEY / "seed0" / "cot-sft+grpo" / "work" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["num_groups"] == 2 for r in rl if r["step"] > 0)  # prompts_per_step=2 in all: one group per process, summed

@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from tests.nbtools import ROOT
 
 KEY = "clevr-T-N2"
-SFT, RL = ("sft-cot",), ("sft-cot", "grpo")
+SFT, RL = ("cot-sft",), ("cot-sft", "grpo")
 ARGS = ["--preset", "tiny", "--methods", "cot-sft-grpo", "--seeds", "0",
         "--set", "sft_epochs=2", "--set", "rl_steps=6", "--set", "save_every=1",
         "--set", 'grpo={"kl_reference": "no_adapter", "beta": 0.5}',
@@ -110,10 +110,10 @@ def runs(tmp_path_factory):
         shutil.copytree(ref / name, cut / name)
     shutil.copy(ref / "run.json", cut / "run.json")
 
-    sft_ckpt = _run_and_kill(out, "cut", f"stages/{KEY}/seed0/sft-cot.partial/work/checkpoints/checkpoint-3/"
+    sft_ckpt = _run_and_kill(out, "cut", f"stages/{KEY}/seed0/cot-sft.partial/work/checkpoints/checkpoint-3/"
                              "mpi_checkpoint_complete.json", "SFT")
     after_sft_kill = {"sft_done": (_stage(cut, SFT) / "done.json").exists(), "sft_partial": _partial(cut, SFT).exists()}
-    rl_ckpt = _run_and_kill(out, "cut", f"stages/{KEY}/seed0/sft-cot+grpo.partial/work/checkpoints/step_000002/"
+    rl_ckpt = _run_and_kill(out, "cut", f"stages/{KEY}/seed0/cot-sft+grpo.partial/work/checkpoints/step_000002/"
                             "state.json", "RL")
     after_rl_kill = {"rl_done": (_stage(cut, RL) / "done.json").exists(), "rl_partial": _partial(cut, RL).exists()}
     final = _run_to_end(out, "cut")

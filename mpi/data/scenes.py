@@ -28,27 +28,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-# CLEVR's ontology (properties.json of the CLEVR generator), with its RGB values.
-SHAPES = ("cube", "sphere", "cylinder")
-COLORS = ("gray", "red", "blue", "green", "brown", "purple", "cyan", "yellow")
-SIZES = ("small", "large")
-MATERIALS = ("rubber", "metal")
-ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    "shape": SHAPES,
-    "color": COLORS,
-    "size": SIZES,
-    "material": MATERIALS,
-}
-COLOR_RGB = {
-    "gray": (87, 87, 87),
-    "red": (173, 35, 35),
-    "blue": (42, 75, 215),
-    "green": (29, 105, 20),
-    "brown": (129, 74, 25),
-    "purple": (129, 38, 192),
-    "cyan": (41, 208, 208),
-    "yellow": (255, 238, 51),
-}
+# CLEVR's ontology and its RGB values (mpi.data.ontology), named here as well.
+from .ontology import ATTRIBUTES, COLOR_RGB, COLORS, MATERIALS, SHAPES, SIZES  # noqa: F401
+
 SIZE_RADIUS = {"small": 0.35, "large": 0.7}  # CLEVR's world radii; large = 2 x small
 
 # Camera: perspective for where things are, orthographic per sprite for how they look.

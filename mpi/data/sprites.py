@@ -23,7 +23,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from .scenes import COLOR_RGB
+from .ontology import COLOR_RGB
 
 GRID = 4  # cells per side: 16 cells = the 16 merged visual tokens of a 112-px image
 BACKGROUND = (176, 176, 176)

@@ -2,8 +2,8 @@
 
     mpi.scale.memory        expected peak GPU memory per stage, the preflight that refuses a stage that cannot
                             fit (`python -m mpi.scale.memory --preset colab-t4 --gpu t4`)
-    mpi.scale.distributed   data-parallel helpers for `accelerate launch` (sharding, gradient all-reduce)
+    mpi.scale.poro_trl      the same PolicyRollout step on TRL's GRPOTrainer (the speed benchmark's reference)
 
-The course runs without either on one device: the pipeline calls the preflight before each training stage,
-and the distributed helpers are no-ops in a single process.
+The data-parallel helpers the training loops call are `mpi.distributed` (a lower floor: no-ops in one
+process). The pipeline calls the preflight before each training stage.
 """

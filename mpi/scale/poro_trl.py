@@ -212,8 +212,9 @@ def make_trainer(model, processor, items: Sequence[dict], cfg, out_dir: str | Pa
                  num_processes: int | None = None, **config_overrides: Any):
     """A ready PolicyRolloutGRPOTrainer (call .train()). `cfg` is an mpi.poro.GRPOConfig; reward_funcs
     replaces [accuracy, format] (TRL signature: f(completions, item_index, **kw) -> list[float])."""
-    from mpi.scale import distributed as dist
-    from mpi.poro import default_build_messages, vision_token_ids
+    from mpi import distributed as dist
+    from mpi.poro import default_build_messages
+    from mpi.sampling import vision_token_ids
 
     cfg.validate()
     build_messages = build_messages or default_build_messages()

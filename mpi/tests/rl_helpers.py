@@ -45,3 +45,13 @@ def toy_with_lora(r: int = 8, dropout: float = 0.0, lora_b_std: float | None = N
                     p.normal_(0, lora_b_std)
     init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     return model, processor, build_messages, init
+
+
+def start_rl_from(model, lora):
+    """A fresh LoRA on top of the previous stage's adapter folded into the weights (what the RL learning tests
+    start from): with kl_reference="no_adapter" the reference is then the folded-in policy. The pipeline
+    instead continues the SFT adapter with kl_reference="start". `lora`: a mpi.modeling.LoraSettings."""
+    from peft import get_peft_model
+
+    base = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+    return get_peft_model(base, lora.to_peft())

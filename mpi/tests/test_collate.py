@@ -89,7 +89,7 @@ def test_vision_markers_can_be_supervised(processor):
     assert set(visual_token_ids(processor, False)) < set(visual_token_ids(processor, True))
 
 
-@pytest.mark.parametrize("mode", ["sft_cot", "sft_direct"])
+@pytest.mark.parametrize("mode", ["cot-sft", "direct-sft"])
 def test_sft_mask_covers_exactly_the_target(processor, mode):
     items = [clevr_item(id="a"), clevr_item(cot="Short.", answer="Case 1", id="b"), gta_item(n_images=2)]
     batch = SupervisedCollator(processor, mode)(items)
@@ -98,7 +98,7 @@ def test_sft_mask_covers_exactly_the_target(processor, mode):
         labels = batch["labels"][row]
         positions = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
         assert torch.equal(positions, torch.arange(int(positions[0]), int(positions[-1]) + 1))  # one contiguous span
-        cot = item["cot"] if mode == "sft_cot" else None
+        cot = item["cot"] if mode == "cot-sft" else None
         target = (f"<think>{cot}</think>\n" if cot else "") + "\\boxed{" + item["answer"] + "}" + tok.eos_token
         assert tok.decode(labels[positions]) == target
         assert labels[positions].tolist() == tok(target, add_special_tokens=False)["input_ids"]
@@ -110,19 +110,19 @@ def test_sft_mask_covers_exactly_the_target(processor, mode):
 def test_policy_in_every_cpt_sequence_and_in_no_sft_sequence(processor):
     items = [clevr_item(), clevr_item(n_policy_images=2), gta_item()]
     decoded = {mode: processor.tokenizer.batch_decode(SupervisedCollator(processor, mode)(items)["input_ids"])
-               for mode in ("cpt", "sft_cot", "sft_direct")}
+               for mode in ("cpt", "cot-sft", "direct-sft")}
     assert all(POLICY_LINE in text for text in decoded["cpt"])
-    assert not any(POLICY_LINE in text for mode in ("sft_cot", "sft_direct") for text in decoded[mode])
+    assert not any(POLICY_LINE in text for mode in ("cot-sft", "direct-sft") for text in decoded[mode])
     # the input image is present without the policy, the policy images are not
     pad = "<|image_pad|>"
-    assert [t.count(pad) for t in decoded["sft_cot"]] == [4, 4, 8]
+    assert [t.count(pad) for t in decoded["cot-sft"]] == [4, 4, 8]
     assert [t.count(pad) for t in decoded["cpt"]] == [4, 12, 8]
 
 
 def test_policy_in_context_frac_shows_the_policy_in_a_fixed_share_of_batches_with_the_same_target(processor):
     batches = [[{"id": f"i{k}"}, {"id": f"j{k}"}] for k in range(400)]
     def shown(frac, seed):
-        collate = SupervisedCollator(processor, "sft_cot", policy_in_context_frac=frac, seed=seed)
+        collate = SupervisedCollator(processor, "cot-sft", policy_in_context_frac=frac, seed=seed)
         return [collate.shows_policy(b) for b in batches]
     assert not any(shown(0.0, 0)) and all(shown(1.0, 0))
     quarter = shown(0.25, 0)
@@ -135,8 +135,8 @@ def test_policy_in_context_frac_shows_the_policy_in_a_fixed_share_of_batches_wit
     assert all(h for q, h in zip(quarter, half) if q) and sum(half) > sum(quarter)
 
     items = [clevr_item(id="a"), gta_item(n_images=2)]
-    plain = SupervisedCollator(processor, "sft_cot")(items)
-    with_policy = SupervisedCollator(processor, "sft_cot", policy_in_context_frac=1.0)(items)
+    plain = SupervisedCollator(processor, "cot-sft")(items)
+    with_policy = SupervisedCollator(processor, "cot-sft", policy_in_context_frac=1.0)(items)
     tok = processor.tokenizer
     for row in range(len(items)):  # the whole batch shows it
         assert POLICY_LINE in tok.decode(with_policy["input_ids"][row])
@@ -151,15 +151,15 @@ def test_collator_errors_name_the_problem(processor):
     with pytest.raises(ValueError, match="max_length=50"):
         SupervisedCollator(processor, "cpt", max_length=50)([clevr_item(id="long-one")])
     with pytest.raises(ValueError, match="'cot' field is empty"):
-        SupervisedCollator(processor, "sft_cot")([clevr_item(cot="")])
+        SupervisedCollator(processor, "cot-sft")([clevr_item(cot="")])
     with pytest.raises(ValueError, match="mode must be one of"):
         SupervisedCollator(processor, "pretrain")
     with pytest.raises(ValueError, match="policy_in_context_frac must be in"):
-        SupervisedCollator(processor, "sft_cot", policy_in_context_frac=1.5)
+        SupervisedCollator(processor, "cot-sft", policy_in_context_frac=1.5)
     with pytest.raises(ValueError, match="always has the policy"):
         SupervisedCollator(processor, "cpt", policy_in_context_frac=0.5)
     # direct SFT does not need a CoT
-    assert SupervisedCollator(processor, "sft_direct")([clevr_item(cot="")])["labels"].ne(IGNORE_INDEX).any()
+    assert SupervisedCollator(processor, "direct-sft")([clevr_item(cot="")])["labels"].ne(IGNORE_INDEX).any()
 
 
 def test_loss_mask_rendering_marks_masked_tokens(processor):

@@ -1,4 +1,4 @@
-"""mpi.scale.distributed in one process: sharding arithmetic, the strided prompt order, metric reduction rules,
+"""mpi.distributed in one process: sharding arithmetic, the strided prompt order, metric reduction rules,
 and that every collective is an identity when nothing was launched (tests/test_multiprocess.py runs 2)."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from mpi.scale import distributed as dist
+from mpi import distributed as dist
 
 
 def test_shards_keep_groups_whole_and_concatenate_back():

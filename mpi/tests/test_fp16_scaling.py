@@ -8,8 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from mpi import engine
 from mpi import poro
-from mpi.poro import DynamicLossScaler, get_grpo_config, model_compute_dtype, needs_loss_scaling
+from mpi.poro import get_grpo_config
+from mpi.engine import DynamicLossScaler, model_compute_dtype, needs_loss_scaling
 from mpi.tests.rl_helpers import toy_with_lora
 
 
@@ -38,8 +40,8 @@ def test_compute_dtype_is_the_frozen_base_not_the_adapter():
 
     assert model_compute_dtype(torch.nn.Sequential(FourBit(), torch.nn.LayerNorm(4))) == torch.float16
     cfg = get_grpo_config("poro-grpo")
-    assert poro.make_loss_scaler(torch.nn.Linear(4, 4), cfg) is None
-    scaler = poro.make_loss_scaler(torch.nn.Sequential(base, adapter), cfg)
+    assert engine.make_loss_scaler(torch.nn.Linear(4, 4), cfg) is None
+    scaler = engine.make_loss_scaler(torch.nn.Sequential(base, adapter), cfg)
     assert isinstance(scaler, DynamicLossScaler) and scaler.scale == 2.0 ** 16
 
 
@@ -122,14 +124,6 @@ def _varied_reward(items, texts):
 def toy():
     return toy_with_lora(r=4, lora_b_std=0.1)
 
-    model, processor = load_model_and_processor("toy-tiny", quantization=None, lora=LoraSettings(r=4), seed=0,
-                                                device="cpu")
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return model, processor, build_messages, init
 
 
 def _trainable(model):
@@ -151,7 +145,7 @@ def test_train_on_rollout_skips_an_overflowed_update(toy):
         name, param = next((n, p) for n, p in model.named_parameters() if p.requires_grad)
         handle = param.register_hook(lambda g: torch.full_like(g, math.inf)) if poison else None
         try:
-            m = poro.train_on_rollout(model, poro.make_optimizer(model, cfg), processor, ro, cfg, build_messages,
+            m = poro.train_on_rollout(model, engine.make_optimizer(model, cfg), processor, ro, cfg, build_messages,
                                       loss_scaler=scaler)
         finally:
             if handle is not None:
@@ -172,25 +166,24 @@ def test_train_on_rollout_skips_an_overflowed_update(toy):
 def test_train_poro_logs_the_scaler(toy, tmp_path):
     model, processor, build_messages, _ = toy
     cfg = get_grpo_config("poro-grpo", steps=1, num_generations=2, max_completion_length=4, loss_scaling="on",
-                          progress=False, print_every=0, sample_every=0)
+                          progress=False, log_every=0, sample_every=0)
     result = poro.train_poro(model, processor, _items(), cfg, tmp_path, build_messages=build_messages,
                              reward_fn=_varied_reward, save_adapter=False)
     row = result.rows[-1]
     assert row["fp16/loss_scale"] == 2.0 ** 16 and row["fp16/skipped_steps"] == 0
     cfg_off = get_grpo_config("poro-grpo", steps=1, num_generations=2, max_completion_length=4, progress=False,
-                              print_every=0, sample_every=0)  # auto on a float32 toy: no scaler
+                              log_every=0, sample_every=0)  # auto on a float32 toy: no scaler
     result = poro.train_poro(model, processor, _items(), cfg_off, tmp_path / "off", build_messages=build_messages,
                              reward_fn=_varied_reward, save_adapter=False)
     assert not any(k.startswith("fp16/") for k in result.rows[-1])
 
 
-def test_idle_update_scaled_joins_every_iteration():
+def test_idle_update_with_a_loss_scaler_joins_every_iteration():
     """A process without groups takes part in each of num_iterations updates and counts them in its scaler
     (one process here: its summed gradient is its own zero gradient, so nothing moves)."""
     model = torch.nn.Linear(3, 2)
     before = [p.detach().clone() for p in model.parameters()]
     scaler = DynamicLossScaler(init_scale=4.0, growth_interval=100)
-    poro.idle_update_scaled(model, torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.0),
-                            get_grpo_config("poro-grpo", num_iterations=3), scaler)
+    engine.idle_update(model, torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.0), 3, 1.0, scaler)
     assert (scaler.good_steps, scaler.skipped_steps, scaler.scale) == (3, 0, 4.0)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -5,12 +5,14 @@ import math
 import pytest
 import torch
 
+from mpi import engine
+from mpi import sampling
 from mpi import poro
 from mpi.grpo import completion_mask
-from mpi.tests.rl_helpers import POLICY_MARK, letter_share_reward, rl_items, toy_with_lora
-from mpi.poro import (build_scoring_batch, collect_rollout, encode_images_once, encode_prompts, forward_log_probs,
-                      get_grpo_config, policy_free_batch, prompt_texts, rollout, stop_token_ids, train_on_rollout,
-                      train_poro)
+from mpi.tests.rl_helpers import POLICY_MARK, letter_share_reward, rl_items, start_rl_from, toy_with_lora
+from mpi.poro import collect_rollout, get_grpo_config, policy_free_batch, rollout, train_on_rollout, train_poro
+from mpi.logprobs import build_scoring_batch, encode_images_once, forward_log_probs
+from mpi.sampling import encode_prompts, prompt_texts, stop_token_ids
 
 @pytest.fixture(scope="module")
 def toy():
@@ -66,7 +68,7 @@ def test_scored_log_probs_equal_the_samplers(fresh):
     # a checkpoint's own sampling defaults (Qwen-Instruct-like) must not leak into the rollout
     gen_cfg.top_k, gen_cfg.temperature, gen_cfg.repetition_penalty = 2, 0.1, 1.5
     try:
-        out = model.generate(**enc, **poro.sampling_kwargs(model, processor, cfg), num_return_sequences=2,
+        out = model.generate(**enc, **sampling.sampling_kwargs(model, processor, cfg), num_return_sequences=2,
                              output_scores=True, return_dict_in_generate=True)
     finally:
         gen_cfg.top_k, gen_cfg.temperature, gen_cfg.repetition_penalty = saved
@@ -112,7 +114,7 @@ def test_guided_responses_are_scored_without_the_policy(fresh, monkeypatch, shar
         items = rl_items(2)
         torch.manual_seed(0)
         ro = rollout(model, processor, items, cfg, build_messages, letter_share_reward)
-        opt = poro.make_optimizer(model, cfg)
+        opt = engine.make_optimizer(model, cfg)
         train_on_rollout(model, opt, processor, ro, cfg, build_messages)
     finally:
         handle.remove()
@@ -143,7 +145,7 @@ def test_train_writes_metrics_by_origin_and_samples(fresh, tmp_path):
     model, processor, build_messages = fresh
     before = _trainable(model)
     cfg = get_grpo_config("poro-grpo", steps=2, num_generations=2, max_completion_length=6, prompts_per_step=2,
-                          sample_every=2, progress=False, print_every=0, offpolicy_rule="tis")
+                          sample_every=2, progress=False, log_every=0, offpolicy_rule="tis")
     result = train_poro(model, processor, rl_items(3), cfg, tmp_path, build_messages=build_messages,
                         reward_fn=letter_share_reward)
     row = result.rows[-1]
@@ -169,7 +171,7 @@ def test_resume_gives_identical_weights(toy, tmp_path):
                 if n in init:
                     p.copy_(init[n])
 
-    kw = dict(num_generations=2, max_completion_length=4, prompts_per_step=1, progress=False, print_every=0,
+    kw = dict(num_generations=2, max_completion_length=4, prompts_per_step=1, progress=False, log_every=0,
               sample_every=0, save_every=2, learning_rate=1e-2)
     reset()
     train_poro(model, processor, rl_items(3), get_grpo_config("poro-grpo", steps=4, **kw), tmp_path / "a",
@@ -201,7 +203,7 @@ def test_dynamic_sampling_drops_flat_groups(fresh):
         return {"reward": r, "accuracy": r}
 
     cfg = get_grpo_config("poro-dapo", num_generations=2, max_completion_length=4, prompts_per_step=3)
-    sampler = poro.PromptSampler(3, seed=0)
+    sampler = engine.PromptSampler(3, seed=0)
     torch.manual_seed(0)
     ro, tries = collect_rollout(model, processor, rl_items(3), sampler, cfg, build_messages, flat_for_t0)
     assert "t0" not in [it["id"] for it in ro.items] and ro.num_groups == 3 and tries >= 2
@@ -210,7 +212,7 @@ def test_dynamic_sampling_drops_flat_groups(fresh):
     def always_flat(items, texts):
         return {"reward": [0.0] * len(texts), "accuracy": [0.0] * len(texts)}
 
-    ro, tries = collect_rollout(model, processor, rl_items(3), poro.PromptSampler(3, 0),
+    ro, tries = collect_rollout(model, processor, rl_items(3), engine.PromptSampler(3, 0),
                                 get_grpo_config("dapo", num_generations=2, max_completion_length=3,
                                                 max_resample_tries=3), build_messages, always_flat)
     assert ro is None and tries == 3
@@ -244,7 +246,7 @@ def test_one_update_moves_probability_towards_the_rewarded_response(fresh):
         return (lp * ro.eos_mask).sum(1)
 
     before = seq_logp()
-    train_on_rollout(model, poro.make_optimizer(model, cfg), processor, ro, cfg, build_messages)
+    train_on_rollout(model, engine.make_optimizer(model, cfg), processor, ro, cfg, build_messages)
     gain = seq_logp() - before
     assert gain[2] > 0 and gain[2] > gain[[0, 1, 3]].max()
 
@@ -302,7 +304,7 @@ def test_start_rl_from_makes_the_sft_policy_the_reference(toy):
         sft_logits = sft(**batch).logits
         with reference_model(sft):
             base_logits = sft(**batch).logits
-        rl = poro.start_rl_from(sft, LoraSettings(r=4))
+        rl = start_rl_from(sft, LoraSettings(r=4))
         with reference_model(rl):
             ref_logits = rl(**batch).logits
     assert not torch.allclose(sft_logits, base_logits, atol=1e-3)  # the adapter mattered

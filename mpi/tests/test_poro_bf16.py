@@ -1,10 +1,12 @@
-"""GRPOConfig(bf16=True): the scoring passes (reference, old, trained forward and backward) under a bfloat16
+"""GRPOConfig(bf16_scoring=True): the scoring passes (reference, old, trained forward and backward) under a bfloat16
 autocast, sampling in float32. The update must stay the same update: ratio exactly 1 and KL exactly 0 on the
 first step, log-probs and the gradient close to float32's."""
 
 import pytest
 import torch
 
+from mpi import engine
+from mpi import sampling
 from mpi import poro
 from mpi.poro import get_grpo_config, rollout, train_on_rollout
 from mpi.tests.rl_helpers import letter_share_reward, rl_items, toy_with_lora
@@ -26,11 +28,11 @@ def _reset(model, init):
 def _step(model, processor, build, init, bf16: bool, learning_rate: float = 0.0):
     _reset(model, init)
     cfg = get_grpo_config("poro-grpo", num_generations=2, max_completion_length=8, beta=0.04, kl_reference="start",
-                          learning_rate=learning_rate, log_behaviour_ratio=True, bf16=bf16)
+                          learning_rate=learning_rate, log_behaviour_ratio=True, bf16_scoring=bf16)
     torch.manual_seed(0)
     ro = rollout(model, processor, rl_items(2), cfg, build, letter_share_reward)
     grads = {}
-    opt = poro.make_optimizer(model, cfg)
+    opt = engine.make_optimizer(model, cfg)
     real_step = opt.step
 
     def capture():  # the clipped gradient the update would apply, before the (zero-lr) step
@@ -57,11 +59,11 @@ def test_bf16_scoring_really_runs_in_bfloat16_and_stays_close_to_float32(continu
     model, processor, build, init = continued
     ro, _, g32 = _step(model, processor, build, init, bf16=False)
     batch = poro.policy_free_batch(processor, ro, ro.completion_ids.shape[0] // ro.num_groups, build)
-    cfg32 = get_grpo_config("poro-grpo", bf16=False)
-    cfg16 = get_grpo_config("poro-grpo", bf16=True)
+    cfg32 = get_grpo_config("poro-grpo", bf16_scoring=False)
+    cfg16 = get_grpo_config("poro-grpo", bf16_scoring=True)
     model.eval()
     lp32 = poro.score_no_grad(model, batch, cfg32)
-    with poro.autocast(model, cfg16):
+    with engine.autocast(model, cfg16.bf16_scoring):
         lp16 = poro.score_no_grad(model, batch, cfg16)
     mask = ro.eos_mask.bool()
     diff = (lp32 - lp16)[mask].abs()
@@ -75,11 +77,11 @@ def test_bf16_scoring_really_runs_in_bfloat16_and_stays_close_to_float32(continu
 
 
 def test_bf16_autocast_keeps_the_output_head_in_float32_and_restores_it(continued):
-    """Inside poro.autocast(bf16=True) the decoder computes in bfloat16 but the logits come from a float32 head
+    """Inside engine.autocast(bf16=True) the decoder computes in bfloat16 but the logits come from a float32 head
     (bfloat16 logits slowed the learning test from 0.73 to 0.32); on exit the head's own forward is back."""
     model, processor, build, init = continued
     _reset(model, init)
-    enc = poro.encode_prompts(processor, *poro.prompt_texts(processor, rl_items(1), False, build))
+    enc = sampling.encode_prompts(processor, *sampling.prompt_texts(processor, rl_items(1), False, build))
     enc.pop("num_images")
     head = model.get_base_model().get_output_embeddings()
     seen = {}
@@ -87,11 +89,11 @@ def test_bf16_autocast_keeps_the_output_head_in_float32_and_restores_it(continue
         lambda m, i, o: seen.update(mlp=o.dtype))
     model.eval()
     try:
-        with torch.no_grad(), poro.autocast(model, get_grpo_config("grpo", bf16=True)):
+        with torch.no_grad(), engine.autocast(model, True):
             logits = model(**enc).logits
         assert seen["mlp"] == torch.bfloat16 and logits.dtype == torch.float32
         assert "forward" not in head.__dict__
-        with torch.no_grad(), poro.autocast(model, get_grpo_config("grpo", bf16=False)):
+        with torch.no_grad(), engine.autocast(model, False):
             model(**enc)
         assert seen["mlp"] == torch.float32
     finally:

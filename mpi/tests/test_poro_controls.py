@@ -9,6 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from mpi import engine
+from mpi import metrics
+from mpi import sampling
 from mpi import poro
 from mpi.poro import get_grpo_config
 from mpi.tests.rl_helpers import toy_with_lora
@@ -35,7 +38,7 @@ def toy():
 def spy_generate(monkeypatch):
     """Records every generate call's prompt texts and completions."""
     calls = []
-    real = poro.generate_from_prompts
+    real = sampling.generate_from_prompts
 
     def spy(model, processor, texts, images, cfg, **kw):
         out = real(model, processor, texts, images, cfg, **kw)
@@ -85,7 +88,7 @@ def test_wrong_policy_run_samples_with_the_other_policy_and_rewards_the_real_ite
         return {"reward": [len(t) % 3 / 2 for t in texts], "accuracy": [0.0] * len(texts)}
 
     cfg = get_grpo_config("poro-grpo", guided_context="wrong_policy", steps=1, num_generations=2, prompts_per_step=3,
-                          max_completion_length=4, progress=False, print_every=0, sample_every=0)
+                          max_completion_length=4, progress=False, log_every=0, sample_every=0)
     poro.train_poro(model, processor, _items(), cfg, tmp_path, build_messages=recording_build, reward_fn=reward,
                     save_adapter=False)
     own = {it["id"]: it for it in _items()}
@@ -131,7 +134,7 @@ def test_adaptive_guidance_guides_only_the_all_wrong_groups(toy, spy_generate):
         built.append((item["id"], with_policy))
         return build_messages(item, with_policy=with_policy, **kw)
 
-    m = poro.train_on_rollout(model, poro.make_optimizer(model, cfg), processor, ro, cfg, recording_build)
+    m = poro.train_on_rollout(model, engine.make_optimizer(model, cfg), processor, ro, cfg, recording_build)
     assert m["guidance/guided_group_frac"] == 0.5 and "guided/reward_mean" in m
     # the loss sees only policy-free prompts; the IS ratio's behaviour log-probs are the sampler's (t1's guided
     # half), so no scoring pass runs behind a policy prompt
@@ -176,7 +179,7 @@ def test_validation_metrics_by_hand_and_training_is_unchanged(toy, tmp_path):
     assert val["val/pass@3"] == pytest.approx(float(acc.max(1).values.mean()))
     assert val["val/greedy_accuracy"] == pytest.approx(sum(len(t) % 2 == 0 for t in greedy) / 3)
     # greedy: the first token is the argmax of the policy-free prompt's next-token logits
-    enc = poro.encode_prompts(processor, *poro.prompt_texts(processor, items, False, build_messages))
+    enc = sampling.encode_prompts(processor, *sampling.prompt_texts(processor, items, False, build_messages))
     enc.pop("num_images")
     model.eval()
     with torch.no_grad():
@@ -184,7 +187,7 @@ def test_validation_metrics_by_hand_and_training_is_unchanged(toy, tmp_path):
     assert [processor.tokenizer.decode([int(i)], skip_special_tokens=True) for i in first] == \
         [processor.tokenizer.decode(processor.tokenizer(t, add_special_tokens=False)["input_ids"][:1]) for t in greedy]
 
-    run = dict(steps=2, num_generations=2, max_completion_length=4, progress=False, print_every=0, sample_every=0)
+    run = dict(steps=2, num_generations=2, max_completion_length=4, progress=False, log_every=0, sample_every=0)
 
     def train(eval_items, out):
         _reset(model, init)
@@ -199,5 +202,5 @@ def test_validation_metrics_by_hand_and_training_is_unchanged(toy, tmp_path):
     assert "val/pass@4" in evald.rows[0] and "val/greedy_accuracy" in evald.rows[2]
     assert not any(k.startswith("val/") for k in evald.rows[1])
     assert all(torch.equal(w_plain[n], w_eval[n]) for n in init)  # the evaluation left the training RNG alone
-    fig = poro.plot_validation(tmp_path / "eval", out_png=tmp_path / "val.png")
+    fig = metrics.plot_validation(tmp_path / "eval", out_png=tmp_path / "val.png")
     assert (tmp_path / "val.png").exists() and fig is not None

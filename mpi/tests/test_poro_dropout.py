@@ -5,24 +5,17 @@ num_iterations=1 the ratio pi/pi_old drifts from 1 and the KL to an identical re
 import pytest
 import torch
 
+from mpi import engine
+from mpi import sampling
 from mpi import poro
 from mpi.poro import get_grpo_config, rollout, train_on_rollout
 from mpi.tests.rl_helpers import letter_share_reward, rl_items, toy_with_lora
+
 
 @pytest.fixture(scope="module")
 def continued():
     """toy-tiny with a LoRA of dropout 0.5 that RL continues (non-zero B: the dropout changes the output)."""
     return toy_with_lora(r=8, dropout=0.5, lora_b_std=0.3)
-
-    model, processor = load_model_and_processor("toy-tiny", quantization=None, lora=LoraSettings(r=8, dropout=0.5),
-                                                seed=0, device="cpu")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3)
-    init = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return model, processor, build_messages, init
 
 
 def _reset(model, init):
@@ -40,7 +33,7 @@ def test_dropout_really_changes_the_output(continued):
     """Precondition of the tests below: in train mode two passes differ (else they would prove nothing)."""
     model, processor, build_messages, init = continued
     _reset(model, init)
-    enc = poro.encode_prompts(processor, *poro.prompt_texts(processor, rl_items(1), False, build_messages))
+    enc = sampling.encode_prompts(processor, *sampling.prompt_texts(processor, rl_items(1), False, build_messages))
     enc.pop("num_images")
     model.train()
     with torch.no_grad():
@@ -62,7 +55,7 @@ def test_ratio_is_one_and_kl_zero_at_the_first_update(continued, num_iterations)
     before = _dropout_modes(model)
     assert before and all(before)
     reference = poro.make_reference(model, cfg)
-    m = train_on_rollout(model, poro.make_optimizer(model, cfg), processor, ro, cfg, build_messages, reference)
+    m = train_on_rollout(model, engine.make_optimizer(model, cfg), processor, ro, cfg, build_messages, reference)
     for origin in ("all", "own", "guided"):
         assert m[f"{origin}/ratio_mean"] == 1.0 and m[f"{origin}/ratio_max"] == 1.0, m
         assert m[f"{origin}/kl"] == 0.0, m
@@ -79,7 +72,7 @@ def test_dropout_can_be_kept_on_by_choice(continued):
                           disable_dropout=False)
     torch.manual_seed(0)
     ro = rollout(model, processor, rl_items(2), cfg, build_messages, letter_share_reward)
-    m = train_on_rollout(model, poro.make_optimizer(model, cfg), processor, ro, cfg, build_messages,
+    m = train_on_rollout(model, engine.make_optimizer(model, cfg), processor, ro, cfg, build_messages,
                          poro.make_reference(model, cfg))
     assert m["all/ratio_mean"] == 1.0 and m["all/ratio_max"] == 1.0
     assert m["all/kl"] > 1e-5

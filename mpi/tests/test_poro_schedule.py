@@ -10,21 +10,22 @@ import pytest
 import torch
 
 from mpi import poro
-from mpi.poro import get_grpo_config, learning_rate_at
+from mpi.poro import get_grpo_config
+from mpi.engine import learning_rate_at
 from mpi.tests.rl_helpers import letter_share_reward, rl_items, toy_with_lora
 
 
 def test_learning_rate_schedule_by_hand():
     cfg = get_grpo_config("poro-grpo", steps=10, learning_rate=1e-3, warmup_steps=2, lr_scheduler_type="cosine",
                           min_lr_ratio=0.1)
-    assert learning_rate_at(cfg, 1) == pytest.approx(5e-4)  # warm-up: 1/2 of the peak
-    assert learning_rate_at(cfg, 2) == pytest.approx(1e-3)  # the peak at the end of warm-up
+    assert learning_rate_at(1, cfg.learning_rate, cfg.steps, cfg.warmup_steps, cfg.lr_scheduler_type, cfg.min_lr_ratio) == pytest.approx(5e-4)  # warm-up: 1/2 of the peak
+    assert learning_rate_at(2, cfg.learning_rate, cfg.steps, cfg.warmup_steps, cfg.lr_scheduler_type, cfg.min_lr_ratio) == pytest.approx(1e-3)  # the peak at the end of warm-up
     # cosine over the 8 steps after warm-up: step 6 is half way, lr = floor + (peak - floor) / 2
-    assert learning_rate_at(cfg, 6) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
-    assert learning_rate_at(cfg, 4) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi / 4)))
-    assert learning_rate_at(cfg, 10) == pytest.approx(1e-4)  # the floor at the last step
+    assert learning_rate_at(6, cfg.learning_rate, cfg.steps, cfg.warmup_steps, cfg.lr_scheduler_type, cfg.min_lr_ratio) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
+    assert learning_rate_at(4, cfg.learning_rate, cfg.steps, cfg.warmup_steps, cfg.lr_scheduler_type, cfg.min_lr_ratio) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert learning_rate_at(10, cfg.learning_rate, cfg.steps, cfg.warmup_steps, cfg.lr_scheduler_type, cfg.min_lr_ratio) == pytest.approx(1e-4)  # the floor at the last step
     const = get_grpo_config("poro-grpo", steps=10, learning_rate=1e-3)
-    assert [learning_rate_at(const, s) for s in (1, 5, 10)] == [1e-3] * 3  # no warm-up, constant: today's default
+    assert [learning_rate_at(s, const.learning_rate, const.steps, const.warmup_steps, const.lr_scheduler_type, const.min_lr_ratio) for s in (1, 5, 10)] == [1e-3] * 3  # no warm-up, constant: today's default
     with pytest.raises(ValueError, match="lr_scheduler_type"):
         get_grpo_config("poro-grpo", lr_scheduler_type="linear-ish")
 
@@ -32,10 +33,10 @@ def test_learning_rate_schedule_by_hand():
 def test_optimizer_follows_the_schedule(tmp_path):
     model, processor, build_messages, _ = toy_with_lora(r=4)
     cfg = get_grpo_config("poro-grpo", steps=3, warmup_steps=2, lr_scheduler_type="cosine", learning_rate=1e-3,
-                          num_generations=2, max_completion_length=4, progress=False, print_every=0, sample_every=0)
+                          num_generations=2, max_completion_length=4, progress=False, log_every=0, sample_every=0)
     res = poro.train_poro(model, processor, rl_items(2), cfg, tmp_path, build_messages=build_messages,
                           reward_fn=letter_share_reward, save_adapter=False)
-    assert [r["lr"] for r in res.rows] == pytest.approx([learning_rate_at(cfg, s) for s in (1, 2, 3)])
+    assert [r["lr"] for r in res.rows] == pytest.approx([learning_rate_at(s, cfg.learning_rate, cfg.steps, cfg.warmup_steps, cfg.lr_scheduler_type, cfg.min_lr_ratio) for s in (1, 2, 3)])
 
 
 def test_keep_best_ends_with_the_best_smoothed_step(tmp_path, monkeypatch):
@@ -46,7 +47,7 @@ def test_keep_best_ends_with_the_best_smoothed_step(tmp_path, monkeypatch):
     monkeypatch.setattr(poro, "validation_metrics", lambda *a, **k: {"val/sampled_accuracy": next(script)})
     cfg = get_grpo_config("poro-grpo", steps=4, eval_every=1, keep_best=True, best_smoothing=0.5, save_every=1,
                           keep_checkpoints=10, learning_rate=1e-2, num_generations=2, max_completion_length=4,
-                          progress=False, print_every=0, sample_every=0)
+                          progress=False, log_every=0, sample_every=0)
     res = poro.train_poro(model, processor, rl_items(2), cfg, tmp_path, build_messages=build_messages,
                           reward_fn=letter_share_reward, save_adapter=False, eval_items=rl_items(1))
     assert res.best_step == 3
@@ -63,7 +64,7 @@ def test_keep_best_keeps_the_start_when_training_only_hurts(tmp_path, monkeypatc
     script = iter([0.9, 0.1, 0.1])
     monkeypatch.setattr(poro, "validation_metrics", lambda *a, **k: {"val/sampled_accuracy": next(script)})
     cfg = get_grpo_config("poro-grpo", steps=2, eval_every=1, keep_best=True, learning_rate=1e-2,
-                          num_generations=2, max_completion_length=4, progress=False, print_every=0, sample_every=0)
+                          num_generations=2, max_completion_length=4, progress=False, log_every=0, sample_every=0)
     res = poro.train_poro(model, processor, rl_items(2), cfg, tmp_path, build_messages=build_messages,
                           reward_fn=letter_share_reward, save_adapter=False, eval_items=rl_items(1))
     assert res.best_step == 0
@@ -90,7 +91,7 @@ def test_a_killed_run_resumes_to_the_same_schedule_and_best_checkpoint(tmp_path,
     monkeypatch.setattr(poro, "validation_metrics", by_weights)
     cfg = get_grpo_config("poro-grpo", steps=4, eval_every=1, keep_best=True, save_every=1, warmup_steps=1,
                           lr_scheduler_type="cosine", learning_rate=1e-2, num_generations=2, max_completion_length=4,
-                          progress=False, print_every=0, sample_every=0)
+                          progress=False, log_every=0, sample_every=0)
     kw = dict(build_messages=build_messages, reward_fn=letter_share_reward, save_adapter=False,
               eval_items=rl_items(1))
 

@@ -4,9 +4,15 @@ scoring forward against the per-row forward."""
 import pytest
 import torch
 
+from mpi import engine
+from mpi import logprobs
+from mpi import metrics
+from mpi import sampling
 from mpi import poro, sampling
 from mpi.tests.rl_helpers import rl_items
-from mpi.poro import build_scoring_batch, encode_prompts, forward_log_probs, get_grpo_config, prompt_texts
+from mpi.poro import get_grpo_config
+from mpi.logprobs import build_scoring_batch, forward_log_probs
+from mpi.sampling import encode_prompts, prompt_texts
 
 @pytest.fixture(scope="module")
 def toy():
@@ -38,16 +44,16 @@ def _mixed_prompts(processor, build_messages, items):
 
 
 def _hf_kwargs(model, processor, cfg, greedy=False):
-    kw = poro.sampling_kwargs(model, processor, cfg)
+    kw = sampling.sampling_kwargs(model, processor, cfg)
     if greedy:
         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     return kw
 
 
 def _ours(model, processor, enc, cfg, n, **kw):
-    hf = poro.sampling_kwargs(model, processor, cfg)
+    hf = sampling.sampling_kwargs(model, processor, cfg)
     return sampling.sample(model, enc, num_return_sequences=n, max_new_tokens=cfg.max_completion_length,
-                           stop_ids=kw.pop("stop_ids", poro.stop_token_ids(model, processor)),
+                           stop_ids=kw.pop("stop_ids", sampling.stop_token_ids(model, processor)),
                            pad_id=processor.tokenizer.pad_token_id, suppress_ids=hf["suppress_tokens"],
                            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, **kw)
 
@@ -87,7 +93,7 @@ def test_sampled_log_probs_equal_the_teacher_forced_log_probs(toy):
     ids = out["completion_ids"]
     from mpi.grpo import completion_mask
 
-    mask, _ = completion_mask(ids, poro.stop_token_ids(model, processor))
+    mask, _ = completion_mask(ids, sampling.stop_token_ids(model, processor))
     batch = build_scoring_batch(processor, texts, images, ids, mask, torch.arange(len(texts)).repeat_interleave(2))
     with torch.no_grad():
         for shared in (False, True):
@@ -155,12 +161,12 @@ def test_shared_prompt_scoring_equals_the_per_row_forward_with_gradients(toy):
     items = rl_items(2, id_prefix="s", numbered_query=True)
     texts, images = prompt_texts(processor, items, False, build)
     g = torch.Generator().manual_seed(0)
-    allowed = torch.tensor([t for t in range(5, 200) if t not in poro.vision_token_ids(model)])
+    allowed = torch.tensor([t for t in range(5, 200) if t not in sampling.vision_token_ids(model)])
     ids = allowed[torch.randint(len(allowed), (6, 7), generator=g)]  # image placeholders would be image slots
     lengths = torch.tensor([7, 3, 5, 1, 7, 4])
     mask = (torch.arange(7)[None] < lengths[:, None]).long()
     batch = build_scoring_batch(processor, texts, images, ids, mask, torch.tensor([0, 0, 0, 1, 1, 1]))
-    poro.encode_images_once(model, batch)
+    logprobs.encode_images_once(model, batch)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     try:
@@ -168,7 +174,7 @@ def test_shared_prompt_scoring_equals_the_per_row_forward_with_gradients(toy):
         for shared in (False, True):
             for rows in (torch.arange(6), torch.tensor([1, 2, 3])):
                 model.zero_grad(set_to_none=True)
-                with poro.dropout_disabled(model):
+                with engine.dropout_disabled(model):
                     lp, ent = forward_log_probs(model, batch, rows, 0.9, with_entropy=True, shared_prompt=shared)
                 (lp * mask[rows]).sum().backward()
                 results[shared, len(rows)] = (lp.detach() * mask[rows], ent.detach() * mask[rows],
@@ -195,11 +201,11 @@ def test_rollout_samples_the_same_completions_with_either_sampler(toy):
             real = sampling.sample
             try:  # unmerged LoRA: the same float operations as generate, so the same draws
                 sampling.sample = lambda *a, **k: real(*a, **{**k, "merge_lora": False, "draw_method": "multinomial"})
-                out[name] = poro.generate_from_prompts(model, processor, texts, images, cfg)["completion_ids"]
+                out[name] = sampling.generate_from_prompts(model, processor, texts, images, cfg)["completion_ids"]
             finally:
                 sampling.sample = real
         else:
-            out[name] = poro.generate_from_prompts(model, processor, texts, images, cfg)["completion_ids"]
+            out[name] = sampling.generate_from_prompts(model, processor, texts, images, cfg)["completion_ids"]
     assert torch.equal(out["hf"], out["fast"])
     with pytest.raises(ValueError, match="sampler"):
         get_grpo_config("grpo", sampler="vllm")
@@ -218,22 +224,22 @@ def test_is_log_at_one_iteration_needs_no_extra_scoring_pass(toy, sampler):
     ro = poro.rollout(model, processor, rl_items(2, id_prefix="s", numbered_query=True), cfg, build,
                       lambda its, txts: {"reward": [float(len(t) % 3) for t in txts], "accuracy": [0.0] * len(txts)})
     batch = poro.policy_free_batch(processor, ro, 4, build)
-    poro.encode_images_once(model, batch)
+    logprobs.encode_images_once(model, batch)
     bb = poro.behaviour_batch(processor, ro, build)
-    poro.encode_images_once(model, bb)
+    logprobs.encode_images_once(model, bb)
     behaviour = torch.zeros_like(ro.eos_mask, dtype=torch.float32)
     behaviour[ro.guided] = poro.score_no_grad(model, bb, cfg)
     if sampler == "fast":  # the sampler's log-probs are the scoring pass's (merged vs unmerged LoRA: rounding)
         assert torch.allclose(ro.sample_log_probs[ro.guided], behaviour[ro.guided] * ro.eos_mask[ro.guided], atol=1e-4)
     else:
         assert ro.sample_log_probs is None
-    expected = poro.behaviour_ratio_metrics(poro.score_no_grad(model, batch, cfg), behaviour, ro.eos_mask, ro.guided,
+    expected = metrics.behaviour_ratio_metrics(poro.score_no_grad(model, batch, cfg), behaviour, ro.eos_mask, ro.guided,
                                             cfg.tis_cap)
     calls = []
     real = poro.score_no_grad
     poro.score_no_grad = lambda m, b, c, reference=None: calls.append(b.num_rows) or real(m, b, c, reference)
     try:
-        m = poro.train_on_rollout(model, poro.make_optimizer(model, cfg), processor, ro, cfg, build)
+        m = poro.train_on_rollout(model, engine.make_optimizer(model, cfg), processor, ro, cfg, build)
     finally:
         poro.score_no_grad = real
         model.eval()
@@ -259,7 +265,7 @@ def test_the_is_log_changes_no_sample_and_no_update(toy):
         torch.manual_seed(0)
         ro = poro.rollout(model, processor, rl_items(2, id_prefix="s", numbered_query=True), cfg, build,
                           lambda its, txts: {"reward": [float(len(t) % 3) for t in txts], "accuracy": [0.0] * len(txts)})
-        m = poro.train_on_rollout(model, poro.make_optimizer(model, cfg), processor, ro, cfg, build,
+        m = poro.train_on_rollout(model, engine.make_optimizer(model, cfg), processor, ro, cfg, build,
                                   poro.make_reference(model, cfg))
         model.eval()
         out[log] = (ro.completion_ids, {n: p.detach().clone() for n, p in model.named_parameters() if n in init}, m)
@@ -285,7 +291,7 @@ def test_gradient_checkpointing_falls_back_to_the_per_row_forward():
     ids = torch.tensor([[30, 31, 32, 33], [34, 35, 36, 37]])
     batch = build_scoring_batch(processor, texts, images, ids, torch.ones_like(ids), torch.tensor([0, 0]))
     model.train()
-    with poro.dropout_disabled(model):
+    with engine.dropout_disabled(model):
         assert not sampling.shared_prompt_supported(model)
         with torch.no_grad():
             assert sampling.shared_prompt_supported(model)  # no gradients: the cache path is fine

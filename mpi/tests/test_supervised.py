@@ -14,9 +14,6 @@ from mpi.supervised import (
     SupervisedConfig,
     check_config,
     latest_trainer_checkpoint,
-    load_model_for_supervised,
-    run_sft,
-    run_vm_cpt,
     supervised_loss,
     train_supervised,
 )
@@ -38,7 +35,7 @@ def fresh_model(**kw):
 
 
 def tiny_cfg(**kw):
-    values = dict(mode="sft_direct", max_steps=4, batch_size=2, learning_rate=1e-2, save_steps=2, warmup_ratio=0.0,
+    values = dict(mode="direct-sft", max_steps=4, batch_size=2, learning_rate=1e-2, save_every=2, warmup_ratio=0.0,
                   max_length=512, progress=False, seed=0)
     values.update(kw)
     return SupervisedConfig(**values)
@@ -48,7 +45,7 @@ def adapter_weights(path):
     return load_file(str(path / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("mode", ["cpt", "sft_cot"])
+@pytest.mark.parametrize("mode", ["cpt", "cot-sft"])
 def test_masked_loss_matches_the_models_own_loss(toy_model_and_processor, mode):
     model, processor = toy_model_and_processor
     batch = SupervisedCollator(processor, mode)([clevr_item(id="a"), gta_item(n_images=2), clevr_item(n_policy_images=1)])
@@ -65,7 +62,7 @@ def test_masked_loss_matches_the_models_own_loss(toy_model_and_processor, mode):
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tmp_path):
     model, processor = fresh_model()
     data = items(4)
-    batch = SupervisedCollator(processor, "sft_direct")(data)
+    batch = SupervisedCollator(processor, "direct-sft")(data)
     labels = batch.pop("labels")
 
     def loss():
@@ -99,7 +96,7 @@ def test_training_feeds_the_policy_to_the_share_of_batches_the_config_asks_for(t
     for frac in (1.0, 0.0):
         seen.clear()
         model, processor = fresh_model()
-        train_supervised(model, processor, items(4), tiny_cfg(mode="sft_cot", max_steps=2, policy_in_context_frac=frac),
+        train_supervised(model, processor, items(4), tiny_cfg(mode="cot-sft", max_steps=2, policy_in_context_frac=frac),
                          tmp_path / f"run{frac}")
         training = seen[-2:]  # the length check's chunk comes first; the last two are the training batches
         assert training == [frac == 1.0] * 2, (frac, seen)
@@ -122,7 +119,7 @@ def interrupt_at(step):
 
 def test_interrupt_and_resume_gives_the_same_weights(tmp_path):
     data = items(4)
-    cfg = tiny_cfg(mode="sft_cot", max_steps=4, save_steps=2, batch_size=2)  # 4 steps = 2 epochs: reshuffle
+    cfg = tiny_cfg(mode="cot-sft", max_steps=4, save_every=2, batch_size=2)  # 4 steps = 2 epochs: reshuffle
     model, processor = fresh_model()
     straight = train_supervised(model, processor, data, cfg, tmp_path / "straight")
 
@@ -133,7 +130,7 @@ def test_interrupt_and_resume_gives_the_same_weights(tmp_path):
     assert not (tmp_path / "cut" / "result.json").exists()
     model, processor = fresh_model()  # a new process after the disconnect: fresh weights
     resumed = train_supervised(model, processor, data, cfg, tmp_path / "cut")
-    assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["steps"] == 4
+    assert resumed["resumed_from"] == 2 and resumed["steps"] == 4  # the checkpoint-2 step
 
     a, b = adapter_weights(tmp_path / "straight" / "adapter"), adapter_weights(tmp_path / "cut" / "adapter")
     assert a.keys() == b.keys() and len(a) > 0
@@ -147,7 +144,7 @@ def test_saved_adapter_reloads_with_identical_logits_and_finished_run_is_not_rer
     data = items(2)
     model, processor = fresh_model()
     result = train_supervised(model, processor, data, tiny_cfg(max_steps=2), tmp_path / "run")
-    batch = SupervisedCollator(processor, "sft_cot")(data)
+    batch = SupervisedCollator(processor, "cot-sft")(data)
     batch.pop("labels")
     model.eval()
     with torch.no_grad():
@@ -180,35 +177,36 @@ def test_config_errors_name_the_problem(toy_model_and_processor):
     with pytest.raises(ConfigError, match="quantization='4bit' on device 'cuda'"):
         check_config(tiny_cfg(quantization="4bit"), device_type="cuda", bnb_ok=False)
     with pytest.raises(ConfigError, match="empty 'cot'"):
-        check_config(tiny_cfg(mode="sft_cot"), processor=processor, dataset=[clevr_item(cot="")])
+        check_config(tiny_cfg(mode="cot-sft"), processor=processor, dataset=[clevr_item(cot="")])
     with pytest.raises(ConfigError, match=r"policy_in_context_frac=1.5: must be in \[0, 1\]"):
-        check_config(tiny_cfg(mode="sft_cot", policy_in_context_frac=1.5))
+        check_config(tiny_cfg(mode="cot-sft", policy_in_context_frac=1.5))
     with pytest.raises(ConfigError, match="policy_in_context_frac is for SFT"):
         check_config(tiny_cfg(mode="cpt", policy_in_context_frac=0.5))
     summary = check_config(tiny_cfg(), model=model, processor=processor, dataset=data)
-    lengths = SupervisedCollator(processor, "sft_direct")(data)["attention_mask"].sum(1)
+    lengths = SupervisedCollator(processor, "direct-sft")(data)["attention_mask"].sum(1)
     assert summary["longest_sequence"] == int(lengths.max()) and summary["lora_modules"] == 14
     # the length check measures the policy-in-context items with their policy
     summary = check_config(tiny_cfg(policy_in_context_frac=1.0), model=model, processor=processor, dataset=data)
-    with_policy = SupervisedCollator(processor, "sft_direct", policy_in_context_frac=1.0)(data)["attention_mask"].sum(1)
+    with_policy = SupervisedCollator(processor, "direct-sft", policy_in_context_frac=1.0)(data)["attention_mask"].sum(1)
     assert summary["longest_sequence"] == int(with_policy.max()) > int(lengths.max())
 
 
-def test_from_run_config_picks_the_stage_fields():
+def test_stage_config_picks_the_stage_fields(tmp_path):
+    from mpi.pipeline import make_plan, stage_config
+
     run = get_config("tiny", cpt_learning_rate=3e-4, sft_learning_rate=2e-4, sft_policy_in_context_frac=0.3,
-                     extra={"cpt": {"lora_embeddings": True}})
-    cpt = SupervisedConfig.from_run_config(run, "cpt")
-    sft = SupervisedConfig.from_run_config(run, "sft", max_steps=3)
+                     out_dir=str(tmp_path), extra={"cpt": {"lora_embeddings": True}, "sft": {"max_steps": 3}})
+    plan = make_plan(run)
+    cpt, sft = stage_config(plan, "cpt", 0), stage_config(plan, "cot-sft", 0)
     assert (cpt.mode, cpt.learning_rate, cpt.lora_embeddings, cpt.policy_in_context_frac) == ("cpt", 3e-4, True, 0.0)
-    assert (sft.mode, sft.learning_rate, sft.lora_embeddings, sft.max_steps) == ("sft_cot", 2e-4, False, 3)
+    assert (sft.mode, sft.learning_rate, sft.lora_embeddings, sft.max_steps) == ("cot-sft", 2e-4, False, 3)
     assert sft.policy_in_context_frac == 0.3
-    assert SupervisedConfig.from_run_config(run, "sft_direct").mode == "sft_direct"
-    with pytest.raises(ValueError, match="stage must be one of"):
-        SupervisedConfig.from_run_config(run, "rl")
+    assert stage_config(plan, "direct-sft", 0).mode == "direct-sft"
+    with pytest.raises(ValueError, match="unknown training stage"):
+        stage_config(plan, "rl", 0)
 
 
 def test_vm_cpt_adapter_continues_into_sft_with_embedding_learning_rate(tmp_path):
-    run = get_config("tiny", out_dir=str(tmp_path))
     data = items(2)
     seen = {}
     from transformers import TrainerCallback
@@ -217,25 +215,30 @@ def test_vm_cpt_adapter_continues_into_sft_with_embedding_learning_rate(tmp_path
         def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
             seen["groups"] = [(g.get("initial_lr", g["lr"]), len(g["params"])) for g in optimizer.param_groups]
 
-    _, _, cpt = run_vm_cpt(run, data, max_steps=1, batch_size=2, progress=False, lora_embeddings=True,
-                           embedding_learning_rate=1e-5, callbacks=[Groups()])
+    model, processor = load_model_and_processor("toy-tiny", quantization=None, seed=0)  # no adapter: cfg's LoRA
+    cpt_cfg = tiny_cfg(mode="cpt", max_steps=1, batch_size=2, lora_embeddings=True, embedding_learning_rate=1e-5)
+    cpt = train_supervised(model, processor, data, cpt_cfg, tmp_path / "vm_cpt", callbacks=[Groups()])
     assert cpt["adapter"] == str(tmp_path / "vm_cpt" / "adapter")
-    assert [lr for lr, _ in seen["groups"]] == [run.cpt_learning_rate, 1e-5]
+    assert [lr for lr, _ in seen["groups"]] == [cpt_cfg.learning_rate, 1e-5]
     assert seen["groups"][1][1] == 4  # lora_A/B of embed_tokens and of lm_head
     saved = adapter_weights(tmp_path / "vm_cpt" / "adapter")
     assert any("embed_tokens" in k for k in saved) and any("lm_head" in k for k in saved)
 
-    sup = SupervisedConfig.from_run_config(run, "sft_cot", max_steps=1, batch_size=2, progress=False)
-    model, _ = load_model_for_supervised(run, sup, init_from=cpt["adapter"])  # TriMPI: SFT starts from the CPT adapter
+    # TriMPI: SFT starts from the CPT adapter, loaded trainable
+    model, processor = load_model_and_processor("toy-tiny", quantization=None, seed=0, adapter=cpt["adapter"],
+                                                trainable=True)
     from peft import get_peft_model_state_dict
 
     start = get_peft_model_state_dict(model)
     assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in saved)
     assert any(p.requires_grad for p in model.parameters())
-    _, _, sft = run_sft(run, data, init_adapter=cpt["adapter"], max_steps=1, batch_size=2, progress=False)
-    assert sft["row"] == "vm_cpt+cot_sft" and sft["out_dir"] == str(tmp_path / "vm_cpt+cot_sft")
+    sft = train_supervised(model, processor, data, tiny_cfg(mode="cot-sft", max_steps=1, batch_size=2),
+                           tmp_path / "vm_cpt+cot_sft")
+    assert sft["steps"] == 1 and sft["adapter"] == str(tmp_path / "vm_cpt+cot_sft" / "adapter")
+    model, processor = load_model_and_processor("toy-tiny", quantization=None, seed=0)
     with pytest.raises(ConfigError, match="matches no module"):
-        run_sft(run, data, lora_target_modules=["nothing_here"], max_steps=1, progress=False)
+        train_supervised(model, processor, data, tiny_cfg(lora_target_modules=["nothing_here"], max_steps=1),
+                         tmp_path / "bad")
 
 
 def test_full_parameter_training_saves_a_loadable_model(tmp_path):
@@ -246,7 +249,7 @@ def test_full_parameter_training_saves_a_loadable_model(tmp_path):
     assert result["adapter"] is None and result["model"] is model
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert any("visual" in k for k in changed) and any("lm_head" in k for k in changed)  # all weights train
-    batch = SupervisedCollator(processor, "sft_direct")(data)
+    batch = SupervisedCollator(processor, "direct-sft")(data)
     batch.pop("labels")
     reloaded, _ = load_model_and_processor(result["model_dir"], quantization=None, seed=0, trainable=False)
     model.eval()
@@ -258,10 +261,10 @@ def test_full_parameter_training_saves_a_loadable_model(tmp_path):
 def test_logged_loss_is_the_token_mean_over_the_accumulated_batch(tmp_path, batch_size, accum):
     model, processor = fresh_model()
     data = [clevr_item(id="a"), clevr_item(cot="Short.", id="b"), gta_item(), clevr_item(n_policy_images=1, id="c")]
-    batch = SupervisedCollator(processor, "sft_cot")(data)  # targets of different lengths: means would differ
+    batch = SupervisedCollator(processor, "cot-sft")(data)  # targets of different lengths: means would differ
     labels = batch.pop("labels")
     with torch.no_grad():
         total, n = supervised_loss(model, batch, labels, sparse=False)
-    cfg = tiny_cfg(mode="sft_cot", max_steps=1, batch_size=batch_size, grad_accum_steps=accum, learning_rate=1e-12)
+    cfg = tiny_cfg(mode="cot-sft", max_steps=1, batch_size=batch_size, grad_accum_steps=accum, learning_rate=1e-12)
     result = train_supervised(model, processor, data, cfg, tmp_path / "run")
     assert result["final_loss"] == pytest.approx(float(total / n), rel=1e-5)

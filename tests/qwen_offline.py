@@ -39,7 +39,7 @@ IMAGE_PROCESSOR = {
 }
 
 # generation_config.json of Qwen/Qwen2.5-VL-3B-Instruct: its sampling defaults (top_k 1, temperature 0.1,
-# repetition_penalty 1.05) are what mpi.poro.sampling_kwargs must override, so they are kept.
+# repetition_penalty 1.05) are what mpi.sampling.sampling_kwargs must override, so they are kept.
 GENERATION_CONFIG = {"bos_token_id": PAD_ID, "pad_token_id": PAD_ID, "eos_token_id": [IM_END_ID, PAD_ID],
                      "do_sample": True, "repetition_penalty": 1.05, "temperature": 0.1, "top_p": 0.001, "top_k": 1}
 

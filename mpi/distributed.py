@@ -129,7 +129,7 @@ class ShardedSampler:
     """Process p of W reads positions p, p+W, p+2W, ... of a shared seeded prompt order.
 
     `base` is any sampler with a settable integer `cursor` and `next(n) -> list` that draws from
-    position `cursor` (mpi.poro.PromptSampler). Every process builds the same base (same seed), so
+    position `cursor` (mpi.engine.PromptSampler). Every process builds the same base (same seed), so
     the shares never overlap, even when processes draw different amounts (DAPO's refills), and one
     step of W processes x n prompts covers exactly the positions a single process would draw with
     n*W prompts per step. `cursor` counts this process's own draws (what a checkpoint stores).
