@@ -77,12 +77,12 @@ THROUGHPUT: dict[str, Throughput] = {
                "Qwen2.5-VL-3B LoRA GRPO on one A100, 21.6 s per step (G = 2)", gpus=8),
     "cpu:toy-small": Throughput(
         "CPU (2 cores)", "toy-small", 3.54e6,
-        train_tokens_per_s=2500.0, decode_s=0.0028, decode_rows=32,
-        source="measured: the default toy run on 2 CPU cores (README 'The default run'): CoT SFT 101 s for "
-               "1,000 items of ~260 tokens (half with the policy) = 2,500 tokens/s, VM-CPT 138 s for 1,000 x "
-               "~370 = 2,700; PoRo-GRPO 113 s for 30 steps of 4 prompts x (4 + 4) rows at 176 positions with 4 "
-               "validations of 64 rows: what its scoring at 2,500 tokens/s (~94 s) leaves, over ~6,700 "
-               "position-batches, is 2.8 ms per position"),
+        train_tokens_per_s=6900.0, decode_s=0.0010, decode_rows=32,
+        source="measured: the default toy run on 2 CPU cores with toy base v5 and compact policies (README 'The "
+               "default run', 2026-12-06): VM-CPT 27 s and CoT SFT 22 s (after VM-CPT; the stage from the base ran "
+               "while another job loaded the machine) for ~187K and ~152K tokens = 6,900 tokens/s; PoRo-GRPO 23 s "
+               "for 30 steps of 4 prompts x (4 + 4) rows with 4 validations: what its scoring at 6,900 tokens/s "
+               "leaves is ~1.0 ms per decode position. (Before compact policies: CoT SFT 101 s, 2,500 tokens/s.)"),
     "cpu:toy-tiny": Throughput(
         "CPU (2 cores)", "toy-tiny", 2.88e5,
         train_tokens_per_s=2000.0, decode_s=0.02, decode_rows=16,
@@ -90,7 +90,7 @@ THROUGHPUT: dict[str, Throughput] = {
                "GRPO 2 steps x 4 rows x 16 positions in 0.7 s"),
 }
 GPU_NAMES = {"T4": "t4", "H100": "h100x8"}  # a CUDA device's name -> its entry (8 x H100 is the paper's target)
-DATA_S_PER_ITEM_112PX = 0.005  # CPU: the toy run's data stage, 1,432 items at 112 px in 7 s (README)
+DATA_S_PER_ITEM_112PX = 0.0007  # CPU: the toy run's data stage, 1,432 sprite items at 112 px in 0.9 s (README)
 
 
 @dataclass(frozen=True)

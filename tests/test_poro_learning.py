@@ -6,8 +6,8 @@ the outcomes. RL then rewards ONE answer, "Case 1", on every prompt: a prompt-in
 tiny model can reach it, and its LoRA also covers lm_head (with the output head frozen, attention/MLP
 LoRA on toy-tiny plateaus near p = 0.68 on a one-token target; here it reaches 0.29 in 15 steps
 where lm_head LoRA reaches 0.96). Measured on the same fixed prompts with
-the same sampling seed: the sampled accuracy (128 answers) and the exact probability of " 1" after
-"\\boxed{Case". With the update switched off (learning_rate=0) both stay exactly where they started,
+the same sampling seed: the sampled accuracy (128 answers) and the exact probability of the one token
+"Case 1" after "\\boxed{". With the update switched off (learning_rate=0) both stay exactly where they started,
 so the margins below fail. Tens of seconds on a CPU, so it lives in tests/, not mpi/tests/.
 """
 
@@ -54,11 +54,11 @@ def warm_start():
 
 
 def prob_of_case_1(model, processor, items, build_messages) -> float:
-    """Mean over items of pi(" 1" | policy-free prompt, "\\boxed{Case"), teacher-forced (no sampling)."""
+    """Mean over items of pi("Case 1" | policy-free prompt, "\\boxed{"), teacher-forced (no sampling)."""
     tok = processor.tokenizer
-    prefix = tok("\\boxed{Case", add_special_tokens=False)["input_ids"]
-    one = tok(" 1", add_special_tokens=False)["input_ids"]
-    assert len(one) == 1, "the toy tokenizer should make ' 1' one token"
+    prefix = tok("\\boxed{", add_special_tokens=False)["input_ids"]
+    one = tok("Case 1", add_special_tokens=False)["input_ids"]
+    assert len(one) == 1, "the toy tokenizer makes every case one token (mpi.toy.COMPACT_TOKENS)"
     ids = torch.tensor([prefix + one] * len(items))
     texts, images = prompt_texts(processor, items, False, build_messages)
     batch = build_scoring_batch(processor, texts, images, ids, torch.ones_like(ids), torch.arange(len(items)))

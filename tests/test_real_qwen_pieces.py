@@ -50,8 +50,9 @@ def items():
     """Two real ClevrPolicy-T items at colab-t4's 224 px, one -M copy with a 112 px policy image, one GTA item."""
     from mpi.data import build_clevr_policy, build_split, get_data_config
 
+    # the real presets' pictures and policy text (the toy presets draw sprites and write compact policies)
     cfg = get_data_config("toy", image_size=224, n_policies=1, n_train_per_policy=2, n_test=1,
-                          n_gta_train=1, n_gta_test=1)
+                          n_gta_train=1, n_gta_test=1, world="clevr", policy_format="paper")
     clevr = [dict(row) for row in build_clevr_policy(cfg, "train")]
     m_item = copy.deepcopy(clevr[0])
     m_item.update(id="m0", variant="M", policy_images=[Image.new("RGB", (112, 112), (20, 120, 220))],

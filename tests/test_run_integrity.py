@@ -158,10 +158,10 @@ def test_an_rl_prompt_longer_than_max_length_stops_the_stage_before_it_trains(ru
     trained on it (prompts are encoded without truncation, but nothing bounded them)."""
     from mpi.pipeline import train_stage
 
-    plan = make_plan(get_config("tiny", out_dir=str(run_copy), max_length=300), name="ci")  # guided prompts: ~345
+    plan = make_plan(get_config("tiny", out_dir=str(run_copy), max_length=120), name="ci")  # guided: 160, free: 84
     with pytest.raises(PipelineError) as info:
         train_stage(plan, "clevr-T-N2", 0, ("cot-sft", "poro-grpo"), tmp_path / "work")
     text = str(info.value)
     assert text.startswith("clevr-T-N2 seed0 cot-sft+poro-grpo (RL): the prompt of item clevr-T-N2-train-")
-    assert "(with the policy) is " in text and " image tokens), longer than max_length=300. It is not truncated" in text
+    assert "(with the policy) is " in text and " image tokens), longer than max_length=120. It is not truncated" in text
     assert not (tmp_path / "work" / "model").exists()
