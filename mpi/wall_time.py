@@ -78,11 +78,11 @@ THROUGHPUT: dict[str, Throughput] = {
     "cpu:toy-small": Throughput(
         "CPU (2 cores)", "toy-small", 3.54e6,
         train_tokens_per_s=6900.0, decode_s=0.0010, decode_rows=32,
-        source="measured: the default toy run on 2 CPU cores with toy base v5 and compact policies (README 'The "
-               "default run', 2026-12-06): VM-CPT 27 s and CoT SFT 22 s (after VM-CPT; the stage from the base ran "
-               "while another job loaded the machine) for ~187K and ~152K tokens = 6,900 tokens/s; PoRo-GRPO 23 s "
-               "for 30 steps of 4 prompts x (4 + 4) rows with 4 validations: what its scoring at 6,900 tokens/s "
-               "leaves is ~1.0 ms per decode position. (Before compact policies: CoT SFT 101 s, 2,500 tokens/s.)"),
+        source="measured: the default toy run on 2 quiet CPU cores with toy base v5 and compact policies (README "
+               "'The default run', 2026-12-06, 2 min 07 s): VM-CPT 26 s and CoT SFT 22-23 s for ~187K and ~152K "
+               "tokens = 6,900 tokens/s; PoRo-GRPO 25 s for 30 steps of 4 prompts x (4 + 4) rows with 4 "
+               "validations: what its scoring at 6,900 tokens/s leaves is ~1.0 ms per decode position. (Before "
+               "compact policies: CoT SFT 101 s, 2,500 tokens/s.)"),
     "cpu:toy-tiny": Throughput(
         "CPU (2 cores)", "toy-tiny", 2.88e5,
         train_tokens_per_s=2000.0, decode_s=0.02, decode_rows=16,
