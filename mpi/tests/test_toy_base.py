@@ -1,6 +1,7 @@
 """The toy base's examples are right by construction, its labels cover only answers, its cache key is honest."""
 
 import random
+import re
 
 import pytest
 
@@ -115,6 +116,18 @@ def test_a_lookup_drill_answers_what_each_asked_section_says():
         sections = {line.split(" ")[0]: line for line in policy_text.splitlines()[1:]}  # '#1.2 small'
         assert ex["answer"].splitlines() == [sections[i] for i in asked] and 2 <= len(asked) <= 6
         assert ex["images"] == []  # text only: the drill needs no picture
+
+
+def test_a_repeat_drill_asks_for_its_own_words_and_draws_them_without_repeats():
+    from mpi.toy_base import BATCH_KINDS, batch_at, repeat_example
+
+    ex = repeat_example(random.Random(2))
+    words = re.findall(r"Case \d+|\S+", ex["answer"])  # a case is one word (and one token: mpi.toy.COMPACT_TOKENS)
+    assert ex["question"] == "Repeat: " + ex["answer"] and ex["images"] == []
+    assert 6 <= len(words) <= 24 and len(set(words)) == len(words)  # each next word is unambiguous
+    cfg = toy_base_config("tiny", perception_steps=0, task_weights={"repeat": 1.0, "describe": 1.0})
+    tasks = {b[0]["task"] for b in (batch_at(cfg, s) for s in range(12))}
+    assert tasks == {"repeat", "describe"} and BATCH_KINDS["repeat"] == "lookup"
 
 
 def test_cache_key_changes_with_recipe_and_seed():
