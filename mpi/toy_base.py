@@ -40,6 +40,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from mpi.atomic import atomic_directory, atomic_write_json
+from mpi.atomic import atomic_directory
+from mpi.data.clevr import describe_target  # the describe task's target = the evidence line of a compact CoT
 
 # bump when the recipe changes so old caches are not reused. 5: the sprite world, the grounding loss, compact
 # policies with the evidence-first CoT, batches drawn per step (resumable). v1-v4 (CLEVR-like renderer, zoom
@@ -149,12 +151,6 @@ def _image_size(model: str) -> int:
 
     return TOY_SPECS[model].image_size
 
-
-def describe_target(objects: Sequence[dict[str, Any]]) -> str:
-    """'colors: red, blue. shapes: cube. sizes: large. materials: metal, rubber.' (ontology order)."""
-    from mpi.data.clevr import describe_target as target
-
-    return target(objects)
 
 
 DESCRIBE_QUESTION = "List the colors, shapes, sizes and materials of the objects in the image."
@@ -742,8 +738,6 @@ def build_toy_base(cfg: ToyBaseConfig | None = None, *, overwrite: bool = False,
         src = Path(build_toy(cfg.model, seed=cfg.seed))
         (tmp / "toy_spec.json").write_text((src / "toy_spec.json").read_text())
         (tmp / "toy_base.json").write_text(json.dumps(info, indent=2, default=str))
-    import shutil
-
     shutil.rmtree(ckpt, ignore_errors=True)
     return path
 
@@ -754,8 +748,6 @@ def ship_toy_base(cfg: ToyBaseConfig | None = None, *, src: str | Path | None = 
     fp16 keeps ~3 decimal digits, so the shipped weights are not bit-equal to the trained ones: the general-skill
     accuracy recorded with it is measured again on the shipped weights (loaded back in fp32, as every stage
     loads them), and a test reproduces that number."""
-    import shutil
-
     from safetensors.torch import load_file, save_file
 
     from mpi.atomic import atomic_directory
