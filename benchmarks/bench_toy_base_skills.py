@@ -11,7 +11,10 @@ Prints, with one CPU thread so the numbers repeat exactly:
 - describe: the share of exact descriptions ("colors: red, blue. shapes: cube. ...") of 1-4-object scenes;
 - following unseen random compact policies in context, N=2 and N=4 (48 each, one uniformly drawn outcome per item:
   chance 25% and 6.25%), the parse rate, and the share of CoTs that visit exactly the gold section ids;
-- each gate, met or not.
+- each gate, met or not;
+- where a policy CoT goes wrong: teacher-forced (the gold CoT so far in the prompt), the share of right next tokens
+  for each decision a CoT makes: the description, the next section id, the condition copied after an internal id,
+  the yes/no check against the description, the case copied after a leaf id (`--no-decisions` skips it).
 """
 
 from __future__ import annotations
@@ -26,6 +29,48 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+DECISIONS = ("describe", "next id", "condition copy", "yes/no check", "case copy")
+
+
+def decision_kind(token: str, previous: str, in_description: bool) -> str:
+    """Which CoT decision a target token is: 'colors: red. ...' -> describe, '#1.2' -> next id, the word after an
+    internal id -> condition copy, 'yes'/'no' -> yes/no check, 'Case k' after an id -> case copy, else other."""
+    import re
+
+    word, after_id = token.strip(), re.fullmatch(r"#[\d.]+", previous.strip()) is not None
+    if in_description:
+        return "describe"
+    if re.fullmatch(r"#[\d.]+", word):
+        return "next id"
+    if after_id:
+        return "case copy" if word.startswith("Case") else "condition copy"
+    return "yes/no check" if word in ("yes", "no") else "other"
+
+
+def cot_decision_accuracy(model, processor, items, batch_size: int = 8) -> dict[str, float]:
+    """Teacher-forced share of right next tokens per CoT decision (`decision_kind`) on in-context policy items."""
+    import torch
+
+    from mpi.toy_base import encode_examples
+
+    tok, hits = processor.tokenizer, {}
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        batch = encode_examples(processor, chunk, model.config.image_token_id)
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        predicted, target = logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
+        for row in range(len(chunk)):
+            in_description, previous = True, ""
+            for pos in (target[row] != -100).nonzero().flatten().tolist():
+                token = tok.decode([int(target[row, pos])])
+                kind = decision_kind(token, previous, in_description)
+                hits.setdefault(kind, []).append(float(predicted[row, pos] == target[row, pos]))
+                in_description = in_description and token != "\n"  # the description is the CoT's first line
+                previous = token
+    return {k: sum(hits[k]) / len(hits[k]) for k in DECISIONS if k in hits}
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--describe", type=int, default=64)
     p.add_argument("--policies", type=int, default=48, help="unseen random policies per depth")
     p.add_argument("--json", default=None, help="also write the numbers to this file")
+    p.add_argument("--no-decisions", action="store_true", help="skip the teacher-forced CoT decision accuracies")
     args = p.parse_args(argv)
 
     import torch
@@ -77,6 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     print(skills_line(s))
     for name, g in s["gates"].items():
         print(f"gate {name:15s} {100 * g['value']:5.1f}%  >= {100 * g['gate']:.0f}%  {'met' if g['met'] else 'NOT met'}")
+    if not args.no_decisions:
+        from mpi.toy_base import policy_items
+
+        for d in (2, 4):
+            items = policy_items(cfg.model, args.policies, seed=cfg.seed, depths=(d,),
+                                 n_objects=(cfg.min_objects, cfg.max_objects), world=cfg.world,
+                                 policy_format=cfg.policy_format)
+            s[f"decisions_N{d}"] = acc = cot_decision_accuracy(model, processor, items)
+            print(f"N={d} CoT decisions, teacher-forced: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in acc.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(s, indent=2, default=str))
     return 0

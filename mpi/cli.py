@@ -44,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
 
             plan = pipeline.make_plan(cfg, name=args.name)
             base_cfg = pipeline.toy_base_cfg(plan)
+            if args.dry_run:  # a build is an hour of CPU: say what would happen, train nothing
+                from mpi.toy_base import toy_base_path
+
+                path = toy_base_path(base_cfg, shipped=not args.rebuild)
+                ready = (path / "toy_base.json").exists() and not args.rebuild
+                print(f"toy base config: {base_cfg.to_dict()}")
+                print(f"toy base: {path} ({'ready: nothing to train' if ready else f'would train {base_cfg.steps} steps'})")
+                return 0
             print(build_toy_base(base_cfg, overwrite=args.rebuild, device=cfg.device))
             if args.ship:
                 print(f"shipped: {ship_toy_base(base_cfg, device=cfg.device)}")

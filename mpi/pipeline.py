@@ -107,7 +107,7 @@ EXTRA_KNOBS: dict[str, str] = {
     "eval_batch_size": "prompts per generate() call in evaluation",
     "eval_max_new_tokens": "decoding budget per evaluated answer",
     "prefill_items": "test items whose prefill time is measured (cost table)",
-    "toy_base": "toy-base preset (tiny, toy) a toy model starts from",
+    "toy_base": "toy-base preset (tiny, toy, toy-copy) a toy model starts from",
     "toy_base_seed": "seed of the toy base (default 0)",
     "toy_base_overrides": "dict of mpi.toy_base.ToyBaseConfig fields",
     "grpo": "dict of mpi.poro.GRPOConfig fields for the RL stages",

@@ -21,7 +21,10 @@ What the recipe adds, and what it bought (docs/results-history.md, "Toy base v5"
 - **compact policies with one-token section ids** (`mpi.toy.COMPACT_TOKENS`) and text-only reading drills
   (`lookup_example`, `repeat_example`): each CoT step is then one look-up (find this id, copy what follows it). The
   toy did not learn that copy in 4,000 steps (in-context N=2 33%, chance 25%); `GATES` and
-  `tests/test_toy_base_shipped.py` hold the next base to it.
+  `tests/test_toy_base_shipped.py` hold the next base to it;
+- **an optional copy phase** (`copy_steps`, the "toy-copy" preset): 6,000 steps of the drills alone first. It taught
+  the drills (repeat 5.8 -> 0.70 nats/token) and, downstream, existence (mean 91%), but not reading: given the gold
+  CoT so far, the base still copies a leaf's case right only 31% of the time at N=2 (as v5), so it is not shipped.
 
     path = build_toy_base(ToyBaseConfig(model="toy-small", seed=0))   # cached, resumable, deterministic per seed
     model, processor = load_model_and_processor(str(path), quantization=None, lora=...)
@@ -81,6 +84,15 @@ class ToyBaseConfig:
     # sampling weights of the four tasks (after `perception_steps`; before, describe and exists only)
     task_weights: dict[str, float] = field(default_factory=lambda: {"describe": 1.0, "exists": 1.5, "count": 0.25,
                                                                       "policy": 2.0, "lookup": 1.5})
+    # an optional first phase: `copy_steps` of the text-only reading drills only (drawn by `copy_task_weights`, the
+    # peak learning rate held), before `perception_steps` of describe/exists and then every task. Off in the shipped
+    # recipe: 6,000 such steps taught copying and existence but not reading (docs/results-history.md, "A copying
+    # curriculum"); the "toy-copy" preset is that measured recipe.
+    copy_steps: int = 0
+    copy_task_weights: dict[str, float] = field(default_factory=lambda: {"repeat": 1.0, "lookup": 1.0})
+    # training policies and look-up drills with their section lines in a random order: a section can then be found
+    # only by its id, not by where its line sits (the bases read conditions by position: docs/results-history.md)
+    shuffle_sections: bool = False
     perception_steps: int = 300
     policy_depths: tuple[int, ...] = (1, 2, 3, 4)  # depths of the random in-context policies
     world: str = "sprites"  # = the toy data's DataConfig.world and policy_format (a test keeps them equal)
@@ -105,13 +117,16 @@ class ToyBaseConfig:
         unknown = sorted(set(self.task_weights) - set(SKILL_TASKS))
         if unknown:
             raise ValueError(f"ToyBaseConfig.task_weights: unknown task(s) {unknown}; tasks are {SKILL_TASKS}")
+        if set(self.copy_task_weights) - {"repeat", "lookup"} or sum(self.copy_task_weights.values()) <= 0:
+            raise ValueError(f"ToyBaseConfig.copy_task_weights draws the copy phase's drills: only 'repeat' and "
+                             f"'lookup', with a positive total; got {self.copy_task_weights!r}")
         for name in ("steps", "batch_size", "policy_batch_size", "checkpoint_every", "log_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"ToyBaseConfig.{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not self.learning_rate > 0:
             raise ValueError(f"ToyBaseConfig.learning_rate must be > 0, got {self.learning_rate!r}")
-        if self.grounding_weight < 0 or self.perception_steps < 0:
-            raise ValueError("ToyBaseConfig.grounding_weight and perception_steps must be >= 0")
+        if self.grounding_weight < 0 or self.perception_steps < 0 or self.copy_steps < 0:
+            raise ValueError("ToyBaseConfig.grounding_weight, copy_steps and perception_steps must be >= 0")
         if not 1 <= self.min_objects <= self.max_objects <= 16:
             raise ValueError(f"ToyBaseConfig: need 1 <= min_objects <= max_objects <= 16, got "
                              f"{self.min_objects}..{self.max_objects}")
@@ -123,10 +138,15 @@ class ToyBaseConfig:
 
 TOY_BASE_PRESETS: dict[str, dict[str, Any]] = {
     # CI: seconds. Proves the code path; learns close to nothing.
-    "tiny": dict(model="toy-tiny", steps=12, batch_size=4, policy_batch_size=2, n_eval=12, perception_steps=4,
+    "tiny": dict(model="toy-tiny", steps=12, batch_size=4, policy_batch_size=2, n_eval=12, copy_steps=2, perception_steps=4,
                  warmup_steps=2, policy_depths=(1, 2), max_new_tokens=16, log_every=4, checkpoint_every=6),
     # The laptop toy: about an hour of one CPU thread once, shipped.
     "toy": dict(model="toy-small"),
+    # Measured, not shipped: 6,000 steps of reading drills first (copying, then existence 91% but in-context N=2
+    # 17%; docs/results-history.md). `python -m mpi toy-base --set toy_base=toy-copy` builds it (51 min, 2 threads).
+    "toy-copy": dict(model="toy-small", steps=10000, copy_steps=6000,
+                     task_weights={"describe": 1.0, "exists": 1.5, "count": 0.25, "policy": 2.0, "lookup": 1.5,
+                                   "repeat": 0.5}),
 }
 
 
@@ -202,9 +222,18 @@ def skill_example(rng: random.Random, task: str, image_size: int, max_objects: i
     raise ValueError(f"unknown skill task {task!r}; tasks are {SKILL_TASKS}")
 
 
+def shuffle_sections(rng: random.Random, compact: str) -> str:
+    """A compact policy with its section lines (all but the header) in a random order: the same tree."""
+    head, *lines = compact.rstrip("\n").split("\n")
+    rng.shuffle(lines)
+    return "\n".join([head, *lines]) + ("\n" if compact.endswith("\n") else "")
+
+
 def policy_example(rng: random.Random, depth: int, image_size: int, index: int = 0, cot: bool = True,
-                   n_objects: tuple[int, int] = (3, 10), policy_format: str = "compact") -> dict[str, Any]:
-    """A random policy (never an evaluation one: its own random stream) with a balanced scene, as an mpi.data item."""
+                   n_objects: tuple[int, int] = (3, 10), policy_format: str = "compact",
+                   shuffled: bool = False) -> dict[str, Any]:
+    """A random policy (never an evaluation one: its own random stream) with a balanced scene, as an mpi.data item.
+    `shuffled`: the compact policy's section lines in a random order (`shuffle_sections`)."""
     from mpi.data.clevr import QUERY, natural_scene_for, policy_text_and_cot
     from mpi.data.policies import generate_policy, policy_name
 
@@ -213,6 +242,8 @@ def policy_example(rng: random.Random, depth: int, image_size: int, index: int =
     scene = natural_scene_for(rng, policy, target, image_size, index=index, n_objects=n_objects)
     outcome, path, _ = policy.evaluate(scene)
     text, chain = policy_text_and_cot(policy, scene, policy_format)
+    if shuffled:
+        text = shuffle_sections(rng, text)
     return {"task": "policy", "id": f"toybase-{index}", "dataset": "clevr", "variant": "T", "depth": depth,
             "policy_name": policy.name, "policy_text": text, "policy_images": [],
             "query": QUERY.format(name=policy.name), "cot": chain if cot else "",
@@ -222,7 +253,7 @@ def policy_example(rng: random.Random, depth: int, image_size: int, index: int =
 LOOKUP_QUESTION = "What do sections {ids} say?"
 
 
-def lookup_example(rng: random.Random, depth: int, index: int = 0) -> dict[str, Any]:
+def lookup_example(rng: random.Random, depth: int, index: int = 0, shuffled: bool = False) -> dict[str, Any]:
     """A reading drill on a random compact policy, text only: "What do sections #1.2, #1.1.1 and #1 say?" ->
     "#1.2 small\n#1.1.1 Case 4\n#1 metal". Every answer word is the token that follows a section id in the policy:
     the look-up a CoT step makes, here several times per example instead of once or twice per CoT, so that the
@@ -233,7 +264,8 @@ def lookup_example(rng: random.Random, depth: int, index: int = 0) -> dict[str, 
     lines = dict(line.split(" ", 1) for line in policy.render_compact().splitlines()[1:])
     ids = rng.sample(sorted(lines), min(len(lines), rng.randint(2, 6)))
     question = LOOKUP_QUESTION.format(ids=", ".join(ids[:-1]) + " and " + ids[-1])
-    return {"task": "lookup", "question": policy.render_compact() + question,
+    text = shuffle_sections(rng, policy.render_compact()) if shuffled else policy.render_compact()
+    return {"task": "lookup", "question": text + question,
             "answer": "\n".join(f"{i} {lines[i]}" for i in ids), "images": [], "index": index}
 
 
@@ -276,12 +308,14 @@ def batch_at(cfg: ToyBaseConfig, step: int) -> list[dict[str, Any]]:
     exactly the batches an uninterrupted one would.
 
     A batch holds one kind of example (`BATCH_KINDS`: skills ~60 tokens, policies with the policy in the prompt,
-    text-only look-up drills), so short examples are never padded to policy length. The first `perception_steps`
-    batches are describe/exists only."""
+    text-only look-up drills), so short examples are never padded to policy length. The first `copy_steps` batches
+    are reading drills only (repeat, lookup), the next `perception_steps` describe/exists only, then every task."""
     image_size = _image_size(cfg.model)
     rng = _rng(cfg.seed, "train", step)
     weights = dict(cfg.task_weights)
-    if step < cfg.perception_steps:
+    if step < cfg.copy_steps:
+        weights = dict(cfg.copy_task_weights)
+    elif step < cfg.copy_steps + cfg.perception_steps:
         weights = {t: w for t, w in weights.items() if t in ("describe", "exists")}
     skills = [t for t in SKILL_TASKS if BATCH_KINDS[t] == "skill" and weights.get(t, 0) > 0]
     kinds = ["skill", "policy", "lookup"]
@@ -292,12 +326,13 @@ def batch_at(cfg: ToyBaseConfig, step: int) -> list[dict[str, Any]]:
         task = rng.choices(drills, [weights[t] for t in drills])[0]
         if task == "repeat":
             return [repeat_example(rng, index=step * 1000 + k) for k in range(cfg.batch_size)]
-        return [lookup_example(rng, rng.choice(cfg.policy_depths), index=step * 1000 + k)
+        return [lookup_example(rng, rng.choice(cfg.policy_depths), index=step * 1000 + k, shuffled=cfg.shuffle_sections)
                 for k in range(cfg.policy_batch_size)]
     if kind == "policy":
         for k in range(cfg.policy_batch_size):
             ex = policy_example(rng, rng.choice(cfg.policy_depths), image_size, index=step * 1000 + k,
-                                n_objects=(cfg.min_objects, cfg.max_objects), policy_format=cfg.policy_format)
+                                n_objects=(cfg.min_objects, cfg.max_objects), policy_format=cfg.policy_format,
+                                shuffled=cfg.shuffle_sections)
             batch.append(render(ex, image_size, cfg.world))
     else:
         for k in range(cfg.batch_size):
@@ -466,11 +501,15 @@ def toy_base_loss(model, batch, grounding: tuple[list[int], torch.Tensor] | None
     return lm + grounding_weight * ground, parts
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak at `total_steps`."""
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float, hold_steps: int = 0) -> float:
+    """Linear warm-up, the peak held until `hold_steps` (the copy phase), then cosine decay to `min_lr_ratio` of the
+    peak at `total_steps`."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    start = max(warmup_steps, hold_steps)
+    if step < start:
+        return 1.0
+    progress = (step - start) / max(1, total_steps - start)
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -529,7 +568,7 @@ def train_toy_base(model, processor, cfg: ToyBaseConfig, log: Callable[[dict], N
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        lr = cfg.learning_rate * lr_factor(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
+        lr = cfg.learning_rate * lr_factor(step, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio, cfg.copy_steps)
         for group in optimizer.param_groups:  # the schedule is a function of the step: nothing to restore on resume
             group["lr"] = lr
         optimizer.step()
@@ -654,8 +693,11 @@ def skills_line(skills: dict[str, Any]) -> str:
 
 
 def _recipe_config(cfg: ToyBaseConfig) -> dict[str, Any]:
-    """The knobs that change the weights: not the log or checkpoint cadence."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in ("progress", "log_every", "checkpoint_every")}
+    """The knobs that change the weights: not the log or checkpoint cadence, nor the copy phase's knobs while it
+    is off (a recipe without it trains exactly as before the knobs existed, so its key and record stay the same)."""
+    skip = {"progress", "log_every", "checkpoint_every"} | ({"copy_steps", "copy_task_weights"} if not cfg.copy_steps
+                                                             else set()) | ({"shuffle_sections"} if not cfg.shuffle_sections else set())
+    return {k: v for k, v in cfg.to_dict().items() if k not in skip}
 
 
 def toy_base_key(cfg: ToyBaseConfig) -> str:

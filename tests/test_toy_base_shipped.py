@@ -88,3 +88,26 @@ def test_shipped_base_meets_the_premises_gates_on_a_small_held_out_set():
     # the recorded full measurement says the same
     recorded = _info()["skills"]["gates"]
     assert all(g["met"] for g in recorded.values()), recorded
+
+
+def test_the_benchmark_sorts_each_cot_token_into_the_decision_it_makes():
+    """bench_toy_base_skills.py's teacher-forced diagnosis: on a gold N=2 CoT tokenized by the shipped base's
+    tokenizer, the counts by hand: 3 section ids, 2 conditions copied, 2 yes/no checks, 1 case copied."""
+    import importlib.util
+    from collections import Counter
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_skills", root / "benchmarks" / "bench_toy_base_skills.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tok = AutoTokenizer.from_pretrained(str(SHIPPED))
+    cot = "colors: red. shapes: cube. sizes: large. materials: metal.\n#1 blue? no\n#1.2 small? no\n#1.2.2 Case 2"
+    kinds, previous, in_description = Counter(), "", True
+    for token in (tok.decode([i]) for i in tok(cot)["input_ids"]):
+        kinds[bench.decision_kind(token, previous, in_description)] += 1
+        in_description, previous = in_description and token != "\n", token
+    assert (kinds["next id"], kinds["condition copy"], kinds["yes/no check"], kinds["case copy"]) == (3, 2, 2, 1)
+    assert kinds["describe"] == len(tok("colors: red. shapes: cube. sizes: large. materials: metal.\n")["input_ids"])

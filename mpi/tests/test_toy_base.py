@@ -91,18 +91,21 @@ def test_labels_cover_exactly_the_answer(toy_model_and_processor):
 def test_batches_are_a_function_of_the_step_and_hold_one_kind():
     from mpi.toy_base import BATCH_KINDS, batch_at
 
-    cfg = toy_base_config("tiny", perception_steps=3, batch_size=4, policy_batch_size=2)
-    batches = [batch_at(cfg, s) for s in range(16)]
+    cfg = toy_base_config("tiny", copy_steps=4, perception_steps=3, batch_size=4, policy_batch_size=2)
+    batches = [batch_at(cfg, s) for s in range(20)]
     assert all(len({BATCH_KINDS[e["task"]] for e in b}) == 1 for b in batches)
-    assert {e["task"] for b in batches[:3] for e in b} <= {"describe", "exists"}  # perception first
-    assert any(b[0]["task"] == "policy" and len(b) == 2 for b in batches[3:])
-    assert any(b[0]["task"] == "lookup" and len(b) == 2 for b in batches[3:])
+    assert {e["task"] for b in batches[:4] for e in b} == {"repeat", "lookup"}  # copying first, text only
+    assert all(e["images"] == [] for b in batches[:4] for e in b)
+    assert {e["task"] for b in batches[4:7] for e in b} <= {"describe", "exists"}  # then perception
+    assert any(b[0]["task"] == "policy" and len(b) == 2 for b in batches[7:])
+    assert any(b[0]["task"] == "lookup" and len(b) == 2 for b in batches[7:])
     assert all(1 <= len(e["scene"]["objects"]) <= cfg.max_objects for b in batches for e in b if "scene" in e)
-    # a resumed run draws exactly the batches an uninterrupted one would: step 7 alone equals step 7 in sequence
-    again = batch_at(cfg, 7)
-    assert [e["answer"] for e in again] == [e["answer"] for e in batches[7]]
-    assert [e["images"][0].tobytes() for e in again] == [e["images"][0].tobytes() for e in batches[7]]
-    assert [e["answer"] for e in batch_at(toy_base_config("tiny", seed=1), 7)] != [e["answer"] for e in again]
+    # a resumed run draws exactly the batches an uninterrupted one would: a step alone equals it in sequence
+    step = next(s for s in range(7, 20) if batches[s][0]["images"])
+    again = batch_at(cfg, step)
+    assert [e["answer"] for e in again] == [e["answer"] for e in batches[step]]
+    assert [e["images"][0].tobytes() for e in again] == [e["images"][0].tobytes() for e in batches[step]]
+    assert [e["answer"] for e in batch_at(toy_base_config("tiny", seed=1), step)] != [e["answer"] for e in again]
 
 
 def test_a_lookup_drill_answers_what_each_asked_section_says():
@@ -125,7 +128,7 @@ def test_a_repeat_drill_asks_for_its_own_words_and_draws_them_without_repeats():
     words = re.findall(r"Case \d+|\S+", ex["answer"])  # a case is one word (and one token: mpi.toy.COMPACT_TOKENS)
     assert ex["question"] == "Repeat: " + ex["answer"] and ex["images"] == []
     assert 6 <= len(words) <= 24 and len(set(words)) == len(words)  # each next word is unambiguous
-    cfg = toy_base_config("tiny", perception_steps=0, task_weights={"repeat": 1.0, "describe": 1.0})
+    cfg = toy_base_config("tiny", copy_steps=0, perception_steps=0, task_weights={"repeat": 1.0, "describe": 1.0})
     tasks = {b[0]["task"] for b in (batch_at(cfg, s) for s in range(12))}
     assert tasks == {"repeat", "describe"} and BATCH_KINDS["repeat"] == "lookup"
 
@@ -136,6 +139,7 @@ def test_cache_key_changes_with_recipe_and_seed():
     assert toy_base_key(a) != toy_base_key(toy_base_config("tiny", seed=1))
     assert toy_base_key(a) != toy_base_key(toy_base_config("tiny", steps=13))
     assert toy_base_key(a) != toy_base_key(toy_base_config("tiny", grounding_weight=0.0))
+    assert toy_base_key(a) != toy_base_key(toy_base_config("tiny", copy_steps=0))
     assert toy_base_key(a) == toy_base_key(toy_base_config("tiny", progress=False, checkpoint_every=3))  # bookkeeping
 
 
@@ -150,6 +154,10 @@ def test_bad_config_names_the_field():
         toy_base_config("tiny", stepz=3)
     with pytest.raises(ValueError, match="max_objects"):
         toy_base_config("tiny", min_objects=3, max_objects=2)
+    with pytest.raises(ValueError, match="copy_task_weights.*'repeat' and 'lookup'"):
+        toy_base_config("tiny", copy_task_weights={"policy": 1.0})
+    with pytest.raises(ValueError, match="copy_steps"):
+        toy_base_config("tiny", copy_steps=-1)
 
 
 def test_toy_base_sees_and_reads_what_the_toy_data_shows():
@@ -168,6 +176,9 @@ def test_learning_rate_schedule_by_hand():
     # warm-up 1/2, 2/2; then cosine over 4 steps: 0.3 + 0.7 * (1 + cos(pi * k / 4)) / 2
     expected = [0.5, 1.0, 1.0, 0.3 + 0.35 * (1 + 2 ** -0.5), 0.65, 0.3 + 0.35 * (1 - 2 ** -0.5), 0.3, 0.3]
     assert [lr_factor(s, 2, 6, 0.3) for s in range(8)] == pytest.approx(expected)
+    # the copy phase holds the peak: warm-up 1/2, 2/2, held to step 4, then cosine over the last 4 steps
+    held = [0.5, 1.0, 1.0, 1.0, 1.0, 0.3 + 0.35 * (1 + 2 ** -0.5), 0.65, 0.3 + 0.35 * (1 - 2 ** -0.5), 0.3]
+    assert [lr_factor(s, 2, 8, 0.3, hold_steps=4) for s in range(9)] == pytest.approx(held)
 
 
 def test_grounding_targets_name_each_cells_object_by_hand():
@@ -213,7 +224,7 @@ def _train(cfg, **kw):
 
 def test_the_grounding_loss_falls_when_trained_and_not_when_the_update_is_off(toy_tiny_path):
     # 30 steps of describe/exists at a high rate: the visual tokens learn to name their cell's object
-    common = dict(steps=30, perception_steps=30, batch_size=4, warmup_steps=1, log_every=10, progress=False,
+    common = dict(steps=30, copy_steps=0, perception_steps=30, batch_size=4, warmup_steps=1, log_every=10, progress=False,
                   min_lr_ratio=1.0)
     _, rows = _train(toy_base_config("tiny", learning_rate=3e-3, **common))
     _, frozen = _train(toy_base_config("tiny", learning_rate=1e-12, **common))
@@ -261,3 +272,23 @@ def test_skills_line_reads_the_gates():
               "policy_N4": 0.5, "policy_N4_chance": 0.0625, "sections_exact": 0.96}
     assert skills_line(skills) == ("exists 98% (min 94%), describe 92%, in-context policies N=2 75% (chance 25%), "
                                    "N=4 50% (chance 6%), sections exact 96%")
+
+
+def test_shuffled_sections_keep_the_tree_and_only_training_draws_them():
+    from mpi.data.policies import generate_policy
+    from mpi.toy_base import batch_at, policy_items, shuffle_sections
+
+    rng = random.Random(5)
+    policy = generate_policy(rng, 3, "L3-Test")
+    text = policy.render_compact()
+    shuffled = shuffle_sections(random.Random(1), text)
+    head, *lines = shuffled.rstrip("\n").split("\n")
+    render_order = lambda line: ("Case" in line, line.split(" ")[0])  # conditions in preorder, then leaves
+    assert head == text.split("\n")[0] and "\n".join([head, *sorted(lines, key=render_order)]) + "\n" == text
+    assert shuffled != text  # 14 lines: a random order is not the rendered one
+    cfg = toy_base_config("tiny", copy_steps=0, perception_steps=0, shuffle_sections=True,
+                          task_weights={"policy": 1.0, "lookup": 1.0})
+    texts = [e.get("policy_text") or e["question"] for s in range(12) for e in batch_at(cfg, s)]
+    in_order = lambda t: (lambda ls: ls == sorted(ls, key=render_order))([l for l in t.split("\n")[1:] if l.startswith("#")])
+    assert not all(in_order(t) for t in texts)  # training draws shuffled policies ...
+    assert all(in_order(i["policy_text"]) for i in policy_items("toy-tiny", 6, depths=(2, 3)))  # evaluation never
