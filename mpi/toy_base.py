@@ -24,7 +24,10 @@ What the recipe adds, and what it bought (docs/results-history.md, "Toy base v5"
   `tests/test_toy_base_shipped.py` hold the next base to it;
 - **an optional copy phase** (`copy_steps`, the "toy-copy" preset): 6,000 steps of the drills alone first. It taught
   the drills (repeat 5.8 -> 0.70 nats/token) and, downstream, existence (mean 91%), but not reading: given the gold
-  CoT so far, the base still copies a leaf's case right only 31% of the time at N=2 (as v5), so it is not shipped.
+  CoT so far, the base still copies a leaf's case right only 31% of the time at N=2 (as v5), so it is not shipped;
+- **an option to shuffle** the training policies' section lines (`shuffle_sections`): the bases find a condition by
+  where its line sits (shuffled at evaluation, v5's condition copy falls 100% -> 18%). Trained shuffled, order no
+  longer matters, but 4,000 steps formed no look-up by id either (condition copy 36-40%); not shipped.
 
     path = build_toy_base(ToyBaseConfig(model="toy-small", seed=0))   # cached, resumable, deterministic per seed
     model, processor = load_model_and_processor(str(path), quantization=None, lora=...)
