@@ -14,7 +14,9 @@ Prints, with one CPU thread so the numbers repeat exactly:
 - each gate, met or not;
 - where a policy CoT goes wrong: teacher-forced (the gold CoT so far in the prompt), the share of right next tokens
   for each decision a CoT makes: the description, the next section id, the condition copied after an internal id,
-  the yes/no check against the description, the case copied after a leaf id (`--no-decisions` skips it).
+  the yes/no check against the description, the case copied after a leaf id; and again with each policy's section
+  lines shuffled (`mpi.toy_base.shuffle_sections`, the same tree): a base that finds a section by its id does not
+  care, one that finds it by where its line sits does (`--no-decisions` skips both).
 """
 
 from __future__ import annotations
@@ -124,14 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     for name, g in s["gates"].items():
         print(f"gate {name:15s} {100 * g['value']:5.1f}%  >= {100 * g['gate']:.0f}%  {'met' if g['met'] else 'NOT met'}")
     if not args.no_decisions:
-        from mpi.toy_base import policy_items
+        import random
 
+        from mpi.toy_base import policy_items, shuffle_sections
+
+        rng = random.Random(7)
         for d in (2, 4):
             items = policy_items(cfg.model, args.policies, seed=cfg.seed, depths=(d,),
                                  n_objects=(cfg.min_objects, cfg.max_objects), world=cfg.world,
                                  policy_format=cfg.policy_format)
-            s[f"decisions_N{d}"] = acc = cot_decision_accuracy(model, processor, items)
-            print(f"N={d} CoT decisions, teacher-forced: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in acc.items()))
+            shuffled = [{**i, "policy_text": shuffle_sections(rng, i["policy_text"])} for i in items]
+            for name, its in (("in order", items), ("lines shuffled", shuffled)):
+                acc = cot_decision_accuracy(model, processor, its)
+                s[f"decisions_N{d}" + ("" if its is items else "_shuffled")] = acc
+                print(f"N={d} CoT decisions, teacher-forced, {name}: "
+                      + ", ".join(f"{k} {100 * v:.0f}%" for k, v in acc.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(s, indent=2, default=str))
     return 0

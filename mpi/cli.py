@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                 path = toy_base_path(base_cfg, shipped=not args.rebuild)
                 ready = (path / "toy_base.json").exists() and not args.rebuild
                 print(f"toy base config: {base_cfg.to_dict()}")
-                print(f"toy base: {path} ({'ready: nothing to train' if ready else f'would train {base_cfg.steps} steps'})")
+                plan_text = "ready: nothing to train" if ready else f"would train {base_cfg.steps} steps"
+                print(f"toy base: {path} ({plan_text})")
                 return 0
             print(build_toy_base(base_cfg, overwrite=args.rebuild, device=cfg.device))
             if args.ship:

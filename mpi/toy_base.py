@@ -141,15 +141,15 @@ class ToyBaseConfig:
 
 TOY_BASE_PRESETS: dict[str, dict[str, Any]] = {
     # CI: seconds. Proves the code path; learns close to nothing.
-    "tiny": dict(model="toy-tiny", steps=12, batch_size=4, policy_batch_size=2, n_eval=12, copy_steps=2, perception_steps=4,
-                 warmup_steps=2, policy_depths=(1, 2), max_new_tokens=16, log_every=4, checkpoint_every=6),
+    "tiny": dict(model="toy-tiny", steps=12, batch_size=4, policy_batch_size=2, n_eval=12, copy_steps=2,
+                 perception_steps=4, warmup_steps=2, policy_depths=(1, 2), max_new_tokens=16, log_every=4,
+                 checkpoint_every=6),
     # The laptop toy: about an hour of one CPU thread once, shipped.
     "toy": dict(model="toy-small"),
     # Measured, not shipped: 6,000 steps of reading drills first (copying, then existence 91% but in-context N=2
     # 17%; docs/results-history.md). `python -m mpi toy-base --set toy_base=toy-copy` builds it (51 min, 2 threads).
     "toy-copy": dict(model="toy-small", steps=10000, copy_steps=6000,
-                     task_weights={"describe": 1.0, "exists": 1.5, "count": 0.25, "policy": 2.0, "lookup": 1.5,
-                                   "repeat": 0.5}),
+                     task_weights={**ToyBaseConfig().task_weights, "repeat": 0.5}),
 }
 
 
@@ -264,11 +264,11 @@ def lookup_example(rng: random.Random, depth: int, index: int = 0, shuffled: boo
     from mpi.data.policies import generate_policy, policy_name
 
     policy = generate_policy(rng, depth, policy_name(rng, depth))
-    lines = dict(line.split(" ", 1) for line in policy.render_compact().splitlines()[1:])
+    text = policy.render_compact()
+    lines = dict(line.split(" ", 1) for line in text.splitlines()[1:])
     ids = rng.sample(sorted(lines), min(len(lines), rng.randint(2, 6)))
     question = LOOKUP_QUESTION.format(ids=", ".join(ids[:-1]) + " and " + ids[-1])
-    text = shuffle_sections(rng, policy.render_compact()) if shuffled else policy.render_compact()
-    return {"task": "lookup", "question": text + question,
+    return {"task": "lookup", "question": (shuffle_sections(rng, text) if shuffled else text) + question,
             "answer": "\n".join(f"{i} {lines[i]}" for i in ids), "images": [], "index": index}
 
 
@@ -329,8 +329,8 @@ def batch_at(cfg: ToyBaseConfig, step: int) -> list[dict[str, Any]]:
         task = rng.choices(drills, [weights[t] for t in drills])[0]
         if task == "repeat":
             return [repeat_example(rng, index=step * 1000 + k) for k in range(cfg.batch_size)]
-        return [lookup_example(rng, rng.choice(cfg.policy_depths), index=step * 1000 + k, shuffled=cfg.shuffle_sections)
-                for k in range(cfg.policy_batch_size)]
+        return [lookup_example(rng, rng.choice(cfg.policy_depths), index=step * 1000 + k,
+                               shuffled=cfg.shuffle_sections) for k in range(cfg.policy_batch_size)]
     if kind == "policy":
         for k in range(cfg.policy_batch_size):
             ex = policy_example(rng, rng.choice(cfg.policy_depths), image_size, index=step * 1000 + k,
@@ -696,10 +696,13 @@ def skills_line(skills: dict[str, Any]) -> str:
 
 
 def _recipe_config(cfg: ToyBaseConfig) -> dict[str, Any]:
-    """The knobs that change the weights: not the log or checkpoint cadence, nor the copy phase's knobs while it
-    is off (a recipe without it trains exactly as before the knobs existed, so its key and record stay the same)."""
-    skip = {"progress", "log_every", "checkpoint_every"} | ({"copy_steps", "copy_task_weights"} if not cfg.copy_steps
-                                                             else set()) | ({"shuffle_sections"} if not cfg.shuffle_sections else set())
+    """The knobs that change the weights: not the log or checkpoint cadence, nor the copy phase's or the section
+    shuffle's knobs while they are off (such a recipe trains exactly as before they existed: same key and record)."""
+    skip = {"progress", "log_every", "checkpoint_every"}
+    if not cfg.copy_steps:
+        skip |= {"copy_steps", "copy_task_weights"}
+    if not cfg.shuffle_sections:
+        skip.add("shuffle_sections")
     return {k: v for k, v in cfg.to_dict().items() if k not in skip}
 
 
