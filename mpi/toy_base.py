@@ -27,7 +27,11 @@ What the recipe adds, and what it bought (docs/results-history.md, "Toy base v5"
   CoT so far, the base still copies a leaf's case right only 31% of the time at N=2 (as v5), so it is not shipped;
 - **an option to shuffle** the training policies' section lines (`shuffle_sections`): the bases find a condition by
   where its line sits (shuffled at evaluation, v5's condition copy falls 100% -> 18%). Trained shuffled, order no
-  longer matters, but 4,000 steps formed no look-up by id either (condition copy 36-40%); not shipped.
+  longer matters, but 4,000 steps formed no look-up by id either (condition copy 36-40%); not shipped. After a
+  copy phase with shuffled drills the look-up by id is learned on the drills (look-up loss 0.48) and still not used
+  in policy CoTs (condition copy 43%);
+- **an optional check drill** (task `check`, `check_example`: the CoT's own check lines without a policy): with it the
+  yes/no check rose to 100% (N=2) teacher-forced in one run, not in another; off in the shipped recipe.
 
     path = build_toy_base(ToyBaseConfig(model="toy-small", seed=0))   # cached, resumable, deterministic per seed
     model, processor = load_model_and_processor(str(path), quantization=None, lora=...)
@@ -64,9 +68,9 @@ TOY_BASE_VERSION = 5
 # The toy base trained by this recipe, shipped so that every machine starts from the same weights in seconds.
 # `python -m mpi toy-base --rebuild` trains it again.
 SHIPPED_ROOT = Path(__file__).resolve().parent / "assets" / "toy_base"
-SKILL_TASKS = ("describe", "exists", "count", "policy", "lookup", "repeat")
+SKILL_TASKS = ("describe", "exists", "count", "policy", "lookup", "repeat", "check")
 BATCH_KINDS = {"describe": "skill", "exists": "skill", "count": "skill", "policy": "policy", "lookup": "lookup",
-               "repeat": "lookup"}
+               "repeat": "lookup", "check": "skill"}
 
 
 @dataclass
@@ -84,7 +88,7 @@ class ToyBaseConfig:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     grounding_weight: float = 1.0  # the grounding loss (see the module docstring); 0 = off
-    # sampling weights of the four tasks (after `perception_steps`; before, describe and exists only)
+    # sampling weights of the tasks (SKILL_TASKS; after `perception_steps`; before, describe and exists only)
     task_weights: dict[str, float] = field(default_factory=lambda: {"describe": 1.0, "exists": 1.5, "count": 0.25,
                                                                       "policy": 2.0, "lookup": 1.5})
     # an optional first phase: `copy_steps` of the text-only reading drills only (drawn by `copy_task_weights`, the
@@ -222,7 +226,38 @@ def skill_example(rng: random.Random, task: str, image_size: int, max_objects: i
         count = sum(o[attr] == value for o in scene["objects"])
         return {"task": task, "question": f"How many {_plural_noun(attr, value)} are there? Answer with a number.",
                 "answer": str(count), "scene": scene}
+    if task == "check":
+        return check_example(rng, image_size, max_objects, lo, index=index)
     raise ValueError(f"unknown skill task {task!r}; tasks are {SKILL_TASKS}")
+
+
+CHECK_QUESTION = "Check in this order: {words}."
+
+
+def check_example(rng: random.Random, image_size: int, max_objects: int, min_objects: int = 1,
+                  index: int = 0) -> dict[str, Any]:
+    """The yes/no check of a policy CoT without the policy: "Check in this order: yellow, cube." -> the scene's
+    description, then "#1 yellow? no" / "#1.2 cube? yes", one line per word, the ids following the CoT's rule (yes
+    adds .1, no .2). The same tokens as a CoT's check lines, so that "is this word among the words just written?"
+    is trained on every line instead of once or twice per policy example. Each word is drawn shown or not with
+    probability 1/2 (the other side when none is left; a blind model scores ~50% per line)."""
+    from mpi.data.scenes import ATTRIBUTES, sample_scene
+
+    scene = sample_scene(rng, image_size, n_objects=(min_objects, max_objects), index=index, split="toybase")
+    shown = {o[a] for o in scene["objects"] for a in ATTRIBUTES}
+    values = [v for vs in ATTRIBUTES.values() for v in vs]
+    words: list[str] = []
+    for _ in range(rng.randint(1, 4)):
+        want = rng.random() < 0.5
+        pool = [v for v in values if (v in shown) == want and v not in words]
+        words.append(rng.choice(pool or [v for v in values if v not in words]))
+    lines, node = [describe_target(scene["objects"])], "1"
+    for word in words:
+        yes = word in shown
+        lines.append(f"#{node} {word}? {'yes' if yes else 'no'}")
+        node += ".1" if yes else ".2"
+    return {"task": "check", "question": CHECK_QUESTION.format(words=", ".join(words)), "answer": "\n".join(lines),
+            "scene": scene}
 
 
 def shuffle_sections(rng: random.Random, compact: str) -> str:

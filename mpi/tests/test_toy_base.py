@@ -133,6 +133,35 @@ def test_a_repeat_drill_asks_for_its_own_words_and_draws_them_without_repeats():
     assert tasks == {"repeat", "describe"} and BATCH_KINDS["repeat"] == "lookup"
 
 
+def test_a_check_drill_answers_each_word_from_the_scene_in_the_cot_s_own_line_format():
+    from mpi.data.clevr import compact_cot
+    from mpi.data.policies import Condition, Node, Policy
+    from mpi.toy_base import BATCH_KINDS, batch_at, skill_example
+
+    rng, answers = random.Random(5), []
+    for k in range(40):
+        ex = skill_example(rng, "check", 56, 4, index=k)
+        objects = ex["scene"]["objects"]
+        words = ex["question"][len("Check in this order: "):-1].split(", ")
+        description, *lines = ex["answer"].split("\n")
+        assert description == describe_target(objects) and len(lines) == len(words) and 1 <= len(words) <= 4
+        node = "1"
+        for word, line in zip(words, lines):
+            shown = any(word in (o["color"], o["shape"], o["size"], o["material"]) for o in objects)
+            assert line == f"#{node} {word}? {'yes' if shown else 'no'}"  # the CoT's rule: yes adds .1, no .2
+            node += ".1" if shown else ".2"
+            answers.append(shown)
+    assert 0.3 < sum(answers) / len(answers) < 0.7  # about balanced: a blind model scores ~50% per line
+    # the same line a policy CoT writes when it checks that word first
+    scene = skill_example(random.Random(1), "check", 56, 4)["scene"]
+    word = scene["objects"][0]["color"]
+    policy = Policy("L1-Test", 1, Node("1", condition=Condition("color", word), yes=Node("1.1", outcome="Case 1"),
+                                       no=Node("1.2", outcome="Case 2")))
+    assert compact_cot(policy, scene).split("\n")[1] == f"#1 {word}? yes"
+    cfg = toy_base_config("tiny", copy_steps=0, perception_steps=0, task_weights={"check": 1.0})
+    assert {e["task"] for e in batch_at(cfg, 0)} == {"check"} and BATCH_KINDS["check"] == "skill"
+
+
 def test_cache_key_changes_with_recipe_and_seed():
     a = toy_base_config("tiny")
     assert toy_base_key(a) == toy_base_key(toy_base_config("tiny"))
