@@ -861,7 +861,8 @@ def general_skills(plan: Plan, model, processor) -> dict[str, Any] | None:
     from mpi.toy_base import general_skill_accuracy, general_skill_items
 
     tb = toy_base_cfg(plan)
-    items = general_skill_items(tb.model, tb.n_eval, seed=tb.seed, max_objects=tb.max_objects, world=tb.world)
+    items = general_skill_items(tb.model, tb.n_eval, seed=tb.seed, max_objects=tb.max_objects, world=tb.world,
+                                evidence=tb.exists_evidence)
     # the attribute list runs to ~40 tokens: decode far enough that it can be complete
     r = general_skill_accuracy(model, processor, items, batch_size=plan.opts["eval_batch_size"],
                                max_new_tokens=max(tb.max_new_tokens, 64))

@@ -32,6 +32,14 @@ What the recipe adds, and what it bought (docs/results-history.md, "Toy base v5"
   in policy CoTs (condition copy 43%);
 - **an optional check drill** (task `check`, `check_example`: the CoT's own check lines without a policy): with it the
   yes/no check rose to 100% (N=2) teacher-forced in one run, not in another; off in the shipped recipe.
+- **why none of that read**: every base copied by offset or by line position, never by content (the benchmark's copy
+  probes: the repeat drill 100% at its trained 6-24 words, 28% at 40; the word after an id in a look-up 38%), and
+  drills built to force a content look-up stayed on that plateau. **An optional look-up circuit** (`lookup_circuit`,
+  `mpi.toy_circuit`): a previous-token head and an induction-style look-up head set in the random-init weights and
+  kept as set while the rest pretrains: the random-init toy then copies 91-96% of condition words and 98-100% of cases
+  after an id, wherever the line sits, and after pretraining all of them;
+- **optional evidence-first existence** (`exists_evidence`): "Is there a metal object?" is answered as a condition is
+  checked in a CoT, the description first and then "metal? yes", scored by its final yes/no (`final_yes_no`).
 
     path = build_toy_base(ToyBaseConfig(model="toy-small", seed=0))   # cached, resumable, deterministic per seed
     model, processor = load_model_and_processor(str(path), quantization=None, lora=...)
@@ -100,6 +108,12 @@ class ToyBaseConfig:
     # training policies and look-up drills with their section lines in a random order: a section can then be found
     # only by its id, not by where its line sits (the bases read conditions by position: docs/results-history.md)
     shuffle_sections: bool = False
+    # set a look-up circuit (a previous-token head and a head that copies the word after an id) in the random-init
+    # weights before pretraining (`mpi.toy_circuit`): the bases never formed one by themselves
+    lookup_circuit: bool = False
+    # answer "Is there a <value> object?" evidence first, as a policy CoT checks a condition: the scene's description,
+    # then "<value>? yes" (`skill_example`); scored by that final yes/no (`final_yes_no`)
+    exists_evidence: bool = False
     perception_steps: int = 300
     policy_depths: tuple[int, ...] = (1, 2, 3, 4)  # depths of the random in-context policies
     world: str = "sprites"  # = the toy data's DataConfig.world and policy_format (a test keeps them equal)
@@ -193,10 +207,11 @@ def _plural_noun(attr: str, value: str) -> str:
 
 def skill_example(rng: random.Random, task: str, image_size: int, max_objects: int, min_objects: int = 1,
                   index: int = 0, attribute: str | None = None, value: str | None = None,
-                  want: bool | None = None) -> dict[str, Any]:
+                  want: bool | None = None, evidence: bool = False) -> dict[str, Any]:
     """One general-skill example: {"task", "question", "answer", "scene"} (scene not yet rendered).
     `attribute` / `value` fix what an exists/count question asks about and `want` an existence answer
-    (default: drawn; fixing one skips its draw)."""
+    (default: drawn; fixing one skips its draw). With `evidence`, an existence answer is the scene's description and
+    then the check line "<value>? yes" (`ToyBaseConfig.exists_evidence`)."""
     from mpi.data.scenes import ATTRIBUTES, sample_object, sample_scene
 
     lo = max(1, min(min_objects, max_objects))
@@ -219,8 +234,11 @@ def skill_example(rng: random.Random, task: str, image_size: int, max_objects: i
                 objects.append(sample_object(rng, **{attr: rng.choice(others)}))
         rng.shuffle(objects)
         scene = sample_scene(rng, image_size, objects=objects, index=index, split="toybase")
+        answer = "yes" if want else "no"
+        if evidence:
+            answer = f"{describe_target(scene['objects'])}\n{value}? {answer}"
         return {"task": task, "question": f"Is there a {_noun(attr, value)} in the image? Answer yes or no.",
-                "answer": "yes" if want else "no", "scene": scene}
+                "answer": answer, "scene": scene}
     if task == "count":
         scene = sample_scene(rng, image_size, n_objects=(lo, max_objects), index=index, split="toybase")
         count = sum(o[attr] == value for o in scene["objects"])
@@ -375,13 +393,14 @@ def batch_at(cfg: ToyBaseConfig, step: int) -> list[dict[str, Any]]:
     else:
         for k in range(cfg.batch_size):
             task = rng.choices(skills, [weights[t] for t in skills])[0]
-            ex = skill_example(rng, task, image_size, cfg.max_objects, cfg.min_objects, index=step * 1000 + k)
+            ex = skill_example(rng, task, image_size, cfg.max_objects, cfg.min_objects, index=step * 1000 + k,
+                               evidence=cfg.exists_evidence)
             batch.append(render(ex, image_size, cfg.world))
     return batch
 
 
 def general_skill_items(model: str, n: int, seed: int = 0, max_objects: int = 10,
-                        world: str = "sprites") -> list[dict[str, Any]]:
+                        world: str = "sprites", evidence: bool = False) -> list[dict[str, Any]]:
     """Held-out general-skill questions (exists, count, describe) on scenes of up to `max_objects`
     objects (at least min(3, max_objects)).
 
@@ -390,12 +409,12 @@ def general_skill_items(model: str, n: int, seed: int = 0, max_objects: int = 10
     rng = _rng(seed, "eval")
     order = ("exists", "exists", "count", "describe")
     lo = min(3, max_objects)
-    return [render(skill_example(rng, order[k % len(order)], image_size, max_objects, lo, index=k), image_size, world)
-            for k in range(n)]
+    return [render(skill_example(rng, order[k % len(order)], image_size, max_objects, lo, index=k, evidence=evidence),
+                   image_size, world) for k in range(n)]
 
 
 def existence_items(model: str, n_per_value: int, seed: int = 0, max_objects: int = 4,
-                    world: str = "sprites") -> list[dict[str, Any]]:
+                    world: str = "sprites", evidence: bool = False) -> list[dict[str, Any]]:
     """Held-out "Is there a <value> object?" items: for each of the 15 attribute values, `n_per_value` items with
     yes and no alternating (exactly balanced), 1..max_objects objects, from their own stream."""
     from mpi.data.scenes import ATTRIBUTES
@@ -407,7 +426,7 @@ def existence_items(model: str, n_per_value: int, seed: int = 0, max_objects: in
         for value in values:
             for k in range(n_per_value):
                 ex = skill_example(rng, "exists", image_size, max_objects, 1, index=len(items), attribute=attr,
-                                   value=value, want=k % 2 == 0)
+                                   value=value, want=k % 2 == 0, evidence=evidence)
                 items.append({**render(ex, image_size, world), "attribute": attr, "value": value})
     return items
 
@@ -648,12 +667,24 @@ def general_skill_accuracy(model, processor, items: Sequence[dict[str, Any]], *,
                            build_messages=_skill_builder)
     per_task: dict[str, list[float]] = {}
     for item, text in zip(items, texts):
-        per_task.setdefault(item["task"], []).append(float(normalize_answer(text) == normalize_answer(item["answer"])))
+        if item["task"] == "exists":  # with or without the evidence first, the answer is its final yes/no
+            right = final_yes_no(text) == final_yes_no(item["answer"])
+        else:
+            right = normalize_answer(text) == normalize_answer(item["answer"])
+        per_task.setdefault(item["task"], []).append(float(right))
     flat = [s for v in per_task.values() for s in v]
     return {"accuracy": sum(flat) / len(flat) if flat else float("nan"), "n": len(flat),
             "per_task": {k: sum(v) / len(v) for k, v in sorted(per_task.items())},
             "examples": [{"question": i["question"], "answer": i["answer"], "prediction": t}
                          for i, t in list(zip(items, texts))[:6]]}
+
+
+def final_yes_no(text: str) -> str | None:
+    """The last "yes" or "no" word of an answer ("... materials: metal.\nmetal? yes" -> "yes"); None without one."""
+    import re
+
+    words = re.findall(r"\b(yes|no)\b", (text or "").lower())
+    return words[-1] if words else None
 
 
 def in_context_policy_accuracy(model, processor, items: Sequence[dict[str, Any]], *, batch_size: int = 8,
@@ -685,15 +716,16 @@ def toy_base_skills(model, processor, cfg: ToyBaseConfig, *, exists_per_value: i
     - policies: following unseen random N-layer compact policies in context (chance 1 / 2^N), and the share of
       CoTs that visit exactly the gold section ids."""
     from mpi.evaluate import generate_texts
-    from mpi.rewards import normalize_answer
 
-    ex_items = existence_items(cfg.model, exists_per_value, seed=cfg.seed, max_objects=cfg.max_objects, world=cfg.world)
-    texts = generate_texts(model, processor, ex_items, batch_size=32, max_new_tokens=4, build_messages=_skill_builder)
+    ex_items = existence_items(cfg.model, exists_per_value, seed=cfg.seed, max_objects=cfg.max_objects, world=cfg.world,
+                               evidence=cfg.exists_evidence)
+    texts = generate_texts(model, processor, ex_items, batch_size=32, max_new_tokens=48 if cfg.exists_evidence else 4,
+                           build_messages=_skill_builder)
     per_value: dict[str, list[float]] = {}
     yes = 0
     for item, text in zip(ex_items, texts):
-        per_value.setdefault(item["value"], []).append(float(normalize_answer(text) == item["answer"]))
-        yes += normalize_answer(text) == "yes"
+        per_value.setdefault(item["value"], []).append(float(final_yes_no(text) == final_yes_no(item["answer"])))
+        yes += final_yes_no(text) == "yes"
     exists = {v: sum(x) / len(x) for v, x in per_value.items()}
     d_items = describe_items(cfg.model, n_describe, seed=cfg.seed, max_objects=cfg.max_objects, world=cfg.world)
     texts = generate_texts(model, processor, d_items, batch_size=32, max_new_tokens=40, build_messages=_skill_builder)
@@ -738,6 +770,9 @@ def _recipe_config(cfg: ToyBaseConfig) -> dict[str, Any]:
         skip |= {"copy_steps", "copy_task_weights"}
     if not cfg.shuffle_sections:
         skip.add("shuffle_sections")
+    for knob in ("lookup_circuit", "exists_evidence"):
+        if not getattr(cfg, knob):
+            skip.add(knob)
     return {k: v for k, v in cfg.to_dict().items() if k not in skip}
 
 
@@ -804,6 +839,10 @@ def build_toy_base(cfg: ToyBaseConfig | None = None, *, overwrite: bool = False,
     skill_items = general_skill_items(cfg.model, cfg.n_eval, seed=cfg.seed, max_objects=cfg.max_objects,
                                       world=cfg.world)
     before = general_skill_accuracy(model, processor, skill_items, max_new_tokens=cfg.max_new_tokens)
+    if cfg.lookup_circuit:  # the initial weights (a resumed build loads its checkpoint over them), kept as set
+        from mpi.toy_circuit import freeze_lookup_circuit, install_lookup_circuit
+
+        freeze_lookup_circuit(model, install_lookup_circuit(model, processor.tokenizer)["frozen"])
     ckpt = path.with_name(path.name + ".ckpt")
     rows = train_toy_base(model, processor, cfg, log=log, checkpoint_dir=ckpt)
     train_seconds = rows[-1]["seconds"] if rows else 0.0  # across interruptions: the checkpoint carries the clock
@@ -852,7 +891,7 @@ def ship_toy_base(cfg: ToyBaseConfig | None = None, *, src: str | Path | None = 
         model, processor = load_model_and_processor(str(tmp), quantization=None, lora=None, device=device,
                                                      trainable=False)
         items = general_skill_items(cfg.model, cfg.n_eval, seed=cfg.seed, max_objects=cfg.max_objects,
-                                    world=cfg.world)
+                                    world=cfg.world, evidence=cfg.exists_evidence)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one thread: the recorded numbers are then reproduced exactly on any machine
         try:

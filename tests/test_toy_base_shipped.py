@@ -49,7 +49,8 @@ def test_shipped_base_reproduces_its_recorded_general_skill_accuracy():
     info, cfg = _info(), toy_base_config("toy")
     model, processor = load_model_and_processor(str(SHIPPED), quantization=None, lora=None, device="cpu",
                                                 trainable=False)
-    items = general_skill_items(cfg.model, cfg.n_eval, seed=cfg.seed, max_objects=cfg.max_objects, world=cfg.world)
+    items = general_skill_items(cfg.model, cfg.n_eval, seed=cfg.seed, max_objects=cfg.max_objects, world=cfg.world,
+                                evidence=cfg.exists_evidence)
     try:
         got = general_skill_accuracy(model, processor, items, max_new_tokens=cfg.max_new_tokens)
     finally:

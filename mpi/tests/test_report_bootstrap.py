@@ -2,7 +2,6 @@
 
 import json
 import random
-import time
 
 import numpy as np
 import pytest
@@ -109,13 +108,12 @@ def test_matches_a_slow_loop_and_pairing_narrows_the_interval():
     assert r["low"] > 0 and u_low < 0  # pairing is what makes the gain visible at all
 
 
-def test_deterministic_and_fast():
+def test_deterministic_and_seeded():
+    # (not timed: a wall-clock bound fails on a loaded machine; speed belongs in benchmarks/)
     rng = np.random.default_rng(5)
     a = _by_seed(*(rng.integers(0, 2, 200) for _ in range(3)))
     b = _by_seed(*(rng.integers(0, 2, 200) for _ in range(3)))
-    start = time.perf_counter()
     r1 = paired_bootstrap(a, b)
-    assert time.perf_counter() - start < 1.0
     assert paired_bootstrap(a, b) == r1
     assert paired_bootstrap(a, b, seed=1) != r1  # the seed is really used
 

@@ -162,6 +162,32 @@ def test_a_check_drill_answers_each_word_from_the_scene_in_the_cot_s_own_line_fo
     assert {e["task"] for e in batch_at(cfg, 0)} == {"check"} and BATCH_KINDS["check"] == "skill"
 
 
+def test_existence_with_evidence_describes_the_scene_then_checks_the_word_and_is_scored_by_its_final_word(monkeypatch):
+    from mpi.toy_base import final_yes_no, general_skill_accuracy, skill_example
+
+    for k in range(20):
+        plain = skill_example(random.Random(k), "exists", 56, 4, index=k)
+        ex = skill_example(random.Random(k), "exists", 56, 4, index=k, evidence=True)
+        value = plain["question"][len("Is there a "):].split(" ")[0]
+        assert ex["scene"] == plain["scene"] and ex["question"] == plain["question"]  # the same draw, another answer
+        assert ex["answer"] == describe_target(ex["scene"]["objects"]) + f"\n{value}? {plain['answer']}"
+    assert final_yes_no("colors: red.\nred? yes") == "yes" and final_yes_no("No.") == "no"
+    assert final_yes_no("yes, or rather no") == "no" and final_yes_no("colors: red.") is None
+    assert final_yes_no("nothing here") is None  # "no" inside a word is not an answer
+
+    import mpi.evaluate as evaluate
+
+    items = [{"task": "exists", "question": "q", "answer": "colors: red.\nred? yes"},
+             {"task": "exists", "question": "q", "answer": "no"},
+             {"task": "count", "question": "q", "answer": "2"}]
+    # fixed "generations", to check the scoring alone
+    monkeypatch.setattr(evaluate, "generate_texts", lambda model, processor, its, **kw: ["colors: blue.\nred? yes",
+                                                                                          "no", "3"])
+    r = general_skill_accuracy(None, None, items)
+    # the first is right by its final word though its description is wrong; the count is wrong
+    assert r["per_task"] == {"count": 0.0, "exists": 1.0}
+
+
 def test_cache_key_changes_with_recipe_and_seed():
     a = toy_base_config("tiny")
     assert toy_base_key(a) == toy_base_key(toy_base_config("tiny"))
