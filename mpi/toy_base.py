@@ -842,7 +842,8 @@ def build_toy_base(cfg: ToyBaseConfig | None = None, *, overwrite: bool = False,
     if cfg.lookup_circuit:  # the initial weights (a resumed build loads its checkpoint over them), kept as set
         from mpi.toy_circuit import freeze_lookup_circuit, install_lookup_circuit
 
-        freeze_lookup_circuit(model, install_lookup_circuit(model, processor.tokenizer)["frozen"])
+        text = lookup_example(random.Random(0), 2)["question"]  # a compact policy, to measure the residual's scale
+        freeze_lookup_circuit(model, install_lookup_circuit(model, processor.tokenizer, text)["frozen"])
     ckpt = path.with_name(path.name + ".ckpt")
     rows = train_toy_base(model, processor, cfg, log=log, checkpoint_dir=ckpt)
     train_seconds = rows[-1]["seconds"] if rows else 0.0  # across interruptions: the checkpoint carries the clock

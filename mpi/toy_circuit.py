@@ -58,10 +58,13 @@ def copy_words(tokenizer, n: int) -> list[int]:
 
 
 @torch.no_grad()
-def install_lookup_circuit(model, tokenizer, *, code_scale: float = 0.1, match_logit: float = 20.0,
+def install_lookup_circuit(model, tokenizer, calibration_text: str, *, code_scale: float = 0.1, match_logit: float = 20.0,
                            sink_share: float = 0.75, prev_logit_scale: float = 11.0, copy_gain: float = 3.0,
                            max_distance: int = 400) -> dict:
     """Set the previous-token head and the look-up head in a random-init toy (see the module docstring).
+
+    calibration_text: a compact policy text (`mpi.toy_base.lookup_example(random.Random(0), 2)["question"]` in the
+    builds), on which the residual's scale entering layer 1 is measured once.
 
     match_logit: the look-up head's attention score for a matching id (a code's own match; any other code scores
     at most half of it, the sink `sink_share` of it). copy_gain multiplies the copyable words' output rows, so the
@@ -133,7 +136,7 @@ def install_lookup_circuit(model, tokenizer, *, code_scale: float = 0.1, match_l
     keep(a0.o_proj.weight, (slice(None), slice(0, head_dim)))
 
     # layer 1: the look-up head. Its inputs pass layer 1's norm; measure the residual's scale there once.
-    scale = _residual_rms(model, tokenizer, layer=1)
+    scale = _residual_rms(model, tokenizer, calibration_text, layer=1)
     x = code_scale / scale  # a unit code's coordinate after the norm
     a1 = lm.layers[1].self_attn
     q_rows, kv_rows = slice(group * head_dim, (group + 1) * head_dim), slice(head_dim, 2 * head_dim)
@@ -188,17 +191,12 @@ def freeze_lookup_circuit(model, frozen: dict[str, torch.Tensor]) -> list:
             for name, mask in frozen.items()]
 
 
-def _residual_rms(model, tokenizer, layer: int) -> float:
-    """Mean root-mean-square of the residual stream entering `layer`, on one compact policy text."""
-    import random
-
-    from mpi.toy_base import lookup_example
-
-    text = lookup_example(random.Random(0), 2)["question"]
+def _residual_rms(model, tokenizer, text: str, layer: int) -> float:
+    """Mean root-mean-square of the residual stream entering `layer`, on `text`."""
     ids = tokenizer(text, return_tensors="pt")["input_ids"].to(model.device)
     seen = []
     hook = model.model.language_model.layers[layer].input_layernorm.register_forward_hook(
-        lambda module, args, out: seen.append(float(args[0].float().pow(2).mean(-1).sqrt().mean())))
+        lambda module, args, out: seen.append(float(args[0].detach().float().pow(2).mean(-1).sqrt().mean())))
     try:
         model.model.language_model(input_ids=ids)
     finally:

@@ -6,6 +6,15 @@ import pytest
 import torch
 
 
+def _calibration() -> str:
+    from mpi.toy_base import lookup_example
+
+    return lookup_example(random.Random(0), 2)["question"]  # what a build measures the residual's scale on
+
+
+CALIBRATION = _calibration()
+
+
 def _fresh_toy():
     from mpi.modeling import load_model_and_processor
 
@@ -54,7 +63,7 @@ def test_the_previous_token_head_attends_to_the_previous_token(toy_tiny_path):
     from mpi.toy_circuit import install_lookup_circuit
 
     model, processor = _fresh_toy()
-    where = install_lookup_circuit(model, processor.tokenizer)
+    where = install_lookup_circuit(model, processor.tokenizer, CALIBRATION)
     lm = model.model.language_model
     before, lm.config._attn_implementation = lm.config._attn_implementation, "eager"
     ids = processor.tokenizer("Policy: L2-Abc.\n#1 red\n#1.1 cube\n#1.2 metal\n" * 8, return_tensors="pt")["input_ids"]
@@ -73,7 +82,7 @@ def test_a_random_init_toy_copies_the_word_after_an_id_only_with_the_circuit(toy
 
     model, processor = _fresh_toy()
     without, n = _word_after_id_accuracy(model, processor, shuffled=True)
-    install_lookup_circuit(model, processor.tokenizer)
+    install_lookup_circuit(model, processor.tokenizer, CALIBRATION)
     with_circuit, _ = _word_after_id_accuracy(model, processor, shuffled=True)
     in_order, _ = _word_after_id_accuracy(model, processor, shuffled=False)
     assert n >= 24
@@ -88,7 +97,7 @@ def test_training_moves_every_weight_but_the_frozen_circuit(toy_tiny_path):
 
     model, processor = _fresh_toy()
     model.train()
-    frozen = install_lookup_circuit(model, processor.tokenizer)["frozen"]
+    frozen = install_lookup_circuit(model, processor.tokenizer, CALIBRATION)["frozen"]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     hooks = freeze_lookup_circuit(model, frozen)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)  # no weight decay: frozen means exactly equal
@@ -123,4 +132,4 @@ def test_the_circuit_needs_two_key_value_heads():
                          layers=[None, None])
     model = SimpleNamespace(model=SimpleNamespace(language_model=lm))
     with pytest.raises(ValueError, match="key-value heads"):
-        install_lookup_circuit(model, None)
+        install_lookup_circuit(model, None, "")
