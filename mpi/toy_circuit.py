@@ -120,10 +120,6 @@ def install_lookup_circuit(model, tokenizer, calibration_text: str, *, code_scal
         a0.q_proj.bias[i] = prev_logit_scale
         a0.k_proj.bias[i] = prev_logit_scale * torch.cos(inv_freq[i])
         a0.k_proj.bias[i + half] = prev_logit_scale * torch.sin(inv_freq[i])
-    for w in (a0.q_proj.weight, a0.q_proj.bias):
-        keep(w, slice(0, head_dim))
-    for w in (a0.k_proj.weight, a0.k_proj.bias):
-        keep(w, rows)
     a0.v_proj.weight[:n_code] = 0
     a0.v_proj.bias[:n_code] = 0
     a0.o_proj.weight[:, :head_dim] = 0
@@ -131,9 +127,11 @@ def install_lookup_circuit(model, tokenizer, calibration_text: str, *, code_scal
     for d in range(n_code):  # value d = the previous token's code coordinate d (after the norm: x code_scale/emb_rms)
         a0.v_proj.weight[d, r_id[d]] = 1.0
         a0.o_proj.weight[r_prev[d], d] = emb_rms  # back to the embedding's scale in R_prev
-    keep(a0.v_proj.weight, slice(0, n_code))
-    keep(a0.v_proj.bias, slice(0, n_code))
-    keep(a0.o_proj.weight, (slice(None), slice(0, head_dim)))
+    # Layer 1's norm divides by the residual's scale, so the codes' weight in the match depends on it: left free, layer 0
+    # grew the residual entering layer 1 28-fold in 1,000 steps (0.032 -> 0.88 rms) and drowned the codes. So all of
+    # layer 0 stays as set (head 0 above; its other heads and MLP at their small random init).
+    for param in lm.layers[0].parameters():
+        keep(param, slice(None))
 
     # layer 1: the look-up head. Its inputs pass layer 1's norm; measure the residual's scale there once.
     scale = _residual_rms(model, tokenizer, calibration_text, layer=1)
@@ -171,13 +169,7 @@ def install_lookup_circuit(model, tokenizer, calibration_text: str, *, code_scal
     for w in (a1.k_proj.weight, a1.k_proj.bias):
         keep(w, [head_dim + d for d in dims])
     keep(a1.o_proj.weight, (slice(None), q_rows))
-    # Layer 1's norm divides by the residual's scale, so the codes' weight in the match depends on it: left free, layer 0
-    # grew the residual entering layer 1 28-fold in 1,000 steps (0.032 -> 0.88 rms) and drowned the codes. So layer 0
-    # stays as set (its other heads and MLP at their small random init), and so do the copyable words' embeddings,
-    # which the look-up head's value reads.
-    for param in lm.layers[0].parameters():
-        keep(param, slice(None))
-    keep(emb, words)
+    keep(emb, words)  # the look-up head's value reads the copyable words' embeddings: they stay as set too
     return {"reserved": reserved, "code_dims": code_dims, "sink_dim": sink_dim, "copy_words": words,
             "lookup_head": (1, group), "previous_token_head": (0, 0), "residual_rms": scale, "frozen": frozen}
 
