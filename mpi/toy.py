@@ -44,8 +44,8 @@ def _section_ids(levels: int = 7) -> list[str]:
 # Whole words of the compact policies (mpi.data.policies.Policy.render_compact): every section id ("#1.2.1", trees
 # of up to 6 layers and their leaves) and every case ("Case 12", with and without its leading space) is one token,
 # longest match first. A section is then found by one attention look-up on one token; split into digits and dots,
-# "#1.1" and "#1.1.2" share a prefix and the look-up needs several hops (toy base v5 has not yet learned even the
-# one-token look-up: docs/results-history.md).
+# "#1.1" and "#1.1.2" share a prefix and the look-up needs several hops (no base learned even the one-token look-up
+# by itself; the shipped one has it set at init, `mpi.toy_circuit`: docs/results-history.md).
 COMPACT_TOKENS = ([f"#{i}" for i in _section_ids()] + [f"Case {k}" for k in range(1, 129)]
                   + [f" Case {k}" for k in range(1, 129)])
 

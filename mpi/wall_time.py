@@ -77,12 +77,13 @@ THROUGHPUT: dict[str, Throughput] = {
                "Qwen2.5-VL-3B LoRA GRPO on one A100, 21.6 s per step (G = 2)", gpus=8),
     "cpu:toy-small": Throughput(
         "CPU (2 cores)", "toy-small", 3.54e6,
-        train_tokens_per_s=6900.0, decode_s=0.0010, decode_rows=32,
-        source="measured: the default toy run on 2 quiet CPU cores with toy base v5 and compact policies (README "
-               "'The default run', 2026-12-06, 2 min 07 s): VM-CPT 26 s and CoT SFT 22-23 s for ~187K and ~152K "
-               "tokens = 6,900 tokens/s; PoRo-GRPO 25 s for 30 steps of 4 prompts x (4 + 4) rows with 4 "
-               "validations: what its scoring at 6,900 tokens/s leaves is ~1.0 ms per decode position. (Before "
-               "compact policies: CoT SFT 101 s, 2,500 tokens/s.)"),
+        train_tokens_per_s=5000.0, decode_s=0.0015, decode_rows=32,
+        source="measured: the default toy run on 2 quiet CPU cores with toy base v6 and compact policies (README "
+               "'The default run', 2026-12-06, 3 min 05 s): VM-CPT 37 s and CoT SFT 31 s for ~187K and ~152K "
+               "tokens with loading and checkpoints = 5,000 tokens/s; PoRo-GRPO 35 s for 30 steps of 4 prompts x "
+               "(4 + 4) rows with 4 validations: what its scoring at 5,000 tokens/s leaves is ~1.5 ms per decode "
+               "position. Evaluations (12-15 s each: loading and five views) are estimated low. (Toy base v5: "
+               "6,900 tokens/s, 1.0 ms; before compact policies: CoT SFT 101 s, 2,500 tokens/s.)"),
     "cpu:toy-tiny": Throughput(
         "CPU (2 cores)", "toy-tiny", 2.88e5,
         train_tokens_per_s=2000.0, decode_s=0.02, decode_rows=16,

@@ -63,9 +63,6 @@ def test_shipped_base_reproduces_its_recorded_general_skill_accuracy():
     assert recorded["accuracy"] > info["general_skill_random_init"]["accuracy"] + 0.1
 
 
-@pytest.mark.xfail(strict=True, reason="toy base v5 does not meet its gates yet: exists 59% (min 31%), describe 100%, "
-                   "in-context N=2 33% / N=4 15%, sections exact 35% (toy_base.json; docs/results-history.md). "
-                   "strict: the day a shipped base meets them this test passes, and the marker must go")
 def test_shipped_base_meets_the_premises_gates_on_a_small_held_out_set():
     """The paper's premises on the toy (mpi.toy_base.GATES): it sees every attribute value, describes scenes, and
     follows unseen random policies given in context, citing the right sections. A smaller held-out set than the

@@ -91,7 +91,9 @@ def test_labels_cover_exactly_the_answer(toy_model_and_processor):
 def test_batches_are_a_function_of_the_step_and_hold_one_kind():
     from mpi.toy_base import BATCH_KINDS, batch_at
 
-    cfg = toy_base_config("tiny", copy_steps=4, perception_steps=3, batch_size=4, policy_batch_size=2)
+    # the default mix (without the check drill), so that 13 mixed steps draw both a policy and a look-up batch
+    mix = dict(task_weights=ToyBaseConfig().task_weights)
+    cfg = toy_base_config("tiny", copy_steps=4, perception_steps=3, batch_size=4, policy_batch_size=2, **mix)
     batches = [batch_at(cfg, s) for s in range(20)]
     assert all(len({BATCH_KINDS[e["task"]] for e in b}) == 1 for b in batches)
     assert {e["task"] for b in batches[:4] for e in b} == {"repeat", "lookup"}  # copying first, text only
@@ -105,7 +107,7 @@ def test_batches_are_a_function_of_the_step_and_hold_one_kind():
     again = batch_at(cfg, step)
     assert [e["answer"] for e in again] == [e["answer"] for e in batches[step]]
     assert [e["images"][0].tobytes() for e in again] == [e["images"][0].tobytes() for e in batches[step]]
-    assert [e["answer"] for e in batch_at(toy_base_config("tiny", seed=1), step)] != [e["answer"] for e in again]
+    assert [e["answer"] for e in batch_at(toy_base_config("tiny", seed=1, **mix), step)] != [e["answer"] for e in again]
 
 
 def test_a_lookup_drill_answers_what_each_asked_section_says():
