@@ -46,7 +46,8 @@ The shipped base (v6: circuit, evidence-first existence, check drill, 6,000 step
 gate: existence 100% on each of the 15 values, describe 100%, unseen in-context policies N=2 97.9% and N=4 95.8%,
 section ids exact 96.9% (`benchmarks/bench_toy_base_skills.py`).
 
-    path = build_toy_base(ToyBaseConfig(model="toy-small", seed=0))   # cached, resumable, deterministic per seed
+    cfg = toy_base_config("toy")                                       # the shipped recipe (TOY_BASE_PRESETS)
+    path = build_toy_base(cfg)                                         # cached, resumable, deterministic per seed
     model, processor = load_model_and_processor(str(path), quantization=None, lora=...)
     toy_base_skills(model, processor, cfg)                             # the gates: existence, describe, policies
 
@@ -163,13 +164,11 @@ class ToyBaseConfig:
 
 
 TOY_BASE_PRESETS: dict[str, dict[str, Any]] = {
-    # CI: seconds. Proves the code path (the shipped recipe's circuit, evidence and check drill, and the copy phase);
-    # learns close to nothing.
+    # CI: seconds. Proves the code path; learns close to nothing. (A build with the shipped recipe's circuit:
+    # mpi/tests/test_toy_circuit.py.)
     "tiny": dict(model="toy-tiny", steps=12, batch_size=4, policy_batch_size=2, n_eval=12, copy_steps=2,
                  perception_steps=4, warmup_steps=2, policy_depths=(1, 2), max_new_tokens=16, log_every=4,
-                 checkpoint_every=6, lookup_circuit=True, exists_evidence=True,
-                 task_weights={"describe": 1.0, "exists": 1.5, "count": 0.25, "policy": 2.0, "lookup": 1.5,
-                               "check": 1.0}),
+                 checkpoint_every=6),
     # The laptop toy, shipped: 83 minutes of one CPU thread once. It meets every gate (GATES) only with the look-up
     # circuit set at init (no base formed a content look-up by itself), existence answered evidence first, the yes/no
     # check drill and 6,000 steps (4,000: existence min 94%; existence weight 3.0: N=2 60%; docs/results-history.md).
@@ -840,7 +839,7 @@ def build_toy_base(cfg: ToyBaseConfig | None = None, *, overwrite: bool = False,
     from mpi.modeling import load_model_and_processor
     from mpi.toy import build_toy
 
-    cfg = (cfg or ToyBaseConfig()).validate()
+    cfg = (cfg or toy_base_config("toy")).validate()  # None: the shipped recipe
     path = toy_base_path(cfg, shipped=not overwrite)  # a rebuild goes to the cache, never over the shipped copy
     if (path / "toy_base.json").exists() and not overwrite:
         return path
@@ -849,7 +848,7 @@ def build_toy_base(cfg: ToyBaseConfig | None = None, *, overwrite: bool = False,
                                                 device=device, trainable=True)
     model.train()
     skill_items = general_skill_items(cfg.model, cfg.n_eval, seed=cfg.seed, max_objects=cfg.max_objects,
-                                      world=cfg.world)
+                                      world=cfg.world, evidence=cfg.exists_evidence)
     before = general_skill_accuracy(model, processor, skill_items, max_new_tokens=cfg.max_new_tokens)
     if cfg.lookup_circuit:  # the initial weights (a resumed build loads its checkpoint over them), kept as set
         from mpi.toy_circuit import freeze_lookup_circuit, install_lookup_circuit
@@ -888,7 +887,7 @@ def ship_toy_base(cfg: ToyBaseConfig | None = None, *, src: str | Path | None = 
     from mpi.atomic import atomic_directory
     from mpi.modeling import load_model_and_processor
 
-    cfg = (cfg or ToyBaseConfig()).validate()
+    cfg = (cfg or toy_base_config("toy")).validate()  # None: the shipped recipe
     src = Path(src) if src is not None else toy_base_path(cfg, shipped=False)
     if not (src / "toy_base.json").exists():
         raise FileNotFoundError(f"no toy base built at {src}: run `python -m mpi toy-base --rebuild` first")

@@ -91,8 +91,7 @@ def test_labels_cover_exactly_the_answer(toy_model_and_processor):
 def test_batches_are_a_function_of_the_step_and_hold_one_kind():
     from mpi.toy_base import BATCH_KINDS, batch_at
 
-    # the default mix (without the check drill), so that 13 mixed steps draw both a policy and a look-up batch
-    mix = dict(task_weights=ToyBaseConfig().task_weights)
+    mix = dict(task_weights=ToyBaseConfig().task_weights)  # a mix whose first 13 steps draw a policy and a look-up
     cfg = toy_base_config("tiny", copy_steps=4, perception_steps=3, batch_size=4, policy_batch_size=2, **mix)
     batches = [batch_at(cfg, s) for s in range(20)]
     assert all(len({BATCH_KINDS[e["task"]] for e in b}) == 1 for b in batches)

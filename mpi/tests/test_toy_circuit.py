@@ -123,6 +123,27 @@ def test_training_moves_every_weight_but_the_frozen_circuit(toy_tiny_path):
     assert not torch.equal(params[emb][frozen[emb]], before[emb][frozen[emb]])
 
 
+def test_a_build_with_the_circuit_keeps_it_as_set_and_trains_the_rest(toy_tiny_path):
+    """build_toy_base with the shipped recipe's knobs (circuit, evidence-first existence, check drill) on toy-tiny:
+    the built base holds the circuit's entries as set at init (to AdamW's weight decay: lr x 0.01 x steps), and
+    the rest of the model moved."""
+    from mpi.modeling import load_model_and_processor
+    from mpi.toy_base import build_toy_base, toy_base_config
+    from mpi.toy_circuit import install_lookup_circuit
+
+    cfg = toy_base_config("tiny", steps=4, lookup_circuit=True, exists_evidence=True, progress=False,
+                          task_weights={"policy": 1.0, "lookup": 1.0, "check": 1.0, "exists": 1.0})
+    built, _ = load_model_and_processor(str(build_toy_base(cfg)), quantization=None, lora=None, trainable=False)
+    fresh, processor = _fresh_toy()
+    with torch.no_grad():
+        frozen = install_lookup_circuit(fresh, processor.tokenizer, CALIBRATION)["frozen"]
+    got, want = dict(built.named_parameters()), dict(fresh.named_parameters())
+    for name, mask in frozen.items():
+        torch.testing.assert_close(got[name][mask], want[name][mask], rtol=1e-4, atol=1e-8, msg=name)
+    moved = [n for n, m in frozen.items() if (~m).any() and not torch.equal(got[n][~m], want[n][~m])]
+    assert "model.language_model.embed_tokens.weight" in moved
+
+
 def test_the_circuit_needs_two_key_value_heads():
     from types import SimpleNamespace
 
