@@ -166,12 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                                                     device="cpu", trainable=False)
         where = "random init"
         if args.random_init and args.lookup_circuit:
-            import random
-
-            from mpi.toy_base import lookup_example
+            from mpi.toy_base import circuit_calibration_text
             from mpi.toy_circuit import install_lookup_circuit
 
-            install_lookup_circuit(model, processor.tokenizer, lookup_example(random.Random(0), 2)["question"])
+            install_lookup_circuit(model, processor.tokenizer, circuit_calibration_text())
             where = "random init with the look-up circuit"
         if args.checkpoint:
             state = torch.load(Path(args.checkpoint) / "state.pt", map_location="cpu", weights_only=False)

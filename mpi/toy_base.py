@@ -336,6 +336,12 @@ def lookup_example(rng: random.Random, depth: int, index: int = 0, shuffled: boo
             "answer": "\n".join(f"{i} {lines[i]}" for i in ids), "images": [], "index": index}
 
 
+
+def circuit_calibration_text() -> str:
+    """The text a build measures the residual's scale on before setting the look-up circuit (`mpi.toy_circuit`):
+    one fixed compact N=2 look-up drill, so every build, test and benchmark sets the same circuit."""
+    return lookup_example(random.Random(0), 2)["question"]
+
 def repeat_example(rng: random.Random, index: int = 0) -> dict[str, Any]:
     """The plainest copying drill, text only: "Repeat: #1.2 cube Case 3 red ..." -> the same words. After the first
     word, each next one is the word that followed the current one in the question (no word repeats), the look-up
@@ -730,7 +736,8 @@ def toy_base_skills(model, processor, cfg: ToyBaseConfig, *, exists_per_value: i
 
     ex_items = existence_items(cfg.model, exists_per_value, seed=cfg.seed, max_objects=cfg.max_objects, world=cfg.world,
                                evidence=cfg.exists_evidence)
-    texts = generate_texts(model, processor, ex_items, batch_size=32, max_new_tokens=48 if cfg.exists_evidence else 4,
+    texts = generate_texts(model, processor, ex_items, batch_size=32,
+                           max_new_tokens=cfg.max_new_tokens if cfg.exists_evidence else 4,  # the description first
                            build_messages=_skill_builder)
     per_value: dict[str, list[float]] = {}
     yes = 0
@@ -853,8 +860,8 @@ def build_toy_base(cfg: ToyBaseConfig | None = None, *, overwrite: bool = False,
     if cfg.lookup_circuit:  # the initial weights (a resumed build loads its checkpoint over them), kept as set
         from mpi.toy_circuit import freeze_lookup_circuit, install_lookup_circuit
 
-        text = lookup_example(random.Random(0), 2)["question"]  # a compact policy, to measure the residual's scale
-        freeze_lookup_circuit(model, install_lookup_circuit(model, processor.tokenizer, text)["frozen"])
+        circuit = install_lookup_circuit(model, processor.tokenizer, circuit_calibration_text())
+        freeze_lookup_circuit(model, circuit["frozen"])
     ckpt = path.with_name(path.name + ".ckpt")
     rows = train_toy_base(model, processor, cfg, log=log, checkpoint_dir=ckpt)
     train_seconds = rows[-1]["seconds"] if rows else 0.0  # across interruptions: the checkpoint carries the clock

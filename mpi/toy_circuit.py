@@ -63,7 +63,7 @@ def install_lookup_circuit(model, tokenizer, calibration_text: str, *, code_scal
                            max_distance: int = 400) -> dict:
     """Set the previous-token head and the look-up head in a random-init toy (see the module docstring).
 
-    calibration_text: a compact policy text (`mpi.toy_base.lookup_example(random.Random(0), 2)["question"]` in the
+    calibration_text: a compact policy text (`mpi.toy_base.circuit_calibration_text()` in the
     builds), on which the residual's scale entering layer 1 is measured once.
 
     match_logit: the look-up head's attention score for a matching id (a code's own match; any other code scores

@@ -5,14 +5,9 @@ import random
 import pytest
 import torch
 
+from mpi.toy_base import circuit_calibration_text
 
-def _calibration() -> str:
-    from mpi.toy_base import lookup_example
-
-    return lookup_example(random.Random(0), 2)["question"]  # what a build measures the residual's scale on
-
-
-CALIBRATION = _calibration()
+CALIBRATION = circuit_calibration_text()  # what a build measures the residual's scale on
 
 
 def _fresh_toy():
